@@ -1,0 +1,69 @@
+"""gqc_dist: Gradient Quality Control (adaptive gradient accumulation) for distributed training.
+
+A drop-in for torch-gqc (``gradient_quality_control``) whose norms are exact on every layout
+(single process, DDP, FSDP2/HSDP, mixed MoE) with one small all-reduce per micro-step and
+decisions identical on every rank.
+"""
+
+from .algorithms.gnr import (
+    OptimizerWrapperGNR,
+    make_gnr_with_cosine_annealing_schedule,
+    make_gnr_with_cosine_annealing_schedule_conventional_lr,
+)
+from .algorithms.gns import (
+    OptimizerWrapperGNS,
+    make_gns_default,
+    make_gns_with_cosine_annealing_schedule,
+)
+from .algorithms.gnts import (
+    OptimizerWrapperGNTS,
+    make_gnts_with_cosine_annealing_schedule,
+    make_gnts_with_cosine_annealing_schedule_conventional_lr,
+)
+from .algorithms.mht import OptimizerWrapperMHT, make_mht_with_warmup_schedule
+from .algorithms.sbc import (
+    OptimizerWrapperSBC,
+    make_sbc_with_polynomial_schedule,
+    make_sbc_with_polynomial_schedule_conventional_lr,
+)
+from .errors import (
+    CheckpointError,
+    GQCConfigError,
+    GQCError,
+    GQCTypeError,
+    GQCUsageError,
+    PartialGradientError,
+    RankDivergenceError,
+)
+from .reduction import Replicated, Sharded
+from .wrapper import GQCOptimizerWrapper
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GQCOptimizerWrapper",
+    "OptimizerWrapperGNTS",
+    "make_gnts_with_cosine_annealing_schedule",
+    "make_gnts_with_cosine_annealing_schedule_conventional_lr",
+    "OptimizerWrapperGNS",
+    "make_gns_default",
+    "make_gns_with_cosine_annealing_schedule",
+    "OptimizerWrapperGNR",
+    "make_gnr_with_cosine_annealing_schedule",
+    "make_gnr_with_cosine_annealing_schedule_conventional_lr",
+    "OptimizerWrapperSBC",
+    "make_sbc_with_polynomial_schedule",
+    "make_sbc_with_polynomial_schedule_conventional_lr",
+    "OptimizerWrapperMHT",
+    "make_mht_with_warmup_schedule",
+    "Replicated",
+    "Sharded",
+    "GQCError",
+    "GQCConfigError",
+    "GQCTypeError",
+    "GQCUsageError",
+    "PartialGradientError",
+    "RankDivergenceError",
+    "CheckpointError",
+    "__version__",
+]

@@ -1,0 +1,147 @@
+"""Metric Hypothesis Test (MHT): step when the confidence interval of a metric (e.g. loss) is tight."""
+
+import math
+from numbers import Number
+from typing import Optional, Tuple
+
+import torch
+import torch_schedule_anything as tsa
+
+from .. import rules
+from ..errors import GQCConfigError
+from ..validation import check_number, check_schedule_args
+from ..wrapper import GQCOptimizerWrapper, MicroStepStats
+
+
+class OptimizerWrapperMHT(GQCOptimizerWrapper):
+    """Steps when the t-interval (``confidence_level``) of the window's metric samples lies within
+    ``running_mean * (1 +- percent_error_threshold)``, or at max draws.
+
+    ``step(metric)`` takes this rank's metric for the micro-batch (a float or a 0-d tensor); every
+    rank's value becomes one sample of the window (gathered by the micro-step's one all-reduce),
+    as torch-gqc's replicated mode does.
+    """
+
+    ALGORITHM = "mht"
+    SCHEDULABLE = {"confidence_level": 1.0, "percent_error_threshold": 1.0}
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        max_batch_draws: int = 64,
+        distributed_mode: Optional[str] = None,
+        update_beta: float = 0.01,
+        *,
+        grad_scaler=None,
+        verify: bool = False,
+    ):
+        check_number("update_beta", update_beta, minimum=0, allow_equal=False)
+        if update_beta > 1:
+            raise GQCConfigError(f"update_beta must be in (0, 1], got {update_beta!r}")
+        super().__init__(
+            optimizer, max_batch_draws, distributed_mode, grad_scaler=grad_scaler, verify=verify
+        )
+        self._update_beta = update_beta
+        self._history = []
+        self._running_mean = None
+
+    @property
+    def running_mean(self) -> Optional[float]:
+        """Exponential running mean of the metric (``None`` before the first sample)."""
+        return self._running_mean
+
+    @property
+    def update_beta(self) -> float:
+        return self._update_beta
+
+    def step(self, metric) -> bool:
+        """Account one micro-batch with its metric (after ``backward``); True when stepped."""
+        if isinstance(metric, torch.Tensor):
+            if metric.numel() != 1:
+                raise GQCConfigError(f"metric must be a scalar, got a tensor of shape {tuple(metric.shape)}")
+            metric = metric.item()
+        if isinstance(metric, bool) or not isinstance(metric, Number):
+            raise GQCConfigError(f"metric must be a number, got {type(metric).__name__}")
+        return self._micro_step(metric=float(metric))
+
+    def _settings(self):
+        confidence = self._group_values("confidence_level")
+        error = self._group_values("percent_error_threshold")
+        return {
+            "confidence_level": sum(confidence) / len(confidence),
+            "percent_error_threshold": sum(error) / len(error),
+            "update_beta": self._update_beta,
+        }
+
+    def _add_fields(self, packet, inputs):
+        packet.add_per_rank("metric", [inputs["metric"]])
+
+    def _record(self, stats: MicroStepStats):
+        metrics = [row[0] for row in stats.fields["metric"]]
+        self._history += metrics
+        self._running_mean = rules.mht_running_mean(
+            self._running_mean, metrics, stats.settings["update_beta"]
+        )
+
+    def _decide(self, stats: MicroStepStats) -> bool:
+        return rules.mht_should_step(
+            [self._running_mean] + self._history,
+            self.num_draws,
+            stats.settings["max_draws"],
+            stats.settings["confidence_level"],
+            stats.settings["percent_error_threshold"],
+        )
+
+    def _end_window(self):
+        self._history = []
+
+    def _validate_settings(self, settings):
+        super()._validate_settings(settings)
+        if not 0 <= settings["confidence_level"] <= 1:  # 0 during warmup: steps at once
+            raise GQCConfigError(
+                f"param group value 'confidence_level' must be in [0, 1], got {settings['confidence_level']!r}"
+            )
+
+    def _algorithm_state(self):
+        return {"history": list(self._history), "running_mean": self._running_mean}
+
+    def _load_algorithm_state(self, state):
+        self._history = list(state["history"])
+        self._running_mean = state["running_mean"]
+
+    def _algorithm_state_from_torch_gqc(self, values):
+        return {"history": list(values.get("history", [])), "running_mean": values.get("running_mean")}
+
+    def _algorithm_statistics(self):
+        if self._running_mean is None or not math.isfinite(self._running_mean):
+            return {}
+        return {"running_mean": self._running_mean}
+
+
+def make_mht_with_warmup_schedule(
+    optimizer: torch.optim.Optimizer,
+    confidence_level: float,
+    percent_error_threshold: float,
+    num_training_steps: int,
+    num_warmup_steps: int,
+    max_batch_draws: int = 64,
+    distributed_mode: Optional[str] = None,
+    **wrapper_kwargs,
+) -> Tuple[OptimizerWrapperMHT, tsa.SynchronousSchedule]:
+    """MHT with LR warmup then cosine anneal; confidence and error warm up to constants."""
+    check_schedule_args(num_training_steps, num_warmup_steps, confidence_level=confidence_level,
+                        percent_error_threshold=percent_error_threshold)
+    if not 0 < confidence_level <= 1:
+        raise GQCConfigError(f"confidence_level must be in (0, 1], got {confidence_level!r}")
+    wrapper = OptimizerWrapperMHT(optimizer, max_batch_draws, distributed_mode, **wrapper_kwargs)
+    schedules = [
+        tsa.cosine_annealing_with_warmup(
+            wrapper, 1.0, 0.0, num_warmup_steps, num_training_steps, schedule_target="lr"),
+        tsa.cosine_annealing_with_warmup(
+            wrapper, confidence_level, confidence_level, num_warmup_steps, num_training_steps,
+            schedule_target="confidence_level"),
+        tsa.cosine_annealing_with_warmup(
+            wrapper, percent_error_threshold, percent_error_threshold, num_warmup_steps,
+            num_training_steps, schedule_target="percent_error_threshold"),
+    ]
+    return wrapper, tsa.SynchronousSchedule(schedules)

@@ -1,0 +1,131 @@
+"""The one small collective per micro-step.
+
+Each rank packs what the decision needs into one float64 vector on the gradients' device:
+
+* ``sum`` fields: rank-local contributions (replication-weighted squared norms, non-finite
+  counts); the all-reduce SUM makes them global.
+* ``root`` fields: controller settings (threshold, max_draws, ...) that only rank 0 contributes
+  while the others contribute zeros, so after the SUM every rank holds rank 0's values exactly
+  (``x + 0 == x``) and decides from identical inputs.
+* ``per_rank`` fields: one slot per rank, zeros elsewhere, so after the SUM every rank holds every
+  rank's value (per-rank micro-batch norms, metrics, replication fingerprints).
+
+``reduce()`` issues at most one ``all_reduce`` over the world and one host synchronisation
+(``tolist``). Float64 keeps squared norms and settings exact enough for parity with float64
+Python arithmetic.
+"""
+
+from typing import Dict, List, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+Number = Union[int, float]
+
+
+def world_rank_and_size():
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` when not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def host_values_to_device(values: Sequence[Number], device: torch.device) -> torch.Tensor:
+    """A float64 tensor of ``values`` on ``device`` without stalling the device stream."""
+    host = torch.tensor(list(values), dtype=torch.float64)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+class StatsPacket:
+    """Builder of the per-micro-step statistics vector; see the module docstring."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.rank, self.world_size = world_rank_and_size()
+        self._parts: List[torch.Tensor] = []
+        self._fields: List[tuple] = []  # (name, kind, length per rank)
+
+    def add_sum(self, name: str, values: torch.Tensor) -> None:
+        """Add a 1-D tensor that every rank contributes; the result is the sum over ranks."""
+        values = values.reshape(-1).to(device=self.device, dtype=torch.float64)
+        self._fields.append((name, "sum", values.numel()))
+        self._parts.append(values)
+
+    def add_root(self, name: str, values: Union[torch.Tensor, Sequence[Number]]) -> None:
+        """Add values of which only rank 0's survive; every rank gets rank 0's values."""
+        if isinstance(values, torch.Tensor):
+            values = values.reshape(-1).to(device=self.device, dtype=torch.float64)
+            if self.rank != 0:
+                values = torch.zeros_like(values)
+            self._fields.append((name, "root", values.numel()))
+            self._parts.append(values)
+            return
+        values = list(values)
+        if self.rank != 0:
+            values = [0.0] * len(values)
+        self._fields.append((name, "root", len(values)))
+        self._parts.append(("host", values))
+
+    def add_per_rank(self, name: str, values: Union[torch.Tensor, Sequence[Number]]) -> None:
+        """Add this rank's values into its own slot; every rank gets all ranks' values."""
+        if isinstance(values, torch.Tensor):
+            values = values.reshape(-1).to(device=self.device, dtype=torch.float64)
+            length = values.numel()
+            before = torch.zeros(self.rank * length, dtype=torch.float64, device=self.device)
+            after = torch.zeros(
+                (self.world_size - self.rank - 1) * length, dtype=torch.float64, device=self.device
+            )
+            self._parts.append(torch.cat([before, values, after]))
+        else:
+            values = list(values)
+            length = len(values)
+            slots = [0.0] * (length * self.world_size)
+            slots[self.rank * length : (self.rank + 1) * length] = values
+            self._parts.append(("host", slots))
+        self._fields.append((name, "per_rank", length))
+
+    def reduce(self) -> Dict[str, Union[List[float], List[List[float]]]]:
+        """All-reduce (SUM) the packet over the world once and return its fields on the host.
+
+        ``sum`` and ``root`` fields map to a list of floats; ``per_rank`` fields map to a list
+        (one entry per rank, in rank order) of lists of floats.
+        """
+        host_values: List[float] = []
+        for part in self._parts:
+            if isinstance(part, tuple):
+                host_values.extend(part[1])
+        device_parts = []
+        host_tensor = host_values_to_device(host_values, self.device) if host_values else None
+        offset = 0
+        for part in self._parts:
+            if isinstance(part, tuple):
+                n = len(part[1])
+                device_parts.append(host_tensor[offset : offset + n])
+                offset += n
+            else:
+                device_parts.append(part)
+        vector = torch.cat(device_parts) if device_parts else torch.zeros(0, dtype=torch.float64)
+        if self.world_size > 1:
+            dist.all_reduce(vector, op=dist.ReduceOp.SUM)
+        flat = vector.tolist()  # the one host synchronisation of the micro-step
+        return self._unpack(flat)
+
+    def _unpack(self, flat: List[float]):
+        out = {}
+        pos = 0
+        for name, kind, length in self._fields:
+            if kind == "per_rank":
+                out[name] = [
+                    flat[pos + r * length : pos + (r + 1) * length] for r in range(self.world_size)
+                ]
+                pos += length * self.world_size
+            else:
+                out[name] = flat[pos : pos + length]
+                pos += length
+        return out
+
+    @property
+    def field_names(self) -> List[str]:
+        return [f[0] for f in self._fields]

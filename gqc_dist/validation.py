@@ -1,0 +1,35 @@
+"""Argument checks with errors that name the argument: shared by wrappers and factories."""
+
+import math
+
+from .errors import GQCConfigError, GQCTypeError
+
+
+def check_number(name: str, value, *, minimum=None, allow_equal=True, integer=False):
+    """Return ``value`` if it is a finite number (an int when ``integer``) at or above ``minimum``
+    (strictly above when ``allow_equal`` is False); otherwise raise an error naming ``name``."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an integer" if integer else "a number"
+        raise GQCTypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise GQCConfigError(f"{name} must be finite, got {value!r}")
+    if minimum is not None and (value < minimum or (value == minimum and not allow_equal)):
+        bound = ">=" if allow_equal else ">"
+        raise GQCConfigError(f"{name} must be {bound} {minimum}, got {value!r}")
+    return value
+
+
+def check_schedule_args(num_training_steps, num_warmup_steps, warmup_multiplier=None, **values):
+    """Validate step counts (``0 <= warmup < training``), the multiplier (> 0) and ``values`` (>= 0)."""
+    check_number("num_training_steps", num_training_steps, minimum=1, integer=True)
+    check_number("num_warmup_steps", num_warmup_steps, minimum=0, integer=True)
+    if num_warmup_steps >= num_training_steps:
+        raise GQCConfigError(
+            f"num_warmup_steps ({num_warmup_steps}) must be smaller than num_training_steps "
+            f"({num_training_steps})"
+        )
+    if warmup_multiplier is not None:
+        check_number("warmup_multiplier", warmup_multiplier, minimum=0, allow_equal=False)
+    for name, value in values.items():
+        check_number(name, value, minimum=0)
