@@ -25,6 +25,8 @@ def gns_estimate(micro_batch_norms: Sequence[float]) -> float:
 
     Computed in float32 like torch-gqc; NaN for fewer than two samples (unbiased variance).
     """
+    if len(micro_batch_norms) < 2:
+        return math.nan  # what torch.var gives, without its warning
     history = torch.tensor(list(micro_batch_norms), dtype=torch.float32)
     mean_squared = torch.mean(history**2)
     variance = torch.var(history)

@@ -87,8 +87,10 @@ _KILL_GRACE_S = 2.0
 
 
 class DistributedRankError(RuntimeError):
-    """A rank raised (or died). ``.rank`` is the first failing rank,
-    ``.child_traceback`` its traceback text, ``.failures`` maps every rank
+    """A rank raised (or died). ``.rank`` is the root-cause rank (a rank that
+    died without a result, else the earliest exception by the system-wide
+    monotonic clock), ``.child_traceback`` its traceback text,
+    ``.failures`` maps every rank
     that reported a failure before the others were killed to its text."""
 
     def __init__(self, rank: int, child_traceback: str, failures: dict[int, str]):
@@ -307,9 +309,12 @@ def run_distributed(
                            + traceback.format_exc(), time.monotonic())
             if payload is None:
                 procs[rank].join(1.0)
+                # A rank that died on its own (os._exit, signal, segfault) is
+                # taken as the root cause: rank peers only see its sockets
+                # close, and its death time is unknown.
                 payload = ("err", f"rank {rank} exited without a result "
                            f"(exitcode {procs[rank].exitcode})",
-                           time.monotonic())
+                           float("-inf"))
             if payload[0] == "ok":
                 results[rank] = payload[1]
             else:

@@ -78,10 +78,11 @@ def test_results_in_rank_order_with_all_reduce(world_size):
         assert torch.equal(o["tensor"], torch.arange(3) * r)
 
 
-def test_rank_exception_names_rank_and_has_traceback():
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_rank_exception_names_rank_and_has_traceback(world_size):
     t0 = time.monotonic()
     with pytest.raises(DistributedRankError) as ei:
-        run_distributed(_raise_on_rank_1, 2, timeout=60)
+        run_distributed(_raise_on_rank_1, world_size, timeout=60)
     assert time.monotonic() - t0 < 20  # survivors killed, not waited for
     err = ei.value
     assert err.rank == 1

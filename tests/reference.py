@@ -1,0 +1,67 @@
+"""Independent single-process oracles: plain torch loops that implement GQC rules by hand.
+
+Nothing here imports gqc_dist. Tests compare the library against these.
+"""
+
+import math
+
+import torch
+
+
+def make_mlp(seed: int = 0, width: int = 16) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(8, width), torch.nn.Tanh(), torch.nn.Linear(width, 1)
+    )
+
+
+def micro_batches(count: int, batch: int = 4, seed: int = 1):
+    """Deterministic (x, y) micro-batches."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(batch, 8, generator=generator), torch.randn(batch, 1, generator=generator))
+        for _ in range(count)
+    ]
+
+
+def loss_of(model, batch):
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def reference_gnts(model, optimizer, batches, threshold, max_draws, poison=()):
+    """Hand-written GNTS: accumulate, ``||G_n||/n <= threshold`` or max draws -> mean, step, zero.
+
+    ``poison``: micro-batch indices whose gradient is replaced by NaN; the whole window is then
+    discarded (gradients zeroed, draws reset) without touching the optimizer.
+
+    Returns (decisions, mean norms per micro-step).
+    """
+    decisions, norms = [], []
+    draws = 0
+    for index, batch in enumerate(batches):
+        loss_of(model, batch).backward()
+        if index in poison:
+            next(model.parameters()).grad.fill_(float("nan"))
+        draws += 1
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        total = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))
+        if not math.isfinite(total):
+            for p in model.parameters():
+                p.grad = None
+            draws = 0
+            decisions.append(False)
+            norms.append(float("nan"))
+            continue
+        mean_norm = total / draws
+        norms.append(mean_norm)
+        stepped = mean_norm <= threshold or draws >= max_draws
+        if stepped:
+            for g in grads:
+                g.div_(draws)
+            optimizer.step()
+            for p in model.parameters():
+                p.grad = None
+            draws = 0
+        decisions.append(stepped)
+    return decisions, norms
