@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Runs the test suite on a fresh machine: creates .venv, installs what the tests need, runs pytest.
+# Extra arguments go to pytest (e.g. `bash tests/run.sh -k parity`).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ ! -x .venv/bin/python ]; then
+    "${PYTHON:-python3}" -m venv .venv
+fi
+. .venv/bin/activate
+# torch first and pinned: the CPU wheel. An unpinned torch (asked for by deepspeed) would pull a
+# multi-GB CUDA build on a machine without one.
+python -m pip install -q torch==2.13.0
+python -m pip install -q -e '.[test]'
+export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu
+python -m pytest -q tests "$@"
