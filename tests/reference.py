@@ -29,10 +29,10 @@ def loss_of(model, batch):
     return torch.nn.functional.mse_loss(model(x), y)
 
 
-def reference_gnts(model, optimizer, batches, threshold, max_draws, poison=()):
+def reference_gnts(model, optimizer, batches, threshold, max_draws, poison=(), loss_fn=loss_of):
     """Hand-written GNTS: accumulate, ``||G_n||/n <= threshold`` or max draws -> mean, step, zero.
 
-    ``poison``: micro-batch indices whose gradient is replaced by NaN; the whole window is then
+    ``loss_fn(model, batch)`` gives the micro-batch loss. ``poison``: micro-batch indices whose gradient is replaced by NaN; the whole window is then
     discarded (gradients zeroed, draws reset) without touching the optimizer.
 
     Returns (decisions, mean norms per micro-step).
@@ -40,7 +40,7 @@ def reference_gnts(model, optimizer, batches, threshold, max_draws, poison=()):
     decisions, norms = [], []
     draws = 0
     for index, batch in enumerate(batches):
-        loss_of(model, batch).backward()
+        loss_fn(model, batch).backward()
         if index in poison:
             next(model.parameters()).grad.fill_(float("nan"))
         draws += 1

@@ -1,0 +1,87 @@
+"""FSDP2 (1-D mesh) and HSDP (2-D mesh) over gloo, real processes, against a single-process oracle.
+
+The wrapper is given no mode and no policy: it reads the DTensor placements of the gradients.
+"""
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+import gqc_dist
+from distributed_harness import run_distributed
+from reference import loss_of, make_mlp, micro_batches, reference_gnts
+
+THRESHOLD = 0.45
+MAX_DRAWS = 5
+MICRO_STEPS = 24
+LOCAL_BATCH = 4
+
+
+def _global_batches(world_size):
+    return micro_batches(MICRO_STEPS, batch=LOCAL_BATCH * world_size)
+
+
+def _optimizer(params):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
+
+
+def shard_mlp(model, mesh):
+    """fully_shard each Linear, then the root (the final Linear(16, 1) shards unevenly)."""
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _mesh(world_size, hsdp):
+    if hsdp:
+        return init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh("cpu", (world_size,))
+
+
+def _fsdp_run(rank, world_size, hsdp=False):
+    model = shard_mlp(make_mlp(), _mesh(world_size, hsdp))
+    wrapper = gqc_dist.OptimizerWrapperGNTS(_optimizer(model.parameters()), MAX_DRAWS)
+    wrapper.param_groups[0]["gradient_norm_threshold"] = THRESHOLD
+    decisions, norms = [], []
+    for batch in _global_batches(world_size):
+        x, y = batch
+        loss_of(model, (x.chunk(world_size)[rank], y.chunk(world_size)[rank])).backward()
+        decisions.append(wrapper.step())
+        norms.append(wrapper.statistics()["mean_grad_norm"])
+    placements = sorted({str(p.placements) for p in model.parameters()})
+    return {"decisions": decisions, "norms": norms, "placements": placements,
+            "params": [p.full_tensor().detach().clone() for p in model.parameters()]}
+
+
+def _oracle(world_size):
+    model = make_mlp()
+    decisions, norms = reference_gnts(model, _optimizer(model.parameters()),
+                                      _global_batches(world_size), THRESHOLD, MAX_DRAWS)
+    return decisions, norms, [p.detach() for p in model.parameters()]
+
+
+def assert_matches_oracle(results, oracle):
+    decisions, norms, params = oracle
+    assert True in decisions and False in decisions
+    for rank, result in enumerate(results):
+        assert result["decisions"] == decisions, f"rank {rank}"
+        for got, want in zip(result["norms"], norms):
+            assert got == pytest.approx(want, rel=1e-6), f"rank {rank}"
+        for got, want in zip(result["params"], params):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fsdp2_matches_single_process_oracle(world_size):
+    results = run_distributed(_fsdp_run, world_size)
+    assert results[0]["placements"] == ["(Shard(dim=0),)"]
+    assert_matches_oracle(results, _oracle(world_size))
+
+
+def test_hsdp_replicate2_x_shard2_matches_single_process_oracle():
+    results = run_distributed(_fsdp_run, 4, hsdp=True)
+    assert results[0]["placements"] == ["(Replicate(), Shard(dim=0))"]
+    assert_matches_oracle(results, _oracle(4))
