@@ -42,6 +42,7 @@ from .errors import (
     PartialGradientError,
     RankDivergenceError,
 )
+from .fsdp2_sync import check_gradient_sync, fsdp2_param_groups_owning
 from .grad_norms import WeightCache, local_group_sums
 from .packet import StatsPacket, world_rank_and_size
 from .reduction import POLICY_KEY, group_policy, resolve_piece
@@ -145,6 +146,7 @@ class GQCOptimizerWrapper:
         self._grad_scaler = grad_scaler
         self._verify = verify
         self._weights = WeightCache()
+        self._fsdp2_groups = None  # found at the first micro-step, after FSDP2's lazy init
         self._counters: Dict[str, Any] = {name: 0 for name in _COUNTERS}
         for name in ("last_num_draws", "last_grad_norm", "mean_grad_norm"):
             self._counters[name] = None
@@ -174,6 +176,7 @@ class GQCOptimizerWrapper:
         group_policy(param_group, self._distributed_mode)
         self._optimizer.add_param_group(param_group)
         self._extend_param_groups(self._optimizer.param_groups[-1:])
+        self._fsdp2_groups = None
 
     def __getattr__(self, name: str):
         # Only reached for attributes the wrapper lacks: forward them to the optimizer.
@@ -269,6 +272,12 @@ class GQCOptimizerWrapper:
         """Local sums -> one collective -> global statistics (one host sync)."""
         _, world_size = world_rank_and_size()
         distributed = world_size > 1
+        if distributed:
+            if self._fsdp2_groups is None:
+                self._fsdp2_groups = fsdp2_param_groups_owning(
+                    p for group in self._optimizer.param_groups for p in group["params"]
+                )
+            check_gradient_sync(self._fsdp2_groups)
         pieces = []
         for index, group in enumerate(self._optimizer.param_groups):
             policy = group_policy(group, self._distributed_mode)

@@ -85,3 +85,30 @@ def test_hsdp_replicate2_x_shard2_matches_single_process_oracle():
     results = run_distributed(_fsdp_run, 4, hsdp=True)
     assert results[0]["placements"] == ["(Replicate(), Shard(dim=0))"]
     assert_matches_oracle(results, _oracle(4))
+
+
+def _sync_off_run(rank, world_size, hsdp, first_synced_steps):
+    model = shard_mlp(make_mlp(), _mesh(world_size, hsdp))
+    wrapper = gqc_dist.OptimizerWrapperGNTS(_optimizer(model.parameters()), MAX_DRAWS)
+    for index, (x, y) in enumerate(_global_batches(world_size)[:4]):
+        if index == first_synced_steps:
+            if hsdp:
+                model.set_requires_all_reduce(False)
+            else:
+                model.set_requires_gradient_sync(False)
+        loss_of(model, (x.chunk(world_size)[rank], y.chunk(world_size)[rank])).backward()
+        try:
+            wrapper.step()
+        except gqc_dist.GQCError as error:
+            return {"error": type(error).__name__, "message": str(error), "at": index}
+    return {"error": None}
+
+
+@pytest.mark.parametrize("hsdp, first_synced_steps", [(False, 0), (False, 2), (True, 1)])
+def test_gradient_sync_off_is_refused_on_every_rank(hsdp, first_synced_steps):
+    """Sync off from the start (no sharded grads) or mid-window (stale sharded grads)."""
+    results = run_distributed(_sync_off_run, 4 if hsdp else 2, hsdp, first_synced_steps)
+    for result in results:
+        assert result["error"] == "PartialGradientError", result
+        assert result["at"] == first_synced_steps
+        assert "set_requires_" in result["message"]
