@@ -394,9 +394,12 @@ def test_decision_and_parameter_parity(case: Case):
     # 1. identical decision at every micro-step
     _assert_same_decisions(case.id, ref.decisions, got.decisions)
 
-    # 2. both decisions occur (GNR always steps)
+    # 2. both decisions occur. GNR always steps: show instead that its rescaling matters, i.e.
+    #    an un-rescaled run with the same schedules ends far beyond the parity tolerance away.
     if case.algorithm == "gnr":
         assert all(ref.decisions), f"{case.id}: GNR must step every micro-step"
+        moved = _max_abs_diff(plain_run(case), got.params)
+        assert moved > 1e-2, f"{case.id}: GNR ends {moved:.3e} from an un-rescaled run"
     else:
         steps = sum(ref.decisions)
         assert 0 < steps < N_MICRO, (
@@ -430,15 +433,9 @@ def test_decision_and_parameter_parity(case: Case):
         assert got.oracle_checks == N_MICRO
 
 
-@pytest.mark.parametrize(
-    "case", [c for c in CASES if c.algorithm == "gnr"], ids=lambda c: c.id
-)
-def test_gnr_rescaling_changes_the_trajectory(case: Case):
-    """GNR always steps; show the rescaled update matters: an un-rescaled run with the same
-    optimizer, schedules and stream ends elsewhere (far beyond the parity tolerance)."""
-    got = train(gqc_dist, case)
-    assert all(got.decisions)
-
+def plain_run(case: Case) -> List[torch.Tensor]:
+    """GNR's reference without rescaling: the same model, optimizer, lr / weight-decay schedules
+    and stream, ``optimizer.step()`` every micro-batch on the raw gradient."""
     model = make_model()
     optimizer = OPTIMIZERS[case.optimizer](model)
     schedule = case.plain_schedule(optimizer)
@@ -447,8 +444,7 @@ def test_gnr_rescaling_changes_the_trajectory(case: Case):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         schedule.step()
-    plain = [p.detach().clone() for p in model.parameters()]
-    assert _max_abs_diff(plain, got.params) > 1e-2
+    return [p.detach().clone() for p in model.parameters()]
 
 
 # ---- "swap the import": one user loop, torch-gqc public names and signatures only ----------
@@ -511,13 +507,15 @@ def test_swap_the_import():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="gqc_dist.vital_statistics() is a curated subset: it drops torch-gqc's vital keys "
-    "num_batches, last_grad_norm, weight_decay, eps and the optimizer's other numeric settings "
-    "(MHT: running_mean); statistics() of MHT drops update_beta. Code indexing them breaks.",
+    reason="parity gap in gqc_dist: vital_statistics() is a curated subset lacking torch-gqc's "
+    "vital keys num_batches, last_grad_norm and the optimizer's numeric settings (weight_decay, "
+    "eps, ...; MHT also running_mean), and MHT's statistics() lacks update_beta. torch-gqc code "
+    "indexing them raises KeyError after the import swap.",
 )
 def test_statistics_keys_are_a_superset_of_torch_gqc():
     """A torch-gqc user may index any key torch-gqc reports; gqc_dist should report it too
-    (booleans excepted: torch-gqc lists optimizer flags such as ``amsgrad`` as numbers)."""
+    (booleans excepted: torch-gqc lists optimizer flags such as ``amsgrad`` as numbers; so is the
+    raw per-window ``history`` list that torch-gqc's reporter aggregates)."""
     missing = {}
     for case in [c for c in CASES if c.id.endswith("-adamw")]:
         runs = {}
@@ -533,7 +531,10 @@ def test_statistics_keys_are_a_superset_of_torch_gqc():
         for method in ("statistics", "vital_statistics"):
             ref = getattr(runs["torch_gqc"], method)()
             got = getattr(runs["gqc_dist"], method)()
-            lost = sorted(k for k, v in ref.items() if not isinstance(v, bool) and k not in got)
+            lost = sorted(
+                k for k, v in ref.items()
+                if not isinstance(v, bool) and k not in got and k.rstrip("*") != "history"
+            )
             if lost:
                 missing[f"{case.id}.{method}"] = lost
     assert not missing, f"keys torch-gqc reports that gqc_dist lacks: {missing}"

@@ -6,6 +6,7 @@ import torch
 import torch_schedule_anything as tsa
 
 from .. import rules
+from ..schedules import synchronous
 from ..validation import check_schedule_args
 from ..wrapper import GQCOptimizerWrapper, MicroStepStats
 
@@ -59,7 +60,7 @@ def _make_gnr(optimizer, initial_norm, final_norm, num_training_steps, num_warmu
     if not conventional_lr:
         schedules.append(tsa.cosine_annealing_with_warmup(
             wrapper, 1.0, 0.0, num_warmup_steps, num_training_steps, schedule_target="weight_decay"))
-    return wrapper, tsa.SynchronousSchedule(schedules)
+    return wrapper, synchronous(schedules)
 
 
 def make_gnr_with_cosine_annealing_schedule(

@@ -8,6 +8,7 @@ import torch_schedule_anything as tsa
 
 from .. import rules
 from ..errors import GQCUsageError
+from ..schedules import synchronous
 from ..validation import check_number, check_schedule_args
 from ..wrapper import GQCOptimizerWrapper, MicroStepStats
 
@@ -106,7 +107,7 @@ def _make_gns(optimizer, tolerance_schedule, num_training_steps, num_warmup_step
     wrapper = OptimizerWrapperGNS(optimizer, max_batch_draws, distributed_mode, **wrapper_kwargs)
     lr = tsa.cosine_annealing_with_warmup(
         wrapper, 1.0, 0.0, num_warmup_steps, num_training_steps, schedule_target="lr")
-    return wrapper, tsa.SynchronousSchedule([lr, tolerance_schedule(wrapper)])
+    return wrapper, synchronous([lr, tolerance_schedule(wrapper)])
 
 
 def make_gns_with_cosine_annealing_schedule(

@@ -7,6 +7,7 @@ import torch_schedule_anything as tsa
 
 from .. import rules
 from ..wrapper import GQCOptimizerWrapper, MicroStepStats
+from ..schedules import synchronous
 from ..validation import check_schedule_args
 
 
@@ -85,7 +86,7 @@ def _make_gnts(optimizer, num_training_steps, num_warmup_steps, initial_threshol
     if not conventional_lr:
         schedules.append(tsa.cosine_annealing_with_warmup(
             wrapper, 1.0, 0.0, num_warmup_steps, num_training_steps, schedule_target="weight_decay"))
-    return wrapper, tsa.SynchronousSchedule(schedules)
+    return wrapper, synchronous(schedules)
 
 
 def make_gnts_with_cosine_annealing_schedule(

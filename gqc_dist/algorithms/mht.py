@@ -9,6 +9,7 @@ import torch_schedule_anything as tsa
 
 from .. import rules
 from ..errors import GQCConfigError
+from ..schedules import synchronous
 from ..validation import check_number, check_schedule_args
 from ..wrapper import GQCOptimizerWrapper, MicroStepStats
 
@@ -144,4 +145,4 @@ def make_mht_with_warmup_schedule(
             wrapper, percent_error_threshold, percent_error_threshold, num_warmup_steps,
             num_training_steps, schedule_target="percent_error_threshold"),
     ]
-    return wrapper, tsa.SynchronousSchedule(schedules)
+    return wrapper, synchronous(schedules)

@@ -6,6 +6,7 @@ import torch
 import torch_schedule_anything as tsa
 
 from .. import rules
+from ..schedules import synchronous
 from ..validation import check_number, check_schedule_args
 from ..wrapper import GQCOptimizerWrapper, MicroStepStats
 
@@ -83,7 +84,7 @@ def _make_sbc(optimizer, physical_batch_size, initial_batch_size, final_batch_si
     batch = tsa.polynomial_schedule_with_warmup(
         wrapper, initial_batch_size, final_batch_size, num_warmup_steps, num_training_steps,
         polynomial_exponent=polynomial_power, schedule_target="logical_batch_size")
-    return wrapper, tsa.SynchronousSchedule([lr, wd, batch])
+    return wrapper, synchronous([lr, wd, batch])
 
 
 def make_sbc_with_polynomial_schedule(
