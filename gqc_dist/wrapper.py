@@ -498,12 +498,17 @@ class GQCOptimizerWrapper:
         return out
 
     def vital_statistics(self, aggregate_behavior: str = "mean") -> Dict[str, Any]:
-        """A short dict for a tqdm postfix: steps, draws, mean grad norm, lr and the schedulables."""
+        """The monitoring subset (e.g. a tqdm postfix): counters, the last decision's norms, the
+        algorithm's vital values and the param-group values (lr, thresholds, ...); a superset of
+        torch-gqc's vital statistics."""
         full = self.statistics("verbose", aggregate_behavior)
-        keys = ["num_steps", "num_draws", "last_num_draws", "mean_grad_norm", "lr", "lr*"]
-        for name in self.SCHEDULABLE:
-            keys += [name, name + "*"]
-        return {key: full[key] for key in keys if key in full}
+        hidden = {"nonfinite_micro_batches", "dropped_windows", "dropped_micro_batches", "max_draws"}
+        hidden.update(self._verbose_only_statistics())
+        return {key: value for key, value in full.items() if key not in hidden}
+
+    def _verbose_only_statistics(self) -> List[str]:
+        """Keys of ``statistics()`` that ``vital_statistics()`` leaves out."""
+        return []
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:

@@ -65,3 +65,46 @@ def reference_gnts(model, optimizer, batches, threshold, max_draws, poison=(), l
             draws = 0
         decisions.append(stepped)
     return decisions, norms
+
+
+def reference_data_parallel(model, optimizer, batches, world_size, decide, rescale_to=None):
+    """Hand-written data-parallel GQC on one process, for any rule.
+
+    Each global micro-batch is split into ``world_size`` shards; the oracle computes every
+    shard's gradient separately (what each rank would see before reduction), averages them
+    (what DDP/FSDP deliver) and accumulates the window sum ``G``. ``decide(window)`` sees a dict
+    with ``draws``, ``mean_norm`` (``||G||/draws``), ``shard_norms`` (all of the window's shard
+    gradient norms, in order) and ``shard_losses`` (likewise) and returns True to step.
+    ``rescale_to``: GNR, rescale the averaged gradient to this norm before stepping.
+
+    Returns the decisions per micro-step.
+    """
+    params = [p for p in model.parameters()]
+    window = {"draws": 0, "shard_norms": [], "shard_losses": []}
+    total = [torch.zeros_like(p) for p in params]
+    decisions = []
+    for x, y in batches:
+        shard_grads = []
+        for xs, ys in zip(x.chunk(world_size), y.chunk(world_size)):
+            loss = torch.nn.functional.mse_loss(model(xs), ys)
+            grads = torch.autograd.grad(loss, params)
+            shard_grads.append(grads)
+            window["shard_losses"].append(loss.item())
+            window["shard_norms"].append(math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads)))
+        for i in range(len(params)):
+            total[i] += sum(g[i] for g in shard_grads) / world_size
+        window["draws"] += 1
+        norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in total))
+        window["mean_norm"] = norm / window["draws"]
+        stepped = decide(window)
+        if stepped:
+            factor = rescale_to / norm if rescale_to is not None else 1.0
+            for p, t in zip(params, total):
+                p.grad = t * factor / window["draws"]
+            optimizer.step()
+            for p in params:
+                p.grad = None
+            total = [torch.zeros_like(p) for p in params]
+            window = {"draws": 0, "shard_norms": [], "shard_losses": []}
+        decisions.append(stepped)
+    return decisions

@@ -505,13 +505,6 @@ def test_swap_the_import():
     assert got_norm == pytest.approx(ref_norm, rel=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="parity gap in gqc_dist: vital_statistics() is a curated subset lacking torch-gqc's "
-    "vital keys num_batches, last_grad_norm and the optimizer's numeric settings (weight_decay, "
-    "eps, ...; MHT also running_mean), and MHT's statistics() lacks update_beta. torch-gqc code "
-    "indexing them raises KeyError after the import swap.",
-)
 def test_statistics_keys_are_a_superset_of_torch_gqc():
     """A torch-gqc user may index any key torch-gqc reports; gqc_dist should report it too
     (booleans excepted: torch-gqc lists optimizer flags such as ``amsgrad`` as numbers; so is the

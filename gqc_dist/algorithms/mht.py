@@ -114,9 +114,13 @@ class OptimizerWrapperMHT(GQCOptimizerWrapper):
         return {"history": list(values.get("history", [])), "running_mean": values.get("running_mean")}
 
     def _algorithm_statistics(self):
-        if self._running_mean is None or not math.isfinite(self._running_mean):
-            return {}
-        return {"running_mean": self._running_mean}
+        stats = {"update_beta": self._update_beta}
+        if self._running_mean is not None and math.isfinite(self._running_mean):
+            stats["running_mean"] = self._running_mean
+        return stats
+
+    def _verbose_only_statistics(self):
+        return ["update_beta"]
 
 
 def make_mht_with_warmup_schedule(

@@ -65,6 +65,9 @@ class OptimizerWrapperSBC(GQCOptimizerWrapper):
             stats["effective_batch_size"] = self._effective_batch_size
         return stats
 
+    def _verbose_only_statistics(self):
+        return ["physical_batch_size"]
+
 
 def _make_sbc(optimizer, physical_batch_size, initial_batch_size, final_batch_size,
               num_training_steps, num_warmup_steps, polynomial_power, max_batch_draws,
