@@ -42,10 +42,10 @@ from .errors import (
     PartialGradientError,
     RankDivergenceError,
 )
-from .fsdp2_sync import check_gradient_sync, fsdp2_param_groups_owning
+from .engines import GradientAdapter, TorchOptimizerGradients
 from .grad_norms import WeightCache, local_group_sums
 from .packet import StatsPacket, world_rank_and_size
-from .reduction import POLICY_KEY, group_policy, resolve_piece
+from .reduction import POLICY_KEY, group_policy
 from .validation import check_number
 
 CHECKPOINT_FORMAT = "gqc_dist.wrapper/1"
@@ -102,6 +102,8 @@ class GQCOptimizerWrapper:
         grad_scaler: an enabled ``torch.amp.GradScaler`` when training with AMP fp16.
         verify: all-gather ``(decision, draws, state checksum)`` every micro-step and raise
             :class:`RankDivergenceError` naming the ranks that disagree (one extra collective).
+        gradients: the engine adapter that holds the gradients (default: ``param.grad`` of
+            ``optimizer``, see :class:`gqc_dist.engines.TorchOptimizerGradients`).
 
     The wrapper duck-types as the optimizer (``param_groups``, ``state``, ``add_param_group`` ...)
     but owns ``zero_grad``: calling it raises :class:`GQCUsageError`.
@@ -119,6 +121,7 @@ class GQCOptimizerWrapper:
         *,
         grad_scaler: Optional[torch.amp.GradScaler] = None,
         verify: bool = False,
+        gradients: Optional[GradientAdapter] = None,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise GQCTypeError(
@@ -140,13 +143,14 @@ class GQCOptimizerWrapper:
             raise GQCTypeError(f"verify must be a bool, got {type(verify).__name__}")
         for group in optimizer.param_groups:
             group_policy(group, distributed_mode)  # validates explicit policies up front
+        if gradients is not None and not isinstance(gradients, GradientAdapter):
+            raise GQCTypeError(f"gradients must be a GradientAdapter, got {type(gradients).__name__}")
         self._optimizer = optimizer
         self._max_draws = max_draws
         self._distributed_mode = distributed_mode
-        self._grad_scaler = grad_scaler
         self._verify = verify
+        self._gradients = gradients or TorchOptimizerGradients(optimizer, distributed_mode, grad_scaler)
         self._weights = WeightCache()
-        self._fsdp2_groups = None  # found at the first micro-step, after FSDP2's lazy init
         self._counters: Dict[str, Any] = {name: 0 for name in _COUNTERS}
         for name in ("last_num_draws", "last_grad_norm", "mean_grad_norm"):
             self._counters[name] = None
@@ -176,7 +180,8 @@ class GQCOptimizerWrapper:
         group_policy(param_group, self._distributed_mode)
         self._optimizer.add_param_group(param_group)
         self._extend_param_groups(self._optimizer.param_groups[-1:])
-        self._fsdp2_groups = None
+        if isinstance(self._gradients, TorchOptimizerGradients):
+            self._gradients.params_changed()
 
     def __getattr__(self, name: str):
         # Only reached for attributes the wrapper lacks: forward them to the optimizer.
@@ -270,22 +275,9 @@ class GQCOptimizerWrapper:
 
     def _gather(self, inputs: dict) -> MicroStepStats:
         """Local sums -> one collective -> global statistics (one host sync)."""
-        _, world_size = world_rank_and_size()
-        distributed = world_size > 1
-        if distributed:
-            if self._fsdp2_groups is None:
-                self._fsdp2_groups = fsdp2_param_groups_owning(
-                    p for group in self._optimizer.param_groups for p in group["params"]
-                )
-            check_gradient_sync(self._fsdp2_groups)
-        pieces = []
-        for index, group in enumerate(self._optimizer.param_groups):
-            policy = group_policy(group, self._distributed_mode)
-            for param in group["params"]:
-                if param.grad is not None:
-                    pieces.append((index, resolve_piece(param.grad, policy, distributed)))
-        self._check_gradients_present(pieces)
-        device = pieces[0][1].tensor.device if pieces else self.device
+        distributed = world_rank_and_size()[1] > 1
+        pieces = self._gradients.local_pieces()
+        device = pieces[0][1].tensor.device
         sums = local_group_sums(pieces, len(self._optimizer.param_groups), device, self._weights)
 
         settings = {"max_draws": self._max_draws, **self._settings()}
@@ -293,14 +285,15 @@ class GQCOptimizerWrapper:
         packet.add_sum("group_sq", sums.weighted)
         packet.add_sum("nonfinite", sums.nonfinite)
         packet.add_root("settings", list(settings.values()))
-        if self._scaler_enabled():
-            packet.add_root("scale", self._grad_scaler._get_scale_async())
+        loss_scale = self._gradients.loss_scale()
+        if loss_scale is not None:
+            packet.add_root("scale", loss_scale if isinstance(loss_scale, torch.Tensor) else [loss_scale])
         if distributed:
             packet.add_per_rank("fingerprint", sums.fingerprint)
         self._add_fields(packet, inputs)
         reduced = packet.reduce()
 
-        scale = reduced["scale"][0] if self._scaler_enabled() else 1.0
+        scale = reduced["scale"][0] if loss_scale is not None else 1.0
         rank0_settings = dict(zip(settings, reduced["settings"]))
         nonfinite = int(reduced["nonfinite"][0])
         if distributed and not nonfinite:
@@ -315,15 +308,6 @@ class GQCOptimizerWrapper:
             scale,
             fields,
             [piece.tensor for _, piece in pieces],
-        )
-
-    def _check_gradients_present(self, pieces) -> None:
-        if pieces:
-            return
-        raise GQCUsageError(
-            "step() was called but no parameter of the wrapped optimizer has a gradient: call "
-            "loss.backward() (or your engine's backward) before every step(). With FSDP2, "
-            "gradients appear on the sharded parameters only when gradient sync is on."
         )
 
     @staticmethod
@@ -351,16 +335,9 @@ class GQCOptimizerWrapper:
     def _take_step(self, stats: MicroStepStats) -> None:
         """Average (and unscale) the accumulated gradient, step, zero, advance counters."""
         num_draws = self._counters["num_draws"]
-        grads = stats.pieces
         multiplier = self._rescale_factor(stats)
-        if multiplier != 1.0:
-            torch._foreach_mul_(grads, multiplier)
-        divisor = float(num_draws) * stats.scale  # average and unscale in one pass
-        if divisor != 1.0:
-            torch._foreach_div_(grads, divisor)
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
-        self._update_scaler(found_inf=False)
+        # average and unscale in one pass
+        self._gradients.apply_step(stats.pieces, multiplier, float(num_draws) * stats.scale)
         counters = self._counters
         counters["last_num_draws"] = num_draws
         counters["last_grad_norm"] = stats.mean_grad_norm * abs(multiplier)
@@ -375,29 +352,8 @@ class GQCOptimizerWrapper:
         counters["dropped_windows"] += 1
         counters["dropped_micro_batches"] += counters["num_draws"]
         counters["num_draws"] = 0
-        self._optimizer.zero_grad(set_to_none=True)
-        self._update_scaler(found_inf=True)
+        self._gradients.discard()
         self._end_window()
-
-    def _scaler_enabled(self) -> bool:
-        return self._grad_scaler is not None and self._grad_scaler.is_enabled()
-
-    def _update_scaler(self, found_inf: bool) -> None:
-        # GradScaler.update() would read rank-local inf flags; ours is global, so every rank's
-        # scale and growth tracker advance identically.
-        if not self._scaler_enabled():
-            return
-        scaler = self._grad_scaler
-        scale = scaler._get_scale_async()
-        found = torch.full((1,), float(found_inf), dtype=torch.float32, device=scale.device)
-        torch._amp_update_scale_(
-            scale,
-            scaler._growth_tracker,
-            found,
-            scaler.get_growth_factor(),
-            scaler.get_backoff_factor(),
-            scaler.get_growth_interval(),
-        )
 
     # ------------------------------------------------------------------ algorithm interface
     def _settings(self) -> Dict[str, float]:

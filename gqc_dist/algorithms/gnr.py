@@ -25,8 +25,9 @@ class OptimizerWrapperGNR(GQCOptimizerWrapper):
         *,
         grad_scaler=None,
         verify: bool = False,
+        gradients=None,
     ):
-        super().__init__(optimizer, 1, distributed_mode, grad_scaler=grad_scaler, verify=verify)
+        super().__init__(optimizer, 1, distributed_mode, grad_scaler=grad_scaler, verify=verify, gradients=gradients)
 
     def step(self) -> bool:
         """Rescale and step; always True (a non-finite gradient is dropped and returns False)."""

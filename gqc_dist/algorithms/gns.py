@@ -34,9 +34,10 @@ class OptimizerWrapperGNS(GQCOptimizerWrapper):
         *,
         grad_scaler=None,
         verify: bool = False,
+        gradients=None,
     ):
         super().__init__(
-            optimizer, max_batch_draws, distributed_mode, grad_scaler=grad_scaler, verify=verify
+            optimizer, max_batch_draws, distributed_mode, grad_scaler=grad_scaler, verify=verify, gradients=gradients
         )
         self._history = []
         self._gns = None

@@ -23,7 +23,7 @@ class OptimizerWrapperGNTS(GQCOptimizerWrapper):
         optimizer: the optimizer to drive.
         max_batch_draws: micro-batches after which a step is forced (>= 1).
         distributed_mode: ``None`` (detect), ``"replicated"`` or ``"sharded"``.
-        grad_scaler, verify: see :class:`gqc_dist.wrapper.GQCOptimizerWrapper`.
+        grad_scaler, verify, gradients: see :class:`gqc_dist.wrapper.GQCOptimizerWrapper`.
     """
 
     ALGORITHM = "gnts"
@@ -37,9 +37,10 @@ class OptimizerWrapperGNTS(GQCOptimizerWrapper):
         *,
         grad_scaler=None,
         verify: bool = False,
+        gradients=None,
     ):
         super().__init__(
-            optimizer, max_batch_draws, distributed_mode, grad_scaler=grad_scaler, verify=verify
+            optimizer, max_batch_draws, distributed_mode, grad_scaler=grad_scaler, verify=verify, gradients=gradients
         )
 
     def step(self) -> bool:

@@ -35,12 +35,13 @@ class OptimizerWrapperMHT(GQCOptimizerWrapper):
         *,
         grad_scaler=None,
         verify: bool = False,
+        gradients=None,
     ):
         check_number("update_beta", update_beta, minimum=0, allow_equal=False)
         if update_beta > 1:
             raise GQCConfigError(f"update_beta must be in (0, 1], got {update_beta!r}")
         super().__init__(
-            optimizer, max_batch_draws, distributed_mode, grad_scaler=grad_scaler, verify=verify
+            optimizer, max_batch_draws, distributed_mode, grad_scaler=grad_scaler, verify=verify, gradients=gradients
         )
         self._update_beta = update_beta
         self._history = []

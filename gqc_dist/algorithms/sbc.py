@@ -30,10 +30,11 @@ class OptimizerWrapperSBC(GQCOptimizerWrapper):
         *,
         grad_scaler=None,
         verify: bool = False,
+        gradients=None,
     ):
         check_number("physical_batch_size", physical_batch_size, minimum=1, integer=True)
         super().__init__(
-            optimizer, max_batch_draws, distributed_mode, grad_scaler=grad_scaler, verify=verify
+            optimizer, max_batch_draws, distributed_mode, grad_scaler=grad_scaler, verify=verify, gradients=gradients
         )
         self._physical_batch_size = physical_batch_size
         self._effective_batch_size = None

@@ -1,0 +1,37 @@
+"""The interface between the GQC controller and a training engine."""
+
+from typing import List, Optional, Tuple, Union
+
+import torch
+
+from ..reduction import Piece
+
+
+class GradientAdapter:
+    """Access to one engine's accumulated gradient for one micro-step at a time.
+
+    Units: gradients are the engine's accumulated *sum* over the window's micro-batches, still
+    multiplied by ``loss_scale()`` when the engine scales the loss (AMP / fp16).
+    """
+
+    def local_pieces(self) -> List[Tuple[int, Piece]]:
+        """This rank's gradient pieces as ``(param group index, Piece)`` with their ``rho``.
+
+        Raises a :class:`~gqc_dist.errors.GQCError` (the same on every rank) when the layout
+        cannot give an exact norm, e.g. partial gradients.
+        """
+        raise NotImplementedError
+
+    def loss_scale(self) -> Optional[Union[float, torch.Tensor]]:
+        """The factor the gradients still carry (a device tensor or float), ``None`` if unscaled."""
+        return None
+
+    def apply_step(self, pieces: List[torch.Tensor], multiplier: float, divisor: float) -> None:
+        """Scale the gradient in place by ``multiplier / divisor`` (mean, unscale, GNR), step the
+        optimizer once, and zero the accumulated gradient for the next window."""
+        raise NotImplementedError
+
+    def discard(self) -> None:
+        """Zero the accumulated gradient without stepping (non-finite window); back off the
+        engine's loss scale if it has one."""
+        raise NotImplementedError

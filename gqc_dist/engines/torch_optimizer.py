@@ -1,0 +1,84 @@
+"""Adapter for a plain ``torch.optim.Optimizer``: single process, DDP, FSDP2/HSDP, mixed MoE.
+
+Gradients live in ``param.grad`` (DTensor under FSDP2). Pieces and their replication come from
+``gqc_dist.reduction``; FSDP2 sync flags are checked every micro-step (``fsdp2_sync``).
+"""
+
+from typing import List, Optional
+
+import torch
+
+from ..errors import GQCUsageError
+from ..fsdp2_sync import check_gradient_sync, fsdp2_param_groups_owning
+from ..packet import world_rank_and_size
+from ..reduction import group_policy, resolve_piece
+from .base import GradientAdapter
+
+
+class TorchOptimizerGradients(GradientAdapter):
+    """``param.grad`` of the optimizer's parameters, with an optional AMP ``GradScaler``.
+
+    The scaler is updated here, once per window, from the global overflow flag (GradScaler's own
+    ``update()`` would use rank-local flags and let ranks' scales drift apart); the user must not
+    call ``scaler.step`` or ``scaler.update``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, distributed_mode: Optional[str] = None,
+                 grad_scaler: Optional[torch.amp.GradScaler] = None):
+        self.optimizer = optimizer
+        self.distributed_mode = distributed_mode
+        self.grad_scaler = grad_scaler
+        self._fsdp2_groups = None  # found at the first micro-step, after FSDP2's lazy init
+
+    def params_changed(self) -> None:
+        """Call after ``add_param_group``: FSDP2 ownership is looked up again."""
+        self._fsdp2_groups = None
+
+    def local_pieces(self):
+        distributed = world_rank_and_size()[1] > 1
+        if distributed:
+            if self._fsdp2_groups is None:
+                self._fsdp2_groups = fsdp2_param_groups_owning(
+                    p for group in self.optimizer.param_groups for p in group["params"])
+            check_gradient_sync(self._fsdp2_groups)
+        pieces = []
+        for index, group in enumerate(self.optimizer.param_groups):
+            policy = group_policy(group, self.distributed_mode)
+            for param in group["params"]:
+                if param.grad is not None:
+                    pieces.append((index, resolve_piece(param.grad, policy, distributed)))
+        if not pieces:
+            raise GQCUsageError(
+                "step() was called but no parameter of the wrapped optimizer has a gradient: call "
+                "loss.backward() (or your engine's backward) before every step(). With FSDP2, "
+                "gradients appear on the sharded parameters only when gradient sync is on."
+            )
+        return pieces
+
+    def _scaler_enabled(self) -> bool:
+        return self.grad_scaler is not None and self.grad_scaler.is_enabled()
+
+    def loss_scale(self):
+        return self.grad_scaler._get_scale_async() if self._scaler_enabled() else None
+
+    def apply_step(self, pieces: List[torch.Tensor], multiplier: float, divisor: float) -> None:
+        if multiplier != 1.0:
+            torch._foreach_mul_(pieces, multiplier)
+        if divisor != 1.0:
+            torch._foreach_div_(pieces, divisor)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._update_scaler(found_inf=False)
+
+    def discard(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self._update_scaler(found_inf=True)
+
+    def _update_scaler(self, found_inf: bool) -> None:
+        if not self._scaler_enabled():
+            return
+        scaler = self.grad_scaler
+        scale = scaler._get_scale_async()
+        found = torch.full((1,), float(found_inf), dtype=torch.float32, device=scale.device)
+        torch._amp_update_scale_(scale, scaler._growth_tracker, found, scaler.get_growth_factor(),
+                                 scaler.get_backoff_factor(), scaler.get_growth_interval())

@@ -1,0 +1,1 @@
+"""Training a small byte-level GPT with GQC: corpus, model, plots (used by ``gqc-train``)."""
