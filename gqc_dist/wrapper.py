@@ -277,7 +277,7 @@ class GQCOptimizerWrapper:
         """Local sums -> one collective -> global statistics (one host sync)."""
         distributed = world_rank_and_size()[1] > 1
         pieces = self._gradients.local_pieces()
-        device = pieces[0][1].tensor.device
+        device = pieces[0][1].tensor.device if pieces else self.device  # a rank may hold none
         sums = local_group_sums(pieces, len(self._optimizer.param_groups), device, self._weights)
 
         settings = {"max_draws": self._max_draws, **self._settings()}
@@ -336,11 +336,11 @@ class GQCOptimizerWrapper:
         """Average (and unscale) the accumulated gradient, step, zero, advance counters."""
         num_draws = self._counters["num_draws"]
         multiplier = self._rescale_factor(stats)
-        # average and unscale in one pass
-        self._gradients.apply_step(stats.pieces, multiplier, float(num_draws) * stats.scale)
+        step_norm = stats.mean_grad_norm * abs(multiplier)
+        self._gradients.apply_step(stats.pieces, multiplier, num_draws, stats.scale, step_norm)
         counters = self._counters
         counters["last_num_draws"] = num_draws
-        counters["last_grad_norm"] = stats.mean_grad_norm * abs(multiplier)
+        counters["last_grad_norm"] = step_norm
         counters["num_steps"] += 1
         counters["num_draws"] = 0
         self._end_window()

@@ -54,7 +54,11 @@ Requirements and notes:
   call ~2-4 s (fork server imports torch), then ~0.15 s for 2 ranks and
   ~0.3 s for 4 ranks; ``spawn`` costs 5-10 s (2 ranks) / ~15 s (4 ranks) per
   call. Heavy imports of the body's module (deepspeed, ...) are paid per rank
-  per call unless listed with :func:`preload_in_forkserver`.
+  per call unless listed with :func:`preload_in_forkserver`. ``env`` is applied
+  in each rank before ``fn`` runs but *after* the preloaded imports, so an
+  environment variable read at import time of a preloaded module (e.g.
+  ``DS_ACCELERATOR`` for deepspeed) must be set in the parent before the
+  first call, or use ``start_method="spawn"``.
 * Harness options are keyword-only and reserved: ``timeout``, ``env``,
   ``backend``, ``init_process_group``, ``start_method``. Any other keyword
   argument goes to ``fn``.
@@ -203,7 +207,17 @@ def _worker(rank, world_size, fn, args, kwargs, conn, port, env, backend,
 # --------------------------------------------------------------------------
 
 _CONTEXTS: dict[str, Any] = {}
-_PRELOAD = ["torch", "torch.distributed", __name__]
+# FSDP2/DTensor and torch._dynamo (which FSDP2 imports lazily in its first
+# backward) cost ~3 s per rank to import here: import them once in the server.
+_PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "torch.distributed.tensor",
+    "torch.distributed.fsdp",
+    "torch._dynamo",
+    "torch.nn.parallel",
+    __name__,
+]
 
 
 def preload_in_forkserver(*modules: str) -> None:

@@ -29,10 +29,12 @@ def loss_of(model, batch):
     return torch.nn.functional.mse_loss(model(x), y)
 
 
-def reference_gnts(model, optimizer, batches, threshold, max_draws, poison=(), loss_fn=loss_of):
+def reference_gnts(model, optimizer, batches, threshold, max_draws, poison=(), loss_fn=loss_of,
+                   clip=None):
     """Hand-written GNTS: accumulate, ``||G_n||/n <= threshold`` or max draws -> mean, step, zero.
 
-    ``loss_fn(model, batch)`` gives the micro-batch loss. ``poison``: micro-batch indices whose gradient is replaced by NaN; the whole window is then
+    ``loss_fn(model, batch)`` gives the micro-batch loss; ``clip``: clip the mean gradient to this
+    global norm before stepping. ``poison``: micro-batch indices whose gradient is replaced by NaN; the whole window is then
     discarded (gradients zeroed, draws reset) without touching the optimizer.
 
     Returns (decisions, mean norms per micro-step).
@@ -59,6 +61,8 @@ def reference_gnts(model, optimizer, batches, threshold, max_draws, poison=(), l
         if stepped:
             for g in grads:
                 g.div_(draws)
+            if clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
             for p in model.parameters():
                 p.grad = None

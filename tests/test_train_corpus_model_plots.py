@@ -119,8 +119,14 @@ def test_model_config_validate_names_field(field, value):
         config.validate()
     with pytest.raises(ValueError, match=field):
         GPT(config)
+
+
+def test_model_config_ep_checks():
     with pytest.raises(ValueError, match="ep_size"):
-        ModelConfig(ep_size=2).validate()  # dense model, experts to split: none
+        ModelConfig(ep_size=2).validate()  # a dense model has no experts to split
+    with pytest.raises(ValueError, match="ep_size"):
+        GPT(ModelConfig(num_experts=4, ep_size=2))  # no ep_group of 2 ranks
+    assert ModelConfig().validate() == ModelConfig()
 
 
 def _write_metrics(path, steps=12, threshold=True, val=True):

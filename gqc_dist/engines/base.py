@@ -26,9 +26,13 @@ class GradientAdapter:
         """The factor the gradients still carry (a device tensor or float), ``None`` if unscaled."""
         return None
 
-    def apply_step(self, pieces: List[torch.Tensor], multiplier: float, divisor: float) -> None:
-        """Scale the gradient in place by ``multiplier / divisor`` (mean, unscale, GNR), step the
-        optimizer once, and zero the accumulated gradient for the next window."""
+    def apply_step(self, pieces: List[torch.Tensor], multiplier: float, num_draws: int,
+                   scale: float, mean_norm: float) -> None:
+        """Turn the accumulated sum into the mean (``/ num_draws``), apply ``multiplier`` (GNR),
+        remove the loss ``scale`` unless the engine unscales itself, step the optimizer once, and
+        zero the accumulated gradient for the next window. ``pieces`` are ``local_pieces()``'s
+        tensors; ``mean_norm`` is the exact global L2 norm of the gradient the step will use
+        (after averaging and ``multiplier``, unscaled), for engines that clip."""
         raise NotImplementedError
 
     def discard(self) -> None:

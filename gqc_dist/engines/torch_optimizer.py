@@ -61,9 +61,11 @@ class TorchOptimizerGradients(GradientAdapter):
     def loss_scale(self):
         return self.grad_scaler._get_scale_async() if self._scaler_enabled() else None
 
-    def apply_step(self, pieces: List[torch.Tensor], multiplier: float, divisor: float) -> None:
+    def apply_step(self, pieces: List[torch.Tensor], multiplier: float, num_draws: int,
+                   scale: float, mean_norm: float) -> None:
         if multiplier != 1.0:
             torch._foreach_mul_(pieces, multiplier)
+        divisor = float(num_draws) * scale  # average and unscale in one pass
         if divisor != 1.0:
             torch._foreach_div_(pieces, divisor)
         self.optimizer.step()

@@ -104,7 +104,7 @@ def plot_run(metrics_path: PathLike, out_png: PathLike, title: Optional[str] = N
         loss_ax.plot(_column(vals, "tokens"), _column(vals, "val_loss"), "o", ms=5,
                      label="val loss")
     loss_ax.set(xlabel="tokens", ylabel="loss (nats/token)", title="(a) loss")
-    loss_ax.legend(loc="upper right")
+    loss_ax.legend(loc="best")
 
     step = _column(steps, "step")
     draws_ax.step(step, _column(steps, "draws"), where="post", lw=1)
@@ -119,7 +119,7 @@ def plot_run(metrics_path: PathLike, out_png: PathLike, title: Optional[str] = N
     if any(not math.isnan(v) for v in norm):
         threshold_ax.plot(step, norm, lw=0.8, alpha=0.7, label="mean_grad_norm ||G_n||/n")
     if threshold_ax.lines:
-        threshold_ax.legend(loc="upper right")
+        threshold_ax.legend(loc="best")
         if all(v > 0 for v in threshold + norm if not math.isnan(v)):
             threshold_ax.set_yscale("log")
     threshold_ax.set(xlabel="optimizer step", ylabel="gradient norm", title="(c) threshold")
@@ -151,5 +151,5 @@ def plot_compare(runs: Sequence[Tuple[str, PathLike]], out_png: PathLike) -> Pat
                               (draws_ax, "optimizer step", "micro-batches", "draws per step")):
         axes.set(xlabel=x, ylabel=y, title=title)
         if axes.lines:
-            axes.legend(loc="upper right")
+            axes.legend(loc="best")
     return _save(figure, out_png)

@@ -1,0 +1,188 @@
+"""``gqc_dist.deepspeed.initialize``: ``deepspeed.initialize`` with GQC deciding when to step.
+
+Add a top-level ``"gradient_quality_control"`` section to ds_config.json (see
+``gqc_dist.config``) and change one import; the loop stays DeepSpeed's::
+
+    engine, optimizer, _, scheduler = gqc_dist.deepspeed.initialize(model=model, config=cfg, ...)
+    for batch in loader:                       # one micro-batch per iteration
+        loss = engine(batch)
+        engine.backward(loss)
+        engine.step()                          # an optimizer step only when GQC decides
+
+What the returned engine adds:
+
+* ``engine.gqc``: the controller: ``engine.gqc.statistics()``, ``engine.gqc.vital_statistics()``,
+  ``engine.gqc.num_steps`` ...
+* ``engine.step()`` returns True when the optimizer stepped (``engine.gqc_stepped`` holds the
+  last result). DeepSpeed's ``global_steps`` counts optimizer steps, ``global_samples`` the
+  samples that went into them; the lr scheduler steps once per optimizer step, and so does the
+  threshold schedule of the section (``engine.gqc_schedule``).
+
+DeepSpeed runs with ``"managed_gradient_accumulation": false`` and ``gradient_accumulation_steps``
+1 (set here when absent); the accumulated sum is rescaled to the mean of the window's
+micro-batches right before DeepSpeed's ``step()``, so clipping and the optimizer see the mean.
+Options that cannot work are refused before training starts, naming the key.
+"""
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Dict, Tuple
+
+import torch
+
+from .config import SECTION, build_controller, parse_section
+from .engines.deepspeed_zero import DeepSpeedGradients
+from .errors import GQCConfigError
+
+DEEPSPEED_VERSIONS = ("0.19.5", "0.20")  # caller-owned accumulation and the internals read here
+
+
+def load_ds_config(config) -> Dict[str, Any]:
+    """A deep copy of a ds_config given as a dict or a path to a JSON file."""
+    if isinstance(config, (str, Path)):
+        try:
+            return json.loads(Path(config).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise GQCConfigError(f"cannot read DeepSpeed config {config}: {error}") from error
+    if not isinstance(config, dict):
+        raise GQCConfigError(f"config must be a dict or a path to ds_config.json, got {type(config).__name__}")
+    return copy.deepcopy(config)
+
+
+def check_ds_options(ds_config: Dict[str, Any], model=None) -> Tuple[Dict[str, Any], float]:
+    """Refuse DeepSpeed options GQC cannot drive; return the config DeepSpeed should get and the
+    gradient clipping GQC applies in its place.
+
+    Sets ``managed_gradient_accumulation`` false and ``gradient_accumulation_steps`` 1 when
+    absent, removes the GQC section, and moves ``gradient_clipping`` (DeepSpeed's default 1.0
+    when absent) to GQC, which clips with the exact global norm.
+    """
+    from deepspeed.runtime.constants import GRADIENT_CLIPPING_DEFAULT
+
+    out = {k: v for k, v in ds_config.items() if k != SECTION}
+    clip = out.get("gradient_clipping", GRADIENT_CLIPPING_DEFAULT)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
+        raise GQCConfigError(f"gradient_clipping must be a number >= 0, got {clip!r}")
+    out["gradient_clipping"] = 0.0
+    if out.get("managed_gradient_accumulation", False) is not False:
+        raise GQCConfigError(
+            "managed_gradient_accumulation must be false (or absent) with gradient_quality_control: "
+            "GQC owns the step boundary")
+    out["managed_gradient_accumulation"] = False
+    steps = out.get("gradient_accumulation_steps", 1)
+    if steps != 1:
+        raise GQCConfigError(
+            f"gradient_accumulation_steps must be 1 (or absent) with gradient_quality_control, got "
+            f"{steps!r}: GQC decides per micro-batch how many to accumulate (max_draws bounds it)")
+    out["gradient_accumulation_steps"] = 1
+    zero = out.get("zero_optimization", {}) or {}
+    stage = int(zero.get("stage", 0))
+    if stage in (0, 1) and zero.get("overlap_comm", False):
+        raise GQCConfigError(
+            f"zero_optimization.overlap_comm is not supported with ZeRO stage {stage} and caller-owned "
+            "accumulation (DeepSpeed's rule); set it false or use stage 2")
+    for key in ("offload_optimizer", "offload_param"):
+        if zero.get(key) and (zero[key].get("device", "none") if isinstance(zero[key], dict) else zero[key]) != "none":
+            raise GQCConfigError(f"zero_optimization.{key} is not supported by gradient_quality_control yet")
+    if (out.get("compile", {}) or {}).get("deepcompile", False):
+        raise GQCConfigError("compile.deepcompile is not supported with caller-owned accumulation")
+    if "pipeline" in out or _is_pipeline(model):
+        raise GQCConfigError(
+            "pipeline parallelism is not supported with gradient_quality_control (DeepSpeed refuses "
+            "caller-owned accumulation with pipelines)")
+    if stage == 3 and _has_native_moe(model):
+        raise GQCConfigError(
+            "deepspeed.moe.layer.MoE is not supported with zero_optimization.stage 3 (DeepSpeed's "
+            "rule: use stage 0-2, or AutoEP for ZeRO-3 MoE)")
+    return out, float(clip)
+
+
+def _is_pipeline(model) -> bool:
+    try:
+        from deepspeed.pipe import PipelineModule
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, PipelineModule)
+
+
+def _has_native_moe(model) -> bool:
+    try:
+        from deepspeed.moe.layer import MoE
+    except ImportError:  # pragma: no cover
+        return False
+    return model is not None and any(isinstance(m, MoE) for m in model.modules())
+
+
+def _basic_optimizer(engine) -> torch.optim.Optimizer:
+    candidates = [getattr(engine, "basic_optimizer", None), engine.optimizer,
+                  getattr(engine.optimizer, "optimizer", None)]
+    for candidate in candidates:
+        if isinstance(candidate, torch.optim.Optimizer):
+            return candidate
+    raise GQCConfigError(f"cannot find the torch optimizer inside {type(engine.optimizer).__name__}")
+
+
+def initialize(*args, config=None, config_params=None, **kwargs):
+    """Same arguments and return value as ``deepspeed.initialize``; see the module docstring.
+
+    Without a ``"gradient_quality_control"`` section this is ``deepspeed.initialize`` unchanged.
+    """
+    import deepspeed
+
+    if config is None and config_params is not None:
+        config = config_params
+    if config is None:
+        ds_args = kwargs.get("args") or (args[0] if args else None)
+        config = getattr(ds_args, "deepspeed_config", None)
+    if config is None:
+        return deepspeed.initialize(*args, **kwargs)
+    ds_config = load_ds_config(config)
+    if SECTION not in ds_config:
+        return deepspeed.initialize(*args, config=ds_config, **kwargs)
+    section = parse_section(ds_config[SECTION])
+    if section["algorithm"] == "gns":
+        raise GQCConfigError(
+            f"{SECTION}.algorithm 'gns' is not supported on DeepSpeed: it needs each micro-batch's "
+            "gradient before accumulation; use gnts")
+    ds_config, clip = check_ds_options(ds_config, kwargs.get("model"))
+    engine, optimizer, loader, scheduler = deepspeed.initialize(*args, config=ds_config, **kwargs)
+    attach_controller(engine, section, clip)
+    return engine, optimizer, loader, scheduler
+
+
+def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> None:
+    """Make ``engine.step()`` a GQC decision (see the module docstring); ``clip`` is the
+    gradient clipping GQC applies with the exact norm."""
+    original_step = engine.step
+    original_backward = engine.backward
+    lr_kwargs = {}
+    adapter = DeepSpeedGradients(engine, lambda: original_step(**lr_kwargs), clip)
+    micro_batch = engine.train_micro_batch_size_per_gpu()
+    controller, schedule = build_controller(section, _basic_optimizer(engine),
+                                            physical_batch_size=micro_batch, gradients=adapter)
+    last_loss = {}
+
+    def backward(loss, *args, **kwargs):
+        if section["algorithm"] == "mht":
+            last_loss["value"] = loss.detach()
+        return original_backward(loss, *args, **kwargs)
+
+    def step(lr_kwargs_=None):
+        lr_kwargs.clear()
+        if lr_kwargs_ is not None:
+            lr_kwargs["lr_kwargs"] = lr_kwargs_
+        if section["algorithm"] == "mht":
+            stepped = controller.step(float(last_loss["value"]))
+        else:
+            stepped = controller.step()
+        if stepped and schedule is not None:
+            schedule.step()
+        engine.gqc_stepped = stepped
+        return stepped
+
+    engine.backward = backward
+    engine.step = step
+    engine.gqc = controller
+    engine.gqc_schedule = schedule
+    engine.gqc_stepped = False

@@ -1,0 +1,157 @@
+"""Adapter for a DeepSpeed engine in caller-owned accumulation mode (ZeRO stages 0-3).
+
+With ``"managed_gradient_accumulation": false`` and ``gradient_accumulation_steps`` 1,
+``engine.backward`` only accumulates a *sum* and every ``engine.step()`` is a boundary. Where the
+accumulated gradient lives after each backward (DeepSpeed 0.19.x internals, pinned in setup.py):
+
+* ZeRO-2: already reduce-scattered every backward; this rank's partition of each param group is
+  ``optimizer.get_flat_partition(...)`` over ``all_grad_tensors`` (``rho`` = 1: every element
+  of a dense group is held by one rank, and expert groups are partitioned over their
+  expert-data-parallel group while expert-parallel ranks hold different experts).
+* ZeRO-3: already reduce-scattered; this rank's partitions are views of
+  ``grad_partitions_flat_buffer`` (``rho`` = 1).
+* ZeRO-0/1: ``param.grad`` is a rank-local partial sum until ``step()`` reduces it. For an
+  exact norm every micro-step, a *copy* is all-reduced with DeepSpeed's own semantics (dense:
+  sum over the data-parallel group / its size; experts: sum over their expert-data-parallel
+  group / the data-parallel size), bucketed into one collective per (param group, reduction
+  group). This costs one full-size all-reduce of the gradient per micro-step (what DDP pays
+  without ``no_sync``) plus a temporary copy; DeepSpeed's boundary reduction is untouched, so
+  the step is bit-for-bit DeepSpeed's own.
+
+Stepping scales the accumulated sum by ``multiplier / n`` and by the clip coefficient in place,
+then calls DeepSpeed's own ``step()`` (which unscales fp16, steps the optimizer and the lr
+scheduler, advances ``global_steps`` / ``global_samples`` and zeroes the gradients).
+
+Clipping (``gradient_clipping``) is applied here, with torch's rule ``min(1, clip / (norm +
+1e-6))`` on the exact global norm of the mean gradient, and DeepSpeed's own clipping is turned
+off: DeepSpeed's stage-0/1 norm averages per-rank norms and is wrong with MoE.
+"""
+
+from collections import OrderedDict
+from typing import List, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..reduction import Piece
+from .base import GradientAdapter
+
+
+def _is_expert(param) -> bool:
+    return not getattr(param, "allreduce", True)
+
+
+def _local_grad(param):
+    """ZeRO-1 keeps low-precision accumulation in ``grad_accum``; otherwise ``.grad``."""
+    grad = param.grad
+    return grad if grad is not None else getattr(param, "grad_accum", None)
+
+
+class DeepSpeedGradients(GradientAdapter):
+    """Accumulated gradients of a DeepSpeed engine; ``original_step`` is the engine's own step."""
+
+    def __init__(self, engine, original_step, clip: float = 0.0):
+        self.engine = engine
+        self.original_step = original_step
+        self.clip = clip
+        self.stage = int(engine.zero_optimization_stage())
+        self.fp16 = bool(engine.fp16_enabled())
+        self.optimizer = engine.optimizer
+
+    # ------------------------------------------------------------------ reading
+    def local_pieces(self) -> List[Tuple[int, Piece]]:
+        if self.stage == 3:
+            return self._stage3_pieces()
+        if self.stage == 2:
+            return self._stage2_pieces()
+        return self._reduced_copies()
+
+    def _stage2_pieces(self):
+        o = self.optimizer
+        pieces = []
+        for i in range(len(o.bit16_groups)):
+            if o.all_grad_tensors.get(i) is None:
+                continue
+            tensors = o.get_flat_partition(
+                o.params_in_partition[i], o.first_offset[i], o.partition_size[i],
+                dtype=o.gradient_accumulation_dtype, device=o.device, param_group_idx=i,
+                return_tensor_list=True)
+            pieces += [(i, Piece(t, 1, False)) for t in tensors]
+        return pieces
+
+    def _stage3_pieces(self):
+        o = self.optimizer
+        views = o._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
+        pieces = []
+        for i, group in enumerate(o.fp16_groups):
+            for param in group:
+                view = views.get(param.ds_id)
+                if view is not None:
+                    pieces.append((i, Piece(view, 1, False)))
+        return pieces
+
+    def _reduced_copies(self):
+        """ZeRO-0/1: all-reduce copies of the local sums, one bucket per (group, reduction)."""
+        from deepspeed.utils import groups
+
+        dp_group = groups._get_data_parallel_group()
+        dp_size = dist.get_world_size(dp_group)
+        buckets = OrderedDict()
+        for index, params in enumerate(self._module_param_groups()):
+            for param in params:
+                grad = _local_grad(param)
+                if grad is None:
+                    continue
+                key = (index, param.group_name if _is_expert(param) else None)
+                buckets.setdefault(key, []).append(grad)
+        pieces = []
+        for (index, expert_group), grads in buckets.items():
+            flat = torch.cat([g.detach().reshape(-1).float() for g in grads])
+            group = dp_group if expert_group is None else groups._get_expert_data_parallel_group(expert_group)
+            dist.all_reduce(flat, group=group)
+            flat.div_(dp_size)
+            rho = dp_size if expert_group is None else dist.get_world_size(group)
+            pieces.append((index, Piece(flat, rho, False)))
+        return pieces
+
+    def _module_param_groups(self) -> List[List[torch.nn.Parameter]]:
+        """The model's parameters per optimizer param group (ZeRO keeps flat copies in the
+        optimizer's own groups)."""
+        o = self.optimizer
+        for name in ("bit16_groups", "fp16_groups", "bf16_groups"):
+            groups = getattr(o, name, None)
+            if groups is not None:
+                return groups
+        return [group["params"] for group in o.param_groups]
+
+    def loss_scale(self):
+        return float(self.engine.optimizer.cur_scale) if self.fp16 else None
+
+    # ------------------------------------------------------------------ writing
+    def _accumulators(self) -> List[torch.Tensor]:
+        o = self.optimizer
+        if self.stage == 3:
+            return [o.grad_partitions_flat_buffer]
+        if self.stage == 2:
+            return [t for tensors in o.all_grad_tensors.values() if tensors is not None for t in tensors]
+        grads = [_local_grad(p) for group in self._module_param_groups() for p in group]
+        return [g for g in grads if g is not None]
+
+    def apply_step(self, pieces, multiplier: float, num_draws: int, scale: float,
+                   mean_norm: float) -> None:
+        factor = multiplier / num_draws  # DeepSpeed removes the fp16 loss scale itself
+        if self.clip > 0:
+            factor *= min(1.0, self.clip / (mean_norm + 1e-6))
+        if factor != 1.0:
+            torch._foreach_mul_(self._accumulators(), factor)
+        self.original_step()
+
+    def discard(self) -> None:
+        if self.fp16:
+            # DeepSpeed's own overflow path: skips the update, backs off the scale, zeroes.
+            self.original_step()
+            return
+        for tensor in self._accumulators():
+            tensor.zero_()
+        self.engine.optimizer.zero_grad()
+        self.engine._unmanaged_backward_count = 0  # dropped samples are not trained on
