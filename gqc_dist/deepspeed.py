@@ -85,6 +85,11 @@ def check_ds_options(ds_config: Dict[str, Any], model=None) -> Tuple[Dict[str, A
     for key in ("offload_optimizer", "offload_param"):
         if zero.get(key) and (zero[key].get("device", "none") if isinstance(zero[key], dict) else zero[key]) != "none":
             raise GQCConfigError(f"zero_optimization.{key} is not supported by gradient_quality_control yet")
+    if stage == 0 and (out.get("fp16", {}) or {}).get("enabled", False):
+        raise GQCConfigError(
+            "fp16 with zero_optimization.stage 0 is refused: DeepSpeed 0.19's engine.backward does not "
+            "apply the fp16 loss scale for stage 0's FP16 optimizers, yet step() divides by it "
+            "(measured: updates smaller by the loss scale). Use bf16, or ZeRO stage 1-3 for fp16")
     if (out.get("compile", {}) or {}).get("deepcompile", False):
         raise GQCConfigError("compile.deepcompile is not supported with caller-owned accumulation")
     if "pipeline" in out or _is_pipeline(model):

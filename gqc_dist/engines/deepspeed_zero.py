@@ -125,7 +125,12 @@ class DeepSpeedGradients(GradientAdapter):
         return [group["params"] for group in o.param_groups]
 
     def loss_scale(self):
-        return float(self.engine.optimizer.cur_scale) if self.fp16 else None
+        if not self.fp16:
+            return None
+        scale = self.engine._get_optimizer_loss_scale()
+        if scale is None:  # FP16_UnfusedOptimizer keeps it in its loss scaler
+            scale = self.engine.optimizer.loss_scaler.cur_scale
+        return float(scale)
 
     # ------------------------------------------------------------------ writing
     def _accumulators(self) -> List[torch.Tensor]:
