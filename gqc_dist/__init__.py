@@ -5,6 +5,7 @@ A drop-in for torch-gqc (``gradient_quality_control``) whose norms are exact on 
 decisions identical on every rank.
 """
 
+from .algorithms.fixed import OptimizerWrapperFixed
 from .algorithms.gnr import (
     OptimizerWrapperGNR,
     make_gnr_with_cosine_annealing_schedule,
@@ -56,6 +57,7 @@ __all__ = [
     "make_sbc_with_polynomial_schedule_conventional_lr",
     "OptimizerWrapperMHT",
     "make_mht_with_warmup_schedule",
+    "OptimizerWrapperFixed",
     "Replicated",
     "Sharded",
     "GQCError",

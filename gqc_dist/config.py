@@ -21,6 +21,7 @@ Per algorithm, the constant key and the schedule's value keys are:
   ``final_batch_size``, ``polynomial_power``
 * mht: ``confidence_level`` and ``percent_error_threshold`` (+ optional ``update_beta``); a
   schedule warms both up over ``num_warmup_steps``
+* fixed: ``accumulation_steps`` (the fixed-accumulation baseline; no schedule)
 
 Schedules here drive only the algorithm's value (one ``schedule.step()`` per optimizer step);
 the learning rate belongs to the engine's own scheduler.
@@ -33,6 +34,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch_schedule_anything as tsa
 
+from .algorithms.fixed import OptimizerWrapperFixed
 from .algorithms.gnr import OptimizerWrapperGNR
 from .algorithms.gns import OptimizerWrapperGNS
 from .algorithms.gnts import OptimizerWrapperGNTS
@@ -60,6 +62,7 @@ _ALGORITHMS = {
             {"max_draws": "int+", "physical_batch_size": "int+"}, "logical_batch_size"),
     "mht": ({"confidence_level": "prob", "percent_error_threshold": "num0"}, {},
             {"max_draws": "int+", "update_beta": "prob+"}, None),
+    "fixed": ({"accumulation_steps": "int+"}, {}, {}, None),
 }
 _DEFAULTS = {"warmup_multiplier": 10.0, "polynomial_power": 2.0, "update_beta": 0.01}
 
@@ -127,6 +130,8 @@ def parse_section(section: Any, path: str = SECTION) -> Dict[str, Any]:
     if "schedule" in section:
         out["schedule"] = _parse_schedule(f"{path}.schedule", section["schedule"], algorithm, schedule_keys)
     given = [key for key in constants if key in section]
+    if algorithm == "fixed" and "schedule" in section:
+        raise GQCConfigError(f"{path}.schedule is not used by algorithm 'fixed'")
     if algorithm == "mht":
         if len(given) != len(constants):
             missing = [k for k in constants if k not in section]
@@ -181,6 +186,8 @@ def build_controller(
         wrapper = OptimizerWrapperGNS(optimizer, section["max_draws"], **common)
     elif algorithm == "gnr":
         wrapper = OptimizerWrapperGNR(optimizer, **common)
+    elif algorithm == "fixed":
+        wrapper = OptimizerWrapperFixed(optimizer, section["accumulation_steps"], **common)
     elif algorithm == "sbc":
         batch = section.get("physical_batch_size", physical_batch_size)
         if batch is None:
@@ -190,7 +197,7 @@ def build_controller(
         wrapper = OptimizerWrapperMHT(optimizer, section["max_draws"],
                                       update_beta=section["update_beta"], **common)
     constants, _, _, target = _ALGORITHMS[algorithm]
-    for key in constants:
+    for key in constants if target else ():
         if key in section:
             name = target or key
             for group in wrapper.param_groups:

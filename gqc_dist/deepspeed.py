@@ -33,7 +33,7 @@ import torch
 
 from .config import SECTION, build_controller, parse_section
 from .engines.deepspeed_zero import DeepSpeedGradients
-from .errors import GQCConfigError
+from .errors import GQCConfigError, GQCUsageError
 
 DEEPSPEED_VERSIONS = ("0.19.5", "0.20")  # caller-owned accumulation and the internals read here
 
@@ -85,6 +85,11 @@ def check_ds_options(ds_config: Dict[str, Any], model=None) -> Tuple[Dict[str, A
     for key in ("offload_optimizer", "offload_param"):
         if zero.get(key) and (zero[key].get("device", "none") if isinstance(zero[key], dict) else zero[key]) != "none":
             raise GQCConfigError(f"zero_optimization.{key} is not supported by gradient_quality_control yet")
+    accumulation_dtype = (out.get("data_types", {}) or {}).get("grad_accum_dtype")
+    if accumulation_dtype is not None:
+        raise GQCConfigError(
+            "data_types.grad_accum_dtype is not supported by gradient_quality_control yet (the "
+            "accumulated gradient then lives in other buffers); remove it")
     if stage == 0 and (out.get("fp16", {}) or {}).get("enabled", False):
         raise GQCConfigError(
             "fp16 with zero_optimization.stage 0 is refused: DeepSpeed 0.19's engine.backward does not "
@@ -152,6 +157,9 @@ def initialize(*args, config=None, config_params=None, **kwargs):
             "gradient before accumulation; use gnts")
     ds_config, clip = check_ds_options(ds_config, kwargs.get("model"))
     engine, optimizer, loader, scheduler = deepspeed.initialize(*args, config=ds_config, **kwargs)
+    if engine.managed_gradient_accumulation() or engine.gradient_accumulation_steps() != 1:
+        raise GQCConfigError("DeepSpeed did not take managed_gradient_accumulation false and "
+                             "gradient_accumulation_steps 1; GQC cannot own the step boundary")
     attach_controller(engine, section, clip)
     return engine, optimizer, loader, scheduler
 
@@ -167,13 +175,21 @@ def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> Non
     controller, schedule = build_controller(section, _basic_optimizer(engine),
                                             physical_batch_size=micro_batch, gradients=adapter)
     last_loss = {}
+    backwards = {"since_step": 0}
 
     def backward(loss, *args, **kwargs):
         if section["algorithm"] == "mht":
             last_loss["value"] = loss.detach()
-        return original_backward(loss, *args, **kwargs)
+        result = original_backward(loss, *args, **kwargs)
+        backwards["since_step"] += 1
+        return result
 
     def step(lr_kwargs_=None):
+        if backwards["since_step"] != 1:
+            raise GQCUsageError(
+                f"engine.step() must follow exactly one engine.backward() with gradient_quality_control "
+                f"(got {backwards['since_step']}): GQC decides after every micro-batch")
+        backwards["since_step"] = 0
         lr_kwargs.clear()
         if lr_kwargs_ is not None:
             lr_kwargs["lr_kwargs"] = lr_kwargs_

@@ -147,6 +147,7 @@ REFUSED = [
     ({"compile": {"deepcompile": True}}, "compile.deepcompile"),
     ({"zero_optimization": {"stage": 0}, "fp16": {"enabled": True}}, "fp16 with zero_optimization.stage 0"),
     ({"gradient_clipping": -1}, "gradient_clipping must be a number >= 0"),
+    ({"data_types": {"grad_accum_dtype": "fp32"}}, "data_types.grad_accum_dtype"),
     ({"pipeline": {"stages": 2}}, "pipeline parallelism"),
     ({"gradient_quality_control": {"algorithm": "gnts", "threshold": 0.5, "max_draw": 4}},
      "unknown key gradient_quality_control.max_draw"),
@@ -320,3 +321,65 @@ def test_fp16_overflow_on_one_rank_is_dropped_everywhere_and_never_reaches_the_o
     if stage < 3:  # the overflowing micro-batch did not change the weights
         for before, after in zip(first["params_at"][overflow - 1], first["params_at"][overflow]):
             assert torch.equal(before, after)
+
+
+class _PartlyUnused(torch.nn.Module):
+    """``extra`` gets a gradient only on odd micro-batches."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = make_mlp()
+        self.extra = torch.nn.Linear(8, 1)
+
+    def forward(self, x, use_extra):
+        out = self.mlp(x)
+        return out + self.extra(x) if use_extra else out
+
+
+def _ds_unused_run(rank, world_size, stage):
+    model = _PartlyUnused()
+    engine, _, _, _ = gqc_deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        config={**ds_config(stage), "gradient_quality_control": {"algorithm": "fixed", "accumulation_steps": 2}})
+    for index, (x, y) in enumerate(micro_batches(8, batch=LOCAL_BATCH * world_size)):
+        x, y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+        engine.backward(torch.nn.functional.mse_loss(engine(x, index % 2 == 1), y))
+        engine.step()
+    params = list(engine.module.parameters())
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
+        return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_parameter_without_gradient_in_a_window_start_matches_oracle(stage):
+    """DeepSpeed's ZeRO-3 keeps stale gradient partitions after step(); GQC clears them."""
+    results = run_distributed(_ds_unused_run, WORLD, stage, timeout=300)
+    model = _PartlyUnused()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for index, (x, y) in enumerate(micro_batches(8, batch=LOCAL_BATCH * WORLD)):
+        torch.nn.functional.mse_loss(model(x, index % 2 == 1), y).backward()
+        if index % 2 == 1:
+            for p in model.parameters():
+                p.grad /= 2
+            optimizer.step()
+            optimizer.zero_grad()
+    for result in results:
+        for got, want in zip(result, model.parameters()):
+            torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=0)
+
+
+def _step_without_backward(rank, world_size):
+    model = make_mlp()
+    engine, _, _, _ = gqc_deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                               config=ds_config(2))
+    try:
+        engine.step()
+    except gqc_dist.GQCUsageError as error:
+        return str(error)
+    return "accepted"
+
+
+def test_step_without_backward_is_refused_on_every_rank():
+    assert all("exactly one engine.backward()" in r for r in run_distributed(_step_without_backward, WORLD, timeout=300))

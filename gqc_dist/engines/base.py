@@ -7,6 +7,11 @@ import torch
 from ..reduction import Piece
 
 
+def clip_coefficient(clip: float, norm: float) -> float:
+    """torch's ``clip_grad_norm_`` rule, ``min(1, clip / (norm + 1e-6))``; 1 when ``clip`` is 0."""
+    return min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+
+
 class GradientAdapter:
     """Access to one engine's accumulated gradient for one micro-step at a time.
 

@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 from ..reduction import Piece
-from .base import GradientAdapter
+from .base import GradientAdapter, clip_coefficient
 
 
 def _is_expert(param) -> bool:
@@ -145,16 +145,24 @@ class DeepSpeedGradients(GradientAdapter):
     def apply_step(self, pieces, multiplier: float, num_draws: int, scale: float,
                    mean_norm: float) -> None:
         factor = multiplier / num_draws  # DeepSpeed removes the fp16 loss scale itself
-        if self.clip > 0:
-            factor *= min(1.0, self.clip / (mean_norm + 1e-6))
+        factor *= clip_coefficient(self.clip, mean_norm)
         if factor != 1.0:
             torch._foreach_mul_(self._accumulators(), factor)
         self.original_step()
+        self._clear_stage3_partitions()
+
+    def _clear_stage3_partitions(self):
+        # DeepSpeed 0.19's ZeRO-3 step() leaves grad_partitions_flat_buffer as it was; a
+        # parameter without a gradient in the next window's first micro-batch would then
+        # accumulate onto the old values (measured: params off by 1e-2).
+        if self.stage == 3:
+            self.optimizer.grad_partitions_flat_buffer.zero_()
 
     def discard(self) -> None:
         if self.fp16:
             # DeepSpeed's own overflow path: skips the update, backs off the scale, zeroes.
             self.original_step()
+            self._clear_stage3_partitions()
             return
         for tensor in self._accumulators():
             tensor.zero_()

@@ -12,11 +12,12 @@ from ..errors import GQCUsageError
 from ..fsdp2_sync import check_gradient_sync, fsdp2_param_groups_owning
 from ..packet import world_rank_and_size
 from ..reduction import group_policy, resolve_piece
-from .base import GradientAdapter
+from .base import GradientAdapter, clip_coefficient
 
 
 class TorchOptimizerGradients(GradientAdapter):
-    """``param.grad`` of the optimizer's parameters, with an optional AMP ``GradScaler``.
+    """``param.grad`` of the optimizer's parameters, with an optional AMP ``GradScaler`` and
+    optional clipping of the mean gradient to ``clip`` (exact global norm, torch's rule).
 
     The scaler is updated here, once per window, from the global overflow flag (GradScaler's own
     ``update()`` would use rank-local flags and let ranks' scales drift apart); the user must not
@@ -24,8 +25,9 @@ class TorchOptimizerGradients(GradientAdapter):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, distributed_mode: Optional[str] = None,
-                 grad_scaler: Optional[torch.amp.GradScaler] = None):
+                 grad_scaler: Optional[torch.amp.GradScaler] = None, clip: float = 0.0):
         self.optimizer = optimizer
+        self.clip = clip  # max global norm of the mean gradient (0: no clipping)
         self.distributed_mode = distributed_mode
         self.grad_scaler = grad_scaler
         self._fsdp2_groups = None  # found at the first micro-step, after FSDP2's lazy init
@@ -63,6 +65,7 @@ class TorchOptimizerGradients(GradientAdapter):
 
     def apply_step(self, pieces: List[torch.Tensor], multiplier: float, num_draws: int,
                    scale: float, mean_norm: float) -> None:
+        multiplier *= clip_coefficient(self.clip, mean_norm)
         if multiplier != 1.0:
             torch._foreach_mul_(pieces, multiplier)
         divisor = float(num_draws) * scale  # average and unscale in one pass
