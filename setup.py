@@ -24,9 +24,10 @@ setup(
         "tqdm>=4.60",
         "scipy>=1.10",
         "numpy>=1.24",
+        "matplotlib>=3.6",
     ],
     extras_require={
         "test": ["pytest>=7", "torch-gqc==0.10.4"],
     },
-    entry_points={},
+    entry_points={"console_scripts": ["gqc-train = gqc_dist.train.cli:main"]},
 )

@@ -41,7 +41,7 @@ from .algorithms.gnts import OptimizerWrapperGNTS
 from .algorithms.mht import OptimizerWrapperMHT
 from .algorithms.sbc import OptimizerWrapperSBC
 from .errors import GQCConfigError
-from .schedules import synchronous
+from .schedules import hidden_initial_lr, synchronous
 
 SECTION = "gradient_quality_control"
 
@@ -197,15 +197,16 @@ def build_controller(
         wrapper = OptimizerWrapperMHT(optimizer, section["max_draws"],
                                       update_beta=section["update_beta"], **common)
     constants, _, _, target = _ALGORITHMS[algorithm]
-    for key in constants if target else ():
+    for key in constants if algorithm != "fixed" else ():
         if key in section:
             name = target or key
             for group in wrapper.param_groups:
                 group[name] = section[key]
     schedule = None
     if "schedule" in section:
-        schedule = synchronous([_value_schedule(wrapper, algorithm, target, section["schedule"])]
-                               if algorithm != "mht" else _mht_schedules(wrapper, section))
+        with hidden_initial_lr(optimizer):
+            schedule = synchronous([_value_schedule(wrapper, algorithm, target, section["schedule"])]
+                                   if algorithm != "mht" else _mht_schedules(wrapper, section))
     return wrapper, schedule
 
 

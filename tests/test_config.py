@@ -13,7 +13,7 @@ GOOD_SCHEDULE = {"num_training_steps": 100, "num_warmup_steps": 5, "initial_thre
 BAD = [
     ([], "gradient_quality_control must be an object"),
     ({}, r"gradient_quality_control.algorithm must be one of"),
-    ({"algorithm": "gnst", "threshold": 1}, "algorithm must be one of gnr, gns, gnts, mht, sbc, got 'gnst'"),
+    ({"algorithm": "gnst", "threshold": 1}, "algorithm must be one of fixed, gnr, gns, gnts, mht, sbc, got 'gnst'"),
     ({"algorithm": "gnts", "treshold": 0.5}, r"unknown key gradient_quality_control.treshold"),
     ({"algorithm": "gnts", "threshold": -0.5}, r"gradient_quality_control.threshold must be >= 0"),
     ({"algorithm": "gnts", "threshold": "0.5"}, r"gradient_quality_control.threshold must be a finite number"),
@@ -89,3 +89,15 @@ def test_schedules_drive_the_algorithm_value(section, target, first, later):
         schedule.step()
     assert wrapper.param_groups[0][target] == pytest.approx(later)
     assert wrapper.param_groups[0]["lr"] == 0.1  # the learning rate is not touched
+
+
+def test_value_schedule_is_not_confused_by_an_existing_torch_lr_scheduler():
+    optimizer = torch.optim.SGD(make_mlp().parameters(), lr=0.003)
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (step + 1))
+    wrapper, schedule = build_controller(parse_section({"algorithm": "gnts", "schedule": GOOD_SCHEDULE}), optimizer)
+    assert wrapper.param_groups[0]["gradient_norm_threshold"] == pytest.approx(9.0)
+    for _ in range(5):
+        schedule.step()
+        lr_schedule.step()
+    assert wrapper.param_groups[0]["gradient_norm_threshold"] == pytest.approx(0.9)
+    assert wrapper.param_groups[0]["lr"] == pytest.approx(0.003 / 6)

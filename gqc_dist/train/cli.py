@@ -1,0 +1,110 @@
+"""``gqc-train``: train a byte-level GPT with GQC; ``gqc-train compare``: overlay runs.
+
+    gqc-train                                  # the embedded default: one CPU process, ~3 min
+    gqc-train --config configs/train_fsdp2.json             # under torchrun for ddp/fsdp2
+    gqc-train --baseline 4 --out-dir runs/fixed4             # fixed accumulation, same data
+    gqc-train --set gqc.max_draws=32 --set train.optimizer_steps=300
+    gqc-train compare runs/gqc-train runs/fixed4 --out compare.png
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import GQCConfigError
+from .settings import apply_override, load_config, merge, validate
+
+
+def _parser():
+    parser = argparse.ArgumentParser(prog="gqc-train", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--config", help="JSON config (missing keys take the embedded defaults)")
+    parser.add_argument("--engine", choices=["single", "ddp", "fsdp2", "deepspeed"])
+    parser.add_argument("--out-dir")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--optimizer-steps", type=int, help="stop after this many optimizer steps")
+    parser.add_argument("--max-micro-steps", type=int, help="stop after this many micro-batches")
+    parser.add_argument("--micro-batch-size", type=int, help="global sequences per micro-batch")
+    parser.add_argument("--max-draws", type=int, help="GQC max micro-batches per step")
+    parser.add_argument("--baseline", type=int, metavar="K",
+                        help="fixed accumulation of K micro-batches per step instead of GQC")
+    parser.add_argument("--quick", action="store_true",
+                        help="a tiny model and a few steps (smoke test, ~20 s)")
+    parser.add_argument("--resume", action="store_true", help="continue from out-dir's latest checkpoint")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                        help="override any config key (value parsed as JSON)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+QUICK = {"model": {"seq_len": 32, "dim": 32, "layers": 1, "heads": 2},
+         "data": {"max_bytes": 300_000},
+         "train": {"optimizer_steps": 12, "max_micro_steps": 150, "eval_interval": 6,
+                   "eval_batches": 2, "checkpoint_interval": 6}}
+
+
+def build_config(args) -> dict:
+    """The validated config from defaults, --config, --quick, flags and --set (in that order)."""
+    config = load_config(args.config) if args.config else {}
+    if args.quick:
+        config = merge(QUICK, config)
+    flags = {"engine": args.engine, "out_dir": args.out_dir, "seed": args.seed}
+    config = merge(config, {k: v for k, v in flags.items() if v is not None})
+    train = {"optimizer_steps": args.optimizer_steps, "max_micro_steps": args.max_micro_steps}
+    config = merge(config, {"train": {k: v for k, v in train.items() if v is not None}})
+    if args.micro_batch_size is not None:
+        config = merge(config, {"data": {"micro_batch_size": args.micro_batch_size}})
+    if args.baseline is not None:
+        config = {**config, "gqc": {"algorithm": "fixed", "accumulation_steps": args.baseline}}
+    if args.max_draws is not None:
+        config = apply_override(config, f"gqc.max_draws={args.max_draws}")
+    for assignment in args.set:
+        config = apply_override(config, assignment)
+    return validate(config)
+
+
+def compare_main(argv) -> int:
+    parser = argparse.ArgumentParser(prog="gqc-train compare",
+                                     description="Overlay runs (loss vs tokens, draws per step) in one PNG")
+    parser.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
+    parser.add_argument("--out", default="compare.png")
+    args = parser.parse_args(argv)
+    from .plots import plot_compare
+
+    runs = [(Path(run).name, Path(run) / "metrics.jsonl") for run in args.runs]
+    try:
+        path = plot_compare(runs, args.out)
+    except ValueError as error:
+        print(f"gqc-train compare: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["compare"]:
+        return compare_main(argv[1:])
+    args = _parser().parse_args(argv)
+    try:
+        config = build_config(args)
+    except GQCConfigError as error:
+        print(f"gqc-train: config error: {error}", file=sys.stderr)
+        return 2
+    from .run import train
+
+    summary = train(config, resume=args.resume, progress=not args.no_progress)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"validation loss {summary['val_loss']:.4f} nats/token | tokens seen {summary['tokens']:,} | "
+              f"optimizer steps {summary['optimizer_steps']} | mean micro-batches per step "
+              f"{summary['mean_micro_batches_per_step']:.2f} | {summary['wall_time']:.0f} s | "
+              f"metrics, checkpoints and training.png in {summary['out_dir']}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The gqc-train loop: micro-batch -> backward -> GQC decision -> metrics, eval, checkpoints.
+
+Outputs under ``out_dir`` (rank 0 writes shared files):
+
+* ``metrics.jsonl``: one ``{"kind": "step", ...}`` line per optimizer step (``step``, ``tokens``,
+  ``samples``, ``loss`` (mean over the window's micro-batches and ranks, nats/token),
+  ``draws``, ``threshold``, ``mean_grad_norm``, ``lr``, ``wall_time`` seconds) and
+  ``{"kind": "val", "step", "tokens", "val_loss"}`` lines at ``train.eval_interval``.
+* ``checkpoints/step_NNNNNN/rank{r}.pt`` at ``train.checkpoint_interval`` (each rank its own
+  state; taken right after an optimizer step), and ``checkpoints/latest``.
+* ``training.png``: loss against tokens, micro-batches per step, threshold per step.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from .corpus import ByteBatches, evaluate_batches, load_corpus
+from .engines import TrainEngine, build_engine, init_distributed
+from .plots import plot_run
+
+
+def _rank_world():
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _global_mean(values) -> list:
+    """Mean over ranks of a list of floats (one small all-reduce)."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor.tolist()
+
+
+def evaluate(engine: TrainEngine, eval_set, rank: int, world: int) -> float:
+    """Validation loss (nats/token) over the fixed eval batches; each rank takes its rows."""
+    losses = []
+    with torch.no_grad():
+        for x, y in eval_set:
+            rows = x.shape[0] // world
+            losses.append(float(engine.loss(x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows])))
+    return _global_mean([sum(losses) / len(losses)])[0]
+
+
+class Checkpoints:
+    """Per-rank checkpoint files under ``out_dir/checkpoints`` and the ``latest`` pointer."""
+
+    def __init__(self, out_dir: Path, rank: int, world: int):
+        self.root = out_dir / "checkpoints"
+        self.rank, self.world = rank, world
+
+    def save(self, step: int, engine: TrainEngine, extra: Dict[str, Any]) -> None:
+        folder = self.root / f"step_{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {"world_size": self.world, "extra": extra}
+        if engine.ds_engine is not None:
+            engine.ds_engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+        state["engine"] = engine.state_dict()
+        tmp = folder / f"rank{self.rank}.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, folder / f"rank{self.rank}.pt")
+        if dist.is_initialized():
+            dist.barrier()
+        if self.rank == 0:
+            (self.root / "latest").write_text(folder.name + "\n")
+
+    def load_latest(self, engine: TrainEngine) -> Optional[Dict[str, Any]]:
+        pointer = self.root / "latest"
+        if not pointer.exists():
+            return None
+        folder = self.root / pointer.read_text().strip()
+        path = folder / f"rank{self.rank}.pt"
+        try:
+            state = torch.load(path, weights_only=False)
+        except (OSError, RuntimeError, EOFError) as error:
+            raise RuntimeError(f"cannot resume from {path}: {error}") from error
+        if state.get("world_size") != self.world:
+            raise RuntimeError(f"checkpoint {folder} was written by {state.get('world_size')} ranks, "
+                               f"this run has {self.world}")
+        if engine.ds_engine is not None:
+            engine.ds_engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+        engine.load_state_dict(state["engine"])
+        return state["extra"]
+
+
+def _threshold(stats: Dict[str, Any]) -> Optional[float]:
+    for key in ("gradient_norm_threshold", "noise_tolerance", "logical_batch_size", "target_gradient_norm"):
+        if key in stats:
+            return stats[key]
+    return None
+
+
+def train(config: Dict[str, Any], resume: bool = False, progress: bool = True) -> Dict[str, Any]:
+    """Run gqc-train for a validated ``config``; returns the final summary (on every rank)."""
+    init_distributed(config["engine"])
+    rank, world = _rank_world()
+    data, train_cfg, model_cfg = config["data"], config["train"], config["model"]
+    if data["micro_batch_size"] % world:
+        raise ValueError(f"data.micro_batch_size ({data['micro_batch_size']}) must be a multiple of "
+                         f"the world size ({world})")
+    out_dir = Path(config["out_dir"])
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    torch.manual_seed(config["seed"])
+    train_data, val_data = load_corpus(max_bytes=data["max_bytes"], path=data["path"])
+    engine = build_engine(config)
+    seq_len, global_batch = model_cfg["seq_len"], data["micro_batch_size"]
+    batches = ByteBatches(train_data, seq_len, global_batch // world, seed=config["seed"], rank=rank,
+                          world_size=world)
+    eval_set = evaluate_batches(val_data, seq_len, global_batch, train_cfg["eval_batches"])
+    checkpoints = Checkpoints(out_dir, rank, world)
+    metrics_path = out_dir / "metrics.jsonl"
+    counters = {"step": 0, "micro_step": 0, "micro_steps_in_steps": 0, "wall": 0.0}
+    if resume:
+        extra = checkpoints.load_latest(engine)
+        if extra is None:
+            raise RuntimeError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
+        counters = extra["counters"]
+        batches.load_state_dict(extra["batches"])
+        if rank == 0:  # drop lines written after the checkpoint
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if json.loads(line)["step"] <= counters["step"]]
+            metrics_path.write_text("".join(line + "\n" for line in kept))
+    elif rank == 0:
+        metrics_path.write_text("")
+
+    metrics = open(metrics_path, "a") if rank == 0 else None
+    bar = None
+    if rank == 0 and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=train_cfg["optimizer_steps"], initial=counters["step"], desc="gqc-train",
+                   unit="step", dynamic_ncols=True)
+    start = time.time() - counters["wall"]
+    window_loss, window_draws = 0.0, 0
+    val_loss = None
+
+    def write(record):
+        if metrics is not None:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    while counters["step"] < train_cfg["optimizer_steps"] and counters["micro_step"] < train_cfg["max_micro_steps"]:
+        x, y = batches.next()
+        loss = engine.loss(x, y)
+        engine.backward(loss)
+        window_loss += float(loss.detach())
+        window_draws += 1
+        counters["micro_step"] += 1
+        stepped = engine.step()
+        if not stepped:
+            if engine.controller.num_draws == 0:  # a dropped (non-finite) window
+                window_loss, window_draws = 0.0, 0
+            continue
+        counters["step"] += 1
+        counters["micro_steps_in_steps"] += window_draws
+        stats = engine.controller.statistics()
+        step = counters["step"]
+        tokens = counters["micro_step"] * global_batch * seq_len
+        record = {"kind": "step", "step": step, "tokens": tokens,
+                  "samples": counters["micro_step"] * global_batch,
+                  "loss": _global_mean([window_loss / window_draws])[0], "draws": stats["last_num_draws"],
+                  "threshold": _threshold(stats), "mean_grad_norm": stats["mean_grad_norm"],
+                  "lr": engine.lr(), "wall_time": time.time() - start}
+        write(record)
+        window_loss, window_draws = 0.0, 0
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", draws=record["draws"],
+                            norm=f"{record['mean_grad_norm']:.3f}", refresh=False)
+        last = step == train_cfg["optimizer_steps"]
+        if step % train_cfg["eval_interval"] == 0 or last:
+            val_loss = evaluate(engine, eval_set, rank, world)
+            write({"kind": "val", "step": step, "tokens": tokens, "val_loss": val_loss})
+        if step % train_cfg["checkpoint_interval"] == 0:
+            counters["wall"] = time.time() - start
+            checkpoints.save(step, engine, {"counters": dict(counters), "batches": batches.state_dict()})
+    if bar is not None:
+        bar.close()
+    if val_loss is None or counters["step"] % train_cfg["eval_interval"]:
+        val_loss = evaluate(engine, eval_set, rank, world)
+        write({"kind": "val", "step": counters["step"],
+               "tokens": counters["micro_step"] * global_batch * seq_len, "val_loss": val_loss})
+    summary = {"val_loss": val_loss, "tokens": counters["micro_step"] * global_batch * seq_len,
+               "optimizer_steps": counters["step"], "micro_steps": counters["micro_step"],
+               "mean_micro_batches_per_step": counters["micro_steps_in_steps"] / max(1, counters["step"]),
+               "wall_time": time.time() - start, "out_dir": str(out_dir)}
+    if metrics is not None:
+        metrics.close()
+        if counters["step"]:
+            plot_run(metrics_path, out_dir / "training.png",
+                     title=f"gqc-train {config['engine']} {config['gqc']['algorithm']}")
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

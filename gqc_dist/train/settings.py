@@ -1,0 +1,162 @@
+"""gqc-train configuration: the embedded default, strict validation, files and overrides.
+
+A config is plain JSON data. Every key is checked against :data:`SCHEMA`; a misspelled key, a
+wrong type or an out-of-range value raises :class:`gqc_dist.GQCConfigError` naming the key path
+(``train.optimizer_steps``). The ``gqc`` block is the ``gradient_quality_control`` section of
+``gqc_dist.config`` (algorithm ``fixed`` is the fixed-accumulation baseline).
+
+Units: ``data.micro_batch_size`` is the GLOBAL number of sequences per micro-step (split evenly
+over ranks, so 1 and N ranks see the same data); ``model.seq_len`` is in tokens (bytes);
+``train.*_interval`` count optimizer steps.
+"""
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Dict
+
+from ..config import parse_section
+from ..errors import GQCConfigError
+
+ENGINES = ("single", "ddp", "fsdp2", "deepspeed")
+
+DEFAULT_CONFIG: Dict[str, Any] = {
+    "engine": "single",
+    "out_dir": "runs/gqc-train",
+    "seed": 0,
+    "model": {"seq_len": 64, "dim": 64, "layers": 2, "heads": 4, "mlp_ratio": 4,
+              "num_experts": 0, "ep_size": 1},
+    "data": {"path": None, "max_bytes": 2_000_000, "micro_batch_size": 8},
+    "optimizer": {"lr": 3e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95,
+                  "warmup_steps": 10, "grad_clip": 1.0},
+    "gqc": {"algorithm": "gnts", "max_draws": 16,
+            "schedule": {"num_training_steps": 120, "num_warmup_steps": 10,
+                         "initial_threshold": 1.0, "final_threshold": 0.45,
+                         "warmup_multiplier": 3}},
+    "train": {"optimizer_steps": 120, "max_micro_steps": 1500, "eval_interval": 20,
+              "eval_batches": 8, "checkpoint_interval": 40},
+    "deepspeed": {"zero_optimization": {"stage": 2}},
+}
+
+# leaf: (python types, check, description of the check)
+_INT_POS = ((int,), lambda v: v >= 1, ">= 1")
+_INT_NONNEG = ((int,), lambda v: v >= 0, ">= 0")
+_NUM_POS = ((int, float), lambda v: v > 0, "> 0")
+_NUM_NONNEG = ((int, float), lambda v: v >= 0, ">= 0")
+_BETA = ((int, float), lambda v: 0 <= v < 1, "in [0, 1)")
+
+SCHEMA = {
+    "engine": ((str,), lambda v: v in ENGINES, f"one of {', '.join(ENGINES)}"),
+    "out_dir": ((str,), lambda v: bool(v), "a non-empty path"),
+    "seed": _INT_NONNEG,
+    "model": {"seq_len": _INT_POS, "dim": _INT_POS, "layers": _INT_POS, "heads": _INT_POS,
+              "mlp_ratio": _INT_POS, "num_experts": _INT_NONNEG, "ep_size": _INT_POS},
+    "data": {"path": ((str, type(None)), lambda v: True, "a path or null"),
+             "max_bytes": _INT_POS, "micro_batch_size": _INT_POS},
+    "optimizer": {"lr": _NUM_POS, "weight_decay": _NUM_NONNEG, "beta1": _BETA, "beta2": _BETA,
+                  "warmup_steps": _INT_NONNEG, "grad_clip": _NUM_NONNEG},
+    "gqc": None,  # checked by gqc_dist.config.parse_section
+    "train": {"optimizer_steps": _INT_POS, "max_micro_steps": _INT_POS, "eval_interval": _INT_POS,
+              "eval_batches": _INT_POS, "checkpoint_interval": _INT_POS},
+    "deepspeed": "any-object",  # a ds_config fragment, checked by gqc_dist.deepspeed
+}
+
+
+def _validate(value, schema, path):
+    if schema is None:
+        return parse_section(value, path)
+    if schema == "any-object":
+        if not isinstance(value, dict):
+            raise GQCConfigError(f"{path} must be an object, got {type(value).__name__}")
+        return value
+    if isinstance(schema, dict):
+        if not isinstance(value, dict):
+            raise GQCConfigError(f"{path or 'config'} must be an object, got {type(value).__name__}")
+        unknown = sorted(set(value) - set(schema))
+        if unknown:
+            where = f"{path}." if path else ""
+            raise GQCConfigError(f"unknown key {where}{unknown[0]}; allowed: {', '.join(schema)}")
+        return {key: _validate(value[key], sub, f"{path}.{key}" if path else key)
+                for key, sub in schema.items() if key in value}
+    types, check, wanted = schema
+    if isinstance(value, bool) or not isinstance(value, types) or not check(value):
+        raise GQCConfigError(f"{path} must be {wanted}, got {value!r}")
+    return value
+
+
+def merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
+    """``base`` updated recursively with ``override`` (a new dict); the ``gqc`` block and
+    ``deepspeed`` block are replaced whole so that stale keys of another algorithm cannot leak."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("gqc", "deepspeed"):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def validate(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The full, checked config (defaults filled in); raises GQCConfigError naming the key."""
+    full = merge(DEFAULT_CONFIG, config)
+    checked = _validate(full, SCHEMA, "")
+    model = checked["model"]
+    if model["dim"] % model["heads"]:
+        raise GQCConfigError(f"model.dim ({model['dim']}) must be a multiple of model.heads ({model['heads']})")
+    if model["ep_size"] > 1 and checked["engine"] in ("single", "ddp", "deepspeed"):
+        raise GQCConfigError(
+            f"model.ep_size > 1 needs engine fsdp2 (got {checked['engine']}): experts are split "
+            "over an expert-parallel group there")
+    if model["num_experts"] and checked["engine"] == "deepspeed":
+        raise GQCConfigError("model.num_experts > 0 is not supported with engine deepspeed in gqc-train "
+                             "(use fsdp2, or deepspeed.moe with gqc_dist.deepspeed.initialize)")
+    if model["num_experts"] % model["ep_size"]:
+        raise GQCConfigError("model.num_experts must be a multiple of model.ep_size")
+    if checked["gqc"]["algorithm"] in ("mht", "gns") and checked["engine"] == "deepspeed":
+        raise GQCConfigError(f"gqc.algorithm {checked['gqc']['algorithm']!r} is not supported with engine deepspeed")
+    for key in ("optimizer", "scheduler", "gradient_quality_control", "train_micro_batch_size_per_gpu",
+                "train_batch_size", "gradient_accumulation_steps", "gradient_clipping"):
+        if key in checked["deepspeed"]:
+            raise GQCConfigError(f"deepspeed.{key} is set by gqc-train from its own config; remove it")
+    return checked
+
+
+def load_config(path) -> Dict[str, Any]:
+    """Read a JSON config file (a partial config: missing keys take the defaults)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as error:
+        raise GQCConfigError(f"cannot read config {path}: {error}") from error
+    except json.JSONDecodeError as error:
+        raise GQCConfigError(f"config {path} is not valid JSON: {error}") from error
+
+
+def apply_override(config: Dict[str, Any], assignment: str) -> Dict[str, Any]:
+    """Apply ``key.path=value`` (value parsed as JSON, else taken as a string)."""
+    if "=" not in assignment:
+        raise GQCConfigError(f"--set expects key.path=value, got {assignment!r}")
+    path, raw = assignment.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    keys = path.split(".")
+    override: Dict[str, Any] = {}
+    node = override
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
+    if keys[0] in ("gqc", "deepspeed") and len(keys) > 1:  # edit inside, not replace, these blocks
+        inner = merge_block(config.get(keys[0], DEFAULT_CONFIG[keys[0]]), override[keys[0]])
+        return {**config, keys[0]: inner}
+    return merge(config, override)
+
+
+def merge_block(block: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
+    out = copy.deepcopy(block)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_block(out[key], value)
+        else:
+            out[key] = value
+    return out
