@@ -30,11 +30,11 @@ DEFAULT_CONFIG: Dict[str, Any] = {
     "optimizer": {"lr": 3e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95,
                   "warmup_steps": 10, "grad_clip": 1.0},
     "gqc": {"algorithm": "gnts", "max_draws": 16,
-            "schedule": {"num_training_steps": 120, "num_warmup_steps": 10,
-                         "initial_threshold": 1.0, "final_threshold": 0.45,
+            "schedule": {"num_training_steps": 200, "num_warmup_steps": 10,
+                         "initial_threshold": 1.0, "final_threshold": 0.4,
                          "warmup_multiplier": 3}},
-    "train": {"optimizer_steps": 120, "max_micro_steps": 1500, "eval_interval": 20,
-              "eval_batches": 8, "checkpoint_interval": 40},
+    "train": {"optimizer_steps": 200, "max_micro_steps": 2500, "eval_interval": 25,
+              "eval_batches": 8, "checkpoint_interval": 50},
     "deepspeed": {"zero_optimization": {"stage": 2}},
 }
 
