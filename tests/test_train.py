@@ -109,3 +109,16 @@ def test_two_rank_run_agrees_with_single_process(tmp_path, engine):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
         assert x["mean_grad_norm"] == pytest.approx(y["mean_grad_norm"], rel=1e-4)
     assert _records(single, "val")[-1]["val_loss"] == pytest.approx(_records(multi, "val")[-1]["val_loss"], rel=1e-4)
+
+
+def test_mpiexec_launch_agrees_with_single_process(tmp_path):
+    """MPICH's mpiexec (the mpich wheel) with ranks read from PMI_*; launch/mpirun.sh's command."""
+    single, mpi = tmp_path / "single", tmp_path / "mpi"
+    _gqc_train("--quick", "--no-progress", "--out-dir", str(single))
+    command = ["bash", str(Path(__file__).resolve().parent.parent / "launch" / "mpirun.sh"),
+               "--quick", "--engine", "ddp", "--no-progress", "--out-dir", str(mpi)]
+    env = {**ENV, "NP": "2", "MASTER_PORT": "29617", "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"}
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert [r["draws"] for r in _records(single)] == [r["draws"] for r in _records(mpi)]
+    assert _records(single, "val")[-1]["val_loss"] == pytest.approx(_records(mpi, "val")[-1]["val_loss"], rel=1e-4)

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# gqc-train with the deepspeed launcher (DS_ACCELERATOR=cpu on machines without GPUs).
+#   NPROC=2 launch/deepspeed.sh --config configs/train_deepspeed.json
+set -euo pipefail
+exec deepspeed --num_gpus "${NPROC:-2}" --module gqc_dist.train "$@"
