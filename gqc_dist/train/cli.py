@@ -38,7 +38,7 @@ def _parser():
 
 
 QUICK = {"model": {"seq_len": 32, "dim": 32, "layers": 1, "heads": 2},
-         "data": {"max_bytes": 300_000},
+         "data": {"max_bytes": 300_000, "micro_batch_size": 8},
          "train": {"optimizer_steps": 12, "max_micro_steps": 150, "eval_interval": 6,
                    "eval_batches": 2, "checkpoint_interval": 6}}
 
