@@ -30,10 +30,10 @@ DEFAULT_CONFIG: Dict[str, Any] = {
     "optimizer": {"lr": 3e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95,
                   "warmup_steps": 20, "grad_clip": 1.0},
     "gqc": {"algorithm": "gnts", "max_draws": 16,
-            "schedule": {"num_training_steps": 400, "num_warmup_steps": 20,
-                         "initial_threshold": 1.0, "final_threshold": 0.4,
+            "schedule": {"num_training_steps": 300, "num_warmup_steps": 20,
+                         "initial_threshold": 1.0, "final_threshold": 0.45,
                          "warmup_multiplier": 3}},
-    "train": {"optimizer_steps": 400, "max_micro_steps": 5000, "eval_interval": 50,
+    "train": {"optimizer_steps": 300, "max_micro_steps": 5000, "eval_interval": 50,
               "eval_batches": 8, "checkpoint_interval": 100},
     "deepspeed": {"zero_optimization": {"stage": 2}},
 }
