@@ -125,7 +125,3 @@ class StatsPacket:
                 out[name] = flat[pos : pos + length]
                 pos += length
         return out
-
-    @property
-    def field_names(self) -> List[str]:
-        return [f[0] for f in self._fields]

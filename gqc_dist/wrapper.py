@@ -32,7 +32,6 @@ import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 from .errors import (
     CheckpointError,
