@@ -388,3 +388,24 @@ def run_distributed(
         for r in readers:
             r.close()
         del store
+
+
+def run_launcher(command, env=None, timeout=300):
+    """Run a launcher command line (torchrun, mpiexec, ...) in its own process group.
+
+    Returns the ``subprocess.CompletedProcess``. On timeout the whole group (the launcher and every
+    rank it started) is killed before ``subprocess.TimeoutExpired`` is raised, so no rank outlives
+    the test.
+    """
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -9,10 +9,10 @@ from pathlib import Path
 
 def test_torchrun_fsdp2_moe_example_every_rank_logs_the_same_steps(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", str(find_free_port()),
                "--log-dir", str(tmp_path), "--redirects", "3",
                "-m", "gqc_dist.examples.fsdp2_moe", "--ep-size", "2", "--micro-steps", "40"]
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    finished = run_launcher(command, env=env, timeout=300)
     assert finished.returncode == 0, finished.stderr[-4000:]
     logs = sorted(tmp_path.rglob("stdout.log"), key=lambda p: int(p.parent.name))
     assert len(logs) == 4

@@ -10,6 +10,8 @@ from pathlib import Path
 import matplotlib.image
 import pytest
 
+from distributed_harness import find_free_port, run_launcher
+
 from gqc_dist.train.cli import main
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
@@ -23,10 +25,11 @@ def _records(out_dir, kind="step"):
 def _gqc_train(*args, nproc=None, timeout=400):
     if nproc:
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   "--master_port", str(find_free_port()),
                    "-m", "gqc_dist.train", *args]
     else:
         command = [sys.executable, "-m", "gqc_dist.train", *args]
-    finished = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
+    finished = run_launcher(command, env=ENV, timeout=timeout)
     assert finished.returncode == 0, finished.stderr[-4000:]
     return finished.stdout
 
@@ -117,8 +120,8 @@ def test_mpiexec_launch_agrees_with_single_process(tmp_path):
     _gqc_train("--quick", "--no-progress", "--out-dir", str(single))
     command = ["bash", str(Path(__file__).resolve().parent.parent / "launch" / "mpirun.sh"),
                "--quick", "--engine", "ddp", "--no-progress", "--out-dir", str(mpi)]
-    env = {**ENV, "NP": "2", "MASTER_PORT": "29617", "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"}
-    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    env = {**ENV, "NP": "2", "MASTER_PORT": str(find_free_port()), "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"}
+    finished = run_launcher(command, env=env, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert [r["draws"] for r in _records(single)] == [r["draws"] for r in _records(mpi)]
     assert _records(single, "val")[-1]["val_loss"] == pytest.approx(_records(mpi, "val")[-1]["val_loss"], rel=1e-4)

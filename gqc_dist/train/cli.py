@@ -34,12 +34,17 @@ def _parser():
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override any config key (value parsed as JSON)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     return parser
 
 
 QUICK = {"model": {"seq_len": 32, "dim": 32, "layers": 1, "heads": 2},
          "data": {"max_bytes": 300_000, "micro_batch_size": 8},
-         "train": {"optimizer_steps": 12, "max_micro_steps": 150, "eval_interval": 6,
+         "optimizer": {"warmup_steps": 2},
+         "gqc": {"algorithm": "gnts", "max_draws": 16,
+                 "schedule": {"num_training_steps": 12, "num_warmup_steps": 2, "initial_threshold": 1.0,
+                              "final_threshold": 0.8, "warmup_multiplier": 3}},
+         "train": {"optimizer_steps": 12, "max_micro_steps": 300, "eval_interval": 6,
                    "eval_batches": 2, "checkpoint_interval": 6}}
 
 
