@@ -107,6 +107,7 @@ def main(argv=None) -> int:
               f"{summary['mean_micro_batches_per_step']:.2f} | {summary['wall_time']:.0f} s | "
               f"metrics, checkpoints and training.png in {summary['out_dir']}")
     if dist.is_initialized():
+        dist.barrier()  # rank 0 may still be plotting; tear down together
         dist.destroy_process_group()
     return 0
 
