@@ -10,7 +10,7 @@ returns float64 device tensors:
   give bit-identical values on every rank, so comparing it across ranks detects partial grads.
 """
 
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 

@@ -75,7 +75,6 @@ import multiprocessing.connection
 import os
 import pickle
 import socket
-import sys
 import time
 import traceback
 from datetime import timedelta

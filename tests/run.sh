@@ -12,4 +12,11 @@ fi
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[test]'
 export OMP_NUM_THREADS=1 DS_ACCELERATOR=cpu
+# DeepSpeed JIT-builds its CPU comm op under TORCH_EXTENSIONS_DIR. Keep it inside this checkout's
+# venv, so a lock left by a killed earlier run here (which would block every later DeepSpeed init
+# forever) can be cleared safely, and the user's own cache is never touched.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}"
+find "$TORCH_EXTENSIONS_DIR" -name lock -delete 2>/dev/null || true
+# Undefined names and dead imports fail fast, before the multi-process tests start.
+python -m pyflakes gqc_dist tests launch setup.py
 python -m pytest -q tests "$@"

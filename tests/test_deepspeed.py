@@ -1,7 +1,6 @@
 """gqc_dist.deepspeed.initialize on 2 real ranks (gloo, DS_ACCELERATOR=cpu), ZeRO 0-3, against the
 single-process oracle on the whole model with the same micro-batches."""
 
-import json
 import os
 from pathlib import Path
 
@@ -14,7 +13,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import gqc_dist  # noqa: E402
 import gqc_dist.deepspeed as gqc_deepspeed  # noqa: E402
 from distributed_harness import run_distributed  # noqa: E402
-from reference import loss_of, make_mlp, micro_batches, reference_gnts  # noqa: E402
+from reference import make_mlp, micro_batches, reference_gnts  # noqa: E402
 
 WORLD = 2
 LOCAL_BATCH = 4

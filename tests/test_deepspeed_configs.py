@@ -3,12 +3,10 @@
 import json
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

@@ -2,9 +2,10 @@
 
 import os
 import re
-import subprocess
 import sys
 from pathlib import Path
+
+from distributed_harness import find_free_port, run_launcher
 
 
 def test_torchrun_fsdp2_moe_example_every_rank_logs_the_same_steps(tmp_path):

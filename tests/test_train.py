@@ -3,7 +3,6 @@ and 2-rank FSDP2 and DeepSpeed runs against the single-process run on the same d
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
