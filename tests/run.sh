@@ -3,6 +3,14 @@
 # Extra arguments go to pytest (e.g. `bash tests/run.sh -k parity`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The multi-node launch tests start a real Slurm cluster (slurm-wlm, munge) on network namespaces
+# (iproute2). They need root; without it or without the packages they are skipped, saying why.
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+        && ! { command -v slurmctld && command -v munged && command -v ip; } >/dev/null; then
+    export DEBIAN_FRONTEND=noninteractive
+    { apt-get update -qq && apt-get install -y -qq --no-install-recommends slurm-wlm munge iproute2; } >/dev/null \
+        || echo "tests/run.sh: could not install slurm-wlm, munge, iproute2: the Slurm tests will be skipped" >&2
+fi
 if [ ! -x .venv/bin/python ]; then
     "${PYTHON:-python3}" -m venv .venv
 fi

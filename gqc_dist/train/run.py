@@ -193,7 +193,8 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True) -
     summary = {"val_loss": val_loss, "tokens": counters["micro_step"] * global_batch * seq_len,
                "optimizer_steps": counters["step"], "micro_steps": counters["micro_step"],
                "mean_micro_batches_per_step": counters["micro_steps_in_steps"] / max(1, counters["step"]),
-               "wall_time": time.time() - start, "out_dir": str(out_dir)}
+               "wall_time": time.time() - start, "engine": config["engine"], "world_size": world,
+               "out_dir": str(out_dir)}
     if metrics is not None:
         metrics.close()
         if counters["step"]:

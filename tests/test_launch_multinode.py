@@ -1,0 +1,80 @@
+"""The launch scripts across two hosts (network namespaces, see virtual_cluster.py): a real Slurm
+cluster running launch/slurm.sbatch on 2 nodes, and launch/torchrun.sh's static multi-node
+rendezvous. Each run's rank-0 metrics must match the single-process run on the same data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from train_runs import ENV, REPO, assert_same_run
+from virtual_cluster import SlurmCluster, VirtualHosts, missing
+
+pytestmark = pytest.mark.skipif(bool(missing()), reason=missing() or "runs")
+
+# The venv's python and console scripts first on PATH: the hosts run the same installation.
+HOST_ENV = {**ENV, "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"}
+
+
+@pytest.fixture(scope="module")
+def hosts():
+    virtual = VirtualHosts(2)
+    try:
+        yield virtual.start()
+    finally:
+        virtual.stop()
+
+
+def _summary(out_dir):
+    return json.loads(Path(out_dir, "summary.json").read_text())
+
+
+def test_torchrun_static_rendezvous_across_two_hosts(tmp_path, hosts, quick_run):
+    out = tmp_path / "run"
+    launchers = []
+    for node in range(2):
+        env = {**HOST_ENV, "NNODES": "2", "NODE_RANK": str(node), "NPROC": "1",
+               "MASTER_ADDR": hosts.addresses[0], "MASTER_PORT": "29500"}
+        command = hosts.command(node, ["bash", REPO / "launch" / "torchrun.sh", "--quick", "--engine", "ddp",
+                                       "--no-progress", "--out-dir", out])
+        launchers.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True, start_new_session=True))
+    deadline = time.monotonic() + 300
+    try:
+        outputs = [launcher.communicate(timeout=max(1, deadline - time.monotonic())) for launcher in launchers]
+    finally:
+        for launcher in launchers:
+            if launcher.poll() is None:
+                os.killpg(launcher.pid, signal.SIGKILL)
+    for launcher, (_, stderr) in zip(launchers, outputs):
+        assert launcher.returncode == 0, stderr[-3000:]
+    assert _summary(out)["world_size"] == 2
+    assert_same_run(quick_run[0], out)
+
+
+@pytest.mark.skipif(bool(missing("slurmctld", "slurmd", "sbatch", "munged")),
+                    reason=missing("slurmctld", "slurmd", "sbatch", "munged") or "runs")
+def test_slurm_sbatch_on_two_nodes(tmp_path, hosts, quick_run):
+    cluster = SlurmCluster(hosts)
+    try:
+        cluster.start()
+        out = tmp_path / "run"
+        env = {**HOST_ENV, **cluster.env, "NPROC": "1", "MASTER_PORT": "29500"}
+        # --wait: sbatch returns when the job ends, with the job's exit code
+        finished = subprocess.run(
+            ["sbatch", "--wait", "--nodes", "2", "--output", tmp_path / "job-%j.out",
+             REPO / "launch" / "slurm.sbatch", "--quick", "--engine", "fsdp2", "--no-progress", "--out-dir", out],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        job_output = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+        assert finished.returncode == 0, f"{finished.stderr}\n{job_output[-3000:]}\n{cluster.logs()}"
+    finally:
+        cluster.stop()
+    assert "validation loss" in job_output
+    summary = _summary(out)
+    assert summary["world_size"] == 2 and summary["engine"] == "fsdp2"
+    assert_same_run(quick_run[0], out)
