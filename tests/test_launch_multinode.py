@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,10 +15,6 @@ from train_runs import ENV, REPO, assert_same_run
 from virtual_cluster import SlurmCluster, VirtualHosts, missing
 
 pytestmark = pytest.mark.skipif(bool(missing()), reason=missing() or "runs")
-
-# The venv's python and console scripts first on PATH: the hosts run the same installation.
-HOST_ENV = {**ENV, "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"}
-
 
 @pytest.fixture(scope="module")
 def hosts():
@@ -38,7 +33,7 @@ def test_torchrun_static_rendezvous_across_two_hosts(tmp_path, hosts, quick_run)
     out = tmp_path / "run"
     launchers = []
     for node in range(2):
-        env = {**HOST_ENV, "NNODES": "2", "NODE_RANK": str(node), "NPROC": "1",
+        env = {**ENV, "NNODES": "2", "NODE_RANK": str(node), "NPROC": "1",
                "MASTER_ADDR": hosts.addresses[0], "MASTER_PORT": "29500"}
         command = hosts.command(node, ["bash", REPO / "launch" / "torchrun.sh", "--quick", "--engine", "ddp",
                                        "--no-progress", "--out-dir", out])
@@ -64,14 +59,12 @@ def test_slurm_sbatch_on_two_nodes(tmp_path, hosts, quick_run):
     try:
         cluster.start()
         out = tmp_path / "run"
-        env = {**HOST_ENV, **cluster.env, "NPROC": "1", "MASTER_PORT": "29500"}
-        # --wait: sbatch returns when the job ends, with the job's exit code
-        finished = subprocess.run(
-            ["sbatch", "--wait", "--nodes", "2", "--output", tmp_path / "job-%j.out",
-             REPO / "launch" / "slurm.sbatch", "--quick", "--engine", "fsdp2", "--no-progress", "--out-dir", out],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        env = {**ENV, "NPROC": "1", "MASTER_PORT": "29500"}
+        state, exit_code = cluster.run_batch(
+            ["--nodes", "2", "--output", tmp_path / "job-%j.out", REPO / "launch" / "slurm.sbatch",
+             "--quick", "--engine", "fsdp2", "--no-progress", "--out-dir", out], env=env, cwd=tmp_path)
         job_output = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
-        assert finished.returncode == 0, f"{finished.stderr}\n{job_output[-3000:]}\n{cluster.logs()}"
+        assert (state, exit_code) == ("COMPLETED", 0), f"{job_output[-3000:]}\n{cluster.logs()}"
     finally:
         cluster.stop()
     assert "validation loss" in job_output

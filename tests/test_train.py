@@ -2,8 +2,6 @@
 and 2-rank FSDP2 and DeepSpeed runs against the single-process run on the same data."""
 
 import json
-import sys
-from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -91,7 +89,19 @@ def test_mpiexec_launch_agrees_with_single_process(tmp_path, quick_run):
     mpi = tmp_path / "mpi"
     command = ["bash", str(REPO / "launch" / "mpirun.sh"),
                "--quick", "--engine", "ddp", "--no-progress", "--out-dir", str(mpi)]
-    env = {**ENV, "NP": "2", "MASTER_PORT": str(find_free_port()), "PATH": f"{Path(sys.executable).parent}:{ENV['PATH']}"}
+    env = {**ENV, "NP": "2", "MASTER_PORT": str(find_free_port())}
     finished = run_launcher(command, env=env, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert_same_run(quick_run[0], mpi)
+
+
+def test_deepspeed_launcher_agrees_with_single_process(tmp_path, quick_run):
+    """launch/deepspeed.sh: the deepspeed launcher starting 2 local ranks (ranks from its env)."""
+    out = tmp_path / "ds"
+    command = ["bash", str(REPO / "launch" / "deepspeed.sh"),
+               "--quick", "--engine", "deepspeed", "--no-progress", "--out-dir", str(out)]
+    env = {**ENV, "NPROC": "2", "MASTER_PORT": str(find_free_port())}
+    finished = run_launcher(command, env=env, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert_same_run(quick_run[0], out)

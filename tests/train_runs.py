@@ -9,7 +9,10 @@ import pytest
 
 from distributed_harness import find_free_port, run_launcher
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+# The venv's python and console scripts (deepspeed, mpiexec) first on PATH: launchers started by
+# the tests, and the hosts in virtual_cluster.py, run this same installation.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+       "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -169,6 +169,25 @@ ReturnToService=2
                 raise RuntimeError(f"{message} in {timeout} s\n{self.logs()}")
             time.sleep(0.5)
 
+    def run_batch(self, argv, env, cwd, timeout: float = 300):
+        """``sbatch argv`` and wait for the job; returns (job state, exit code of the batch script).
+
+        Polls every half second: ``sbatch --wait`` backs off to tens of seconds between polls."""
+        submitted = subprocess.run(["sbatch", "--parsable", *map(str, argv)], env={**env, **self.env}, cwd=cwd,
+                                   capture_output=True, text=True, check=True)
+        job = submitted.stdout.strip().split(";")[0]
+        deadline = time.monotonic() + timeout
+        while True:
+            shown = subprocess.run(["scontrol", "show", "job", "-o", job], env={**os.environ, **self.env},
+                                   capture_output=True, text=True).stdout
+            fields = dict(item.split("=", 1) for item in shown.split() if "=" in item)
+            if fields.get("JobState") not in (None, "PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+                return fields["JobState"], int(fields["ExitCode"].split(":")[0])
+            if time.monotonic() > deadline:
+                subprocess.run(["scancel", job], env={**os.environ, **self.env}, capture_output=True)
+                raise TimeoutError(f"Slurm job {job} did not finish in {timeout} s\n{self.logs()}")
+            time.sleep(0.5)
+
     def logs(self, tail: int = 2000) -> str:
         """The tail of every daemon's log, for assertion messages."""
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-tail:]}"
