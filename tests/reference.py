@@ -5,6 +5,7 @@ Nothing here imports gqc_dist. Tests compare the library against these.
 
 import math
 
+import pytest
 import torch
 
 
@@ -22,6 +23,21 @@ def micro_batches(count: int, batch: int = 4, seed: int = 1):
         (torch.randn(batch, 8, generator=generator), torch.randn(batch, 1, generator=generator))
         for _ in range(count)
     ]
+
+
+# The GNTS scenario the DDP and FSDP2 tests share: threshold, draws per window, micro-steps, rows
+# per rank per micro-batch.
+THRESHOLD, MAX_DRAWS, MICRO_STEPS, LOCAL_BATCH = 0.45, 5, 24, 4
+
+
+def global_batches(world_size: int):
+    """The whole-model micro-batches of a data-parallel run of the shared scenario: rank r's
+    micro-batch is row-chunk r of each."""
+    return micro_batches(MICRO_STEPS, batch=LOCAL_BATCH * world_size)
+
+
+def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
 
 
 def loss_of(model, batch):
@@ -112,3 +128,19 @@ def reference_data_parallel(model, optimizer, batches, world_size, decide, resca
             window = {"draws": 0, "shard_norms": [], "shard_losses": []}
         decisions.append(stepped)
     return decisions
+
+
+def assert_matches_oracle(results, oracle):
+    """Every rank's per-micro-step decisions equal the oracle's, its ``mean_grad_norm`` within 1e-6
+    relative (NaN in the oracle marks a dropped window), its final parameters within 1e-5.
+    ``results``: per-rank dicts with decisions, norms, params; ``oracle``: (decisions, norms, params)."""
+    decisions, norms, params = oracle
+    assert True in decisions and False in decisions
+    for rank, result in enumerate(results):
+        assert "error" not in result, result
+        assert result["decisions"] == decisions, f"rank {rank}"
+        for got, want in zip(result["norms"], norms):
+            if want == want:
+                assert got == pytest.approx(want, rel=1e-6), f"rank {rank}"
+        for got, want in zip(result["params"], params):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

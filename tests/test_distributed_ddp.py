@@ -12,25 +12,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import gqc_dist
 from distributed_harness import run_distributed
-from reference import loss_of, make_mlp, micro_batches, reference_gnts
-
-THRESHOLD = 0.45
-MAX_DRAWS = 5
-MICRO_STEPS = 24
-LOCAL_BATCH = 4
-
-
-def _global_batches(world_size):
-    return micro_batches(MICRO_STEPS, batch=LOCAL_BATCH * world_size)
-
+from reference import (LOCAL_BATCH, MAX_DRAWS, THRESHOLD, adamw, assert_matches_oracle, global_batches, loss_of,
+                       make_mlp, micro_batches, reference_gnts)
 
 def _local(batch, rank, world_size):
     x, y = batch
     return x.chunk(world_size)[rank], y.chunk(world_size)[rank]
-
-
-def _optimizer(params):
-    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
 
 
 def _ddp_run(rank, world_size, thresholds=None, poison=None, verify=False, no_sync=False):
@@ -38,11 +25,11 @@ def _ddp_run(rank, world_size, thresholds=None, poison=None, verify=False, no_sy
     ``poison=(rank, micro_step)`` writes NaN into that rank's local gradient after backward."""
     model = make_mlp()
     ddp = DDP(model)
-    wrapper = gqc_dist.OptimizerWrapperGNTS(_optimizer(ddp.parameters()), MAX_DRAWS, verify=verify)
+    wrapper = gqc_dist.OptimizerWrapperGNTS(adamw(ddp.parameters()), MAX_DRAWS, verify=verify)
     threshold = thresholds[rank] if thresholds else THRESHOLD
     wrapper.param_groups[0]["gradient_norm_threshold"] = threshold
     decisions, norms = [], []
-    for index, batch in enumerate(_global_batches(world_size)):
+    for index, batch in enumerate(global_batches(world_size)):
         if no_sync:
             with ddp.no_sync():
                 loss_of(ddp, _local(batch, rank, world_size)).backward()
@@ -63,40 +50,27 @@ def _ddp_run(rank, world_size, thresholds=None, poison=None, verify=False, no_sy
 def _oracle(world_size, poison_step=None, threshold=THRESHOLD):
     model = make_mlp()
     poison = () if poison_step is None else (poison_step,)
-    decisions, norms = reference_gnts(model, _optimizer(model.parameters()),
-                                      _global_batches(world_size), threshold, MAX_DRAWS, poison)
+    decisions, norms = reference_gnts(model, adamw(model.parameters()),
+                                      global_batches(world_size), threshold, MAX_DRAWS, poison)
     return decisions, norms, [p.detach() for p in model.parameters()]
-
-
-def _assert_matches_oracle(results, oracle):
-    decisions, norms, params = oracle
-    assert True in decisions and False in decisions
-    for rank, result in enumerate(results):
-        assert "error" not in result, result
-        assert result["decisions"] == decisions, f"rank {rank}"
-        for got, want in zip(result["norms"], norms):
-            if want == want:  # the oracle's NaN marks a dropped window
-                assert got == pytest.approx(want, rel=1e-6), f"rank {rank}"
-        for got, want in zip(result["params"], params):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ddp_norms_decisions_and_params_match_single_process_oracle(world_size):
     results = run_distributed(_ddp_run, world_size)
-    _assert_matches_oracle(results, _oracle(world_size))
+    assert_matches_oracle(results, _oracle(world_size))
 
 
 def test_nonfinite_gradient_on_one_rank_drops_the_window_everywhere():
     results = run_distributed(_ddp_run, 2, poison=(1, 7))
-    _assert_matches_oracle(results, _oracle(2, poison_step=7))
+    assert_matches_oracle(results, _oracle(2, poison_step=7))
     assert all(r["stats"]["dropped_windows"] == 1 for r in results)
 
 
 def test_forced_divergence_is_held_together_by_rank0_settings():
     """Rank 1 is given another threshold: both ranks still follow rank 0's (the oracle's)."""
     results = run_distributed(_ddp_run, 2, thresholds=[THRESHOLD, 10.0])
-    _assert_matches_oracle(results, _oracle(2))
+    assert_matches_oracle(results, _oracle(2))
 
 
 def test_forced_divergence_with_verify_raises_within_one_micro_step():
@@ -110,7 +84,7 @@ def test_forced_divergence_with_verify_raises_within_one_micro_step():
 
 def test_verify_passes_when_ranks_agree():
     results = run_distributed(_ddp_run, 2, verify=True)
-    _assert_matches_oracle(results, _oracle(2))
+    assert_matches_oracle(results, _oracle(2))
 
 
 def test_ddp_no_sync_partial_gradients_are_refused_on_every_rank():
@@ -129,7 +103,7 @@ _COLLECTIVES = ["all_reduce", "broadcast", "all_gather", "all_gather_into_tensor
 def _budget_run(rank, world_size, width, verify):
     model = make_mlp(width=width)
     ddp = DDP(model)
-    wrapper = gqc_dist.OptimizerWrapperGNTS(_optimizer(ddp.parameters()), MAX_DRAWS, verify=verify)
+    wrapper = gqc_dist.OptimizerWrapperGNTS(adamw(ddp.parameters()), MAX_DRAWS, verify=verify)
     calls = []
     originals = {name: getattr(dist, name) for name in _COLLECTIVES}
 

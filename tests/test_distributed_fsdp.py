@@ -10,21 +10,7 @@ from torch.distributed.fsdp import fully_shard
 
 import gqc_dist
 from distributed_harness import run_distributed
-from reference import loss_of, make_mlp, micro_batches, reference_gnts
-
-THRESHOLD = 0.45
-MAX_DRAWS = 5
-MICRO_STEPS = 24
-LOCAL_BATCH = 4
-
-
-def _global_batches(world_size):
-    return micro_batches(MICRO_STEPS, batch=LOCAL_BATCH * world_size)
-
-
-def _optimizer(params):
-    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.01)
-
+from reference import MAX_DRAWS, THRESHOLD, adamw, assert_matches_oracle, global_batches, loss_of, make_mlp, reference_gnts
 
 def shard_mlp(model, mesh):
     """fully_shard each Linear, then the root (the final Linear(16, 1) shards unevenly)."""
@@ -43,10 +29,10 @@ def _mesh(world_size, hsdp):
 
 def _fsdp_run(rank, world_size, hsdp=False):
     model = shard_mlp(make_mlp(), _mesh(world_size, hsdp))
-    wrapper = gqc_dist.OptimizerWrapperGNTS(_optimizer(model.parameters()), MAX_DRAWS)
+    wrapper = gqc_dist.OptimizerWrapperGNTS(adamw(model.parameters()), MAX_DRAWS)
     wrapper.param_groups[0]["gradient_norm_threshold"] = THRESHOLD
     decisions, norms = [], []
-    for batch in _global_batches(world_size):
+    for batch in global_batches(world_size):
         x, y = batch
         loss_of(model, (x.chunk(world_size)[rank], y.chunk(world_size)[rank])).backward()
         decisions.append(wrapper.step())
@@ -58,20 +44,9 @@ def _fsdp_run(rank, world_size, hsdp=False):
 
 def _oracle(world_size):
     model = make_mlp()
-    decisions, norms = reference_gnts(model, _optimizer(model.parameters()),
-                                      _global_batches(world_size), THRESHOLD, MAX_DRAWS)
+    decisions, norms = reference_gnts(model, adamw(model.parameters()),
+                                      global_batches(world_size), THRESHOLD, MAX_DRAWS)
     return decisions, norms, [p.detach() for p in model.parameters()]
-
-
-def assert_matches_oracle(results, oracle):
-    decisions, norms, params = oracle
-    assert True in decisions and False in decisions
-    for rank, result in enumerate(results):
-        assert result["decisions"] == decisions, f"rank {rank}"
-        for got, want in zip(result["norms"], norms):
-            assert got == pytest.approx(want, rel=1e-6), f"rank {rank}"
-        for got, want in zip(result["params"], params):
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -89,8 +64,8 @@ def test_hsdp_replicate2_x_shard2_matches_single_process_oracle():
 
 def _sync_off_run(rank, world_size, hsdp, first_synced_steps):
     model = shard_mlp(make_mlp(), _mesh(world_size, hsdp))
-    wrapper = gqc_dist.OptimizerWrapperGNTS(_optimizer(model.parameters()), MAX_DRAWS)
-    for index, (x, y) in enumerate(_global_batches(world_size)[:4]):
+    wrapper = gqc_dist.OptimizerWrapperGNTS(adamw(model.parameters()), MAX_DRAWS)
+    for index, (x, y) in enumerate(global_batches(world_size)[:4]):
         if index == first_synced_steps:
             if hsdp:
                 model.set_requires_all_reduce(False)

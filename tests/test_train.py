@@ -84,23 +84,15 @@ def test_two_rank_run_agrees_with_single_process(tmp_path, engine):
     assert_same_run(single, multi)
 
 
-def test_mpiexec_launch_agrees_with_single_process(tmp_path, quick_run):
-    """MPICH's mpiexec (the mpich wheel) with ranks read from PMI_*; launch/mpirun.sh's command."""
-    mpi = tmp_path / "mpi"
-    command = ["bash", str(REPO / "launch" / "mpirun.sh"),
-               "--quick", "--engine", "ddp", "--no-progress", "--out-dir", str(mpi)]
-    env = {**ENV, "NP": "2", "MASTER_PORT": str(find_free_port())}
-    finished = run_launcher(command, env=env, timeout=300)
-    assert finished.returncode == 0, finished.stderr[-3000:]
-    assert_same_run(quick_run[0], mpi)
-
-
-def test_deepspeed_launcher_agrees_with_single_process(tmp_path, quick_run):
-    """launch/deepspeed.sh: the deepspeed launcher starting 2 local ranks (ranks from its env)."""
-    out = tmp_path / "ds"
-    command = ["bash", str(REPO / "launch" / "deepspeed.sh"),
-               "--quick", "--engine", "deepspeed", "--no-progress", "--out-dir", str(out)]
-    env = {**ENV, "NPROC": "2", "MASTER_PORT": str(find_free_port())}
+@pytest.mark.parametrize("script, engine, ranks_env", [
+    ("mpirun.sh", "ddp", "NP"),          # MPICH's mpiexec (the mpich wheel); ranks from PMI_*
+    ("deepspeed.sh", "deepspeed", "NPROC"),  # the deepspeed launcher; ranks from its env
+])
+def test_launch_script_agrees_with_single_process(tmp_path, quick_run, script, engine, ranks_env):
+    out = tmp_path / "run"
+    command = ["bash", str(REPO / "launch" / script),
+               "--quick", "--engine", engine, "--no-progress", "--out-dir", str(out)]
+    env = {**ENV, ranks_env: "2", "MASTER_PORT": str(find_free_port())}
     finished = run_launcher(command, env=env, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert json.loads((out / "summary.json").read_text())["world_size"] == 2
