@@ -2,6 +2,12 @@
 and 2-rank FSDP2 and DeepSpeed runs against the single-process run on the same data."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import matplotlib.image
 import pytest
@@ -82,6 +88,45 @@ def test_two_rank_run_agrees_with_single_process(tmp_path, engine):
     gqc_train(*common, "--out-dir", str(single))
     gqc_train(*common, "--engine", engine, "--out-dir", str(multi), nproc=2)
     assert_same_run(single, multi)
+
+
+def _children(pid):
+    """The pids whose parent is ``pid`` (torchrun's ranks), read from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def test_rank_killed_mid_run_resumes_to_the_uninterrupted_metrics(tmp_path, quick_run):
+    """SIGKILL one of 2 FSDP2 ranks once the step-6 checkpoint exists: torchrun stops the job; a
+    new torchrun with --resume finishes it, and the metrics equal the single-process run's."""
+    out = tmp_path / "run"
+    args = ["--quick", "--engine", "fsdp2", "--no-progress", "--out-dir", str(out)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(find_free_port()), "-m", "gqc_dist.train", *args]
+    with open(tmp_path / "killed.log", "w") as log:
+        launcher = subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        latest = out / "checkpoints" / "latest"
+        deadline = time.monotonic() + 300
+        while not (latest.exists() and latest.read_text().strip() == "step_000006"):
+            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+            time.sleep(0.01)
+        os.kill(_children(launcher.pid)[-1], signal.SIGKILL)
+        assert launcher.wait(timeout=120) != 0
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert not (out / "summary.json").exists()  # the kill came before the end
+    assert records(out)[-1]["step"] < 12
+    gqc_train(*args, "--resume", nproc=2)
+    assert_same_run(quick_run[0], out)
 
 
 @pytest.mark.parametrize("script, engine, ranks_env", [

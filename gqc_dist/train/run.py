@@ -69,8 +69,10 @@ class Checkpoints:
         os.replace(tmp, folder / f"rank{self.rank}.pt")
         if dist.is_initialized():
             dist.barrier()
-        if self.rank == 0:
-            (self.root / "latest").write_text(folder.name + "\n")
+        if self.rank == 0:  # after every rank's file is complete; atomic, so a kill never leaves half a name
+            pointer = self.root / "latest.tmp"
+            pointer.write_text(folder.name + "\n")
+            os.replace(pointer, self.root / "latest")
 
     def load_latest(self, engine: TrainEngine) -> Optional[Dict[str, Any]]:
         pointer = self.root / "latest"
@@ -89,6 +91,25 @@ class Checkpoints:
             engine.ds_engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
         engine.load_state_dict(state["engine"])
         return state["extra"]
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the metrics records up to optimizer step ``step`` (the checkpoint resumed from). A last
+    line cut short by a killed run is dropped; a malformed line before it is an error."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break
+            raise RuntimeError(f"--resume: {path} line {number} is not JSON: {line[:80]!r}") from None
+        if record["step"] <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _threshold(stats: Dict[str, Any]) -> Optional[float]:
@@ -126,10 +147,8 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True) -
             raise RuntimeError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
         counters = extra["counters"]
         batches.load_state_dict(extra["batches"])
-        if rank == 0:  # drop lines written after the checkpoint
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if json.loads(line)["step"] <= counters["step"]]
-            metrics_path.write_text("".join(line + "\n" for line in kept))
+        if rank == 0:
+            _truncate_metrics(metrics_path, counters["step"])
     elif rank == 0:
         metrics_path.write_text("")
 
