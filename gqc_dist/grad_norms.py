@@ -4,10 +4,14 @@
 returns float64 device tensors:
 
 * ``weighted``: per group, ``sum ||x||^2 / rho(x)``; after the all-reduce SUM this is the exact
-  squared global norm of the group.
-* ``nonfinite``: how many pieces hold an inf or NaN (read off the same per-tensor norms).
+  squared global norm of the group. A piece holding inf or NaN makes its group's entry non-finite
+  (its weight ``1/rho`` is positive and every term is >= 0), so the caller reads "some rank has a
+  non-finite gradient" off the reduced values and needs no separate flag.
 * ``fingerprint``: squared norm of the pieces claimed replicated over the world; replicated copies
   give bit-identical values on every rank, so comparing it across ranks detects partial grads.
+
+Both come out of one float64 matrix-vector product of the per-tensor squared norms with a cached
+``pieces x (groups + 1)`` weight matrix.
 """
 
 from typing import List, Sequence, Tuple
@@ -17,58 +21,55 @@ import torch
 from .reduction import Piece
 
 
-class LocalSums:
-    """Holder of the three device tensors described in the module docstring."""
-
-    __slots__ = ("weighted", "nonfinite", "fingerprint")
-
-    def __init__(self, weighted, nonfinite, fingerprint):
-        self.weighted = weighted
-        self.nonfinite = nonfinite
-        self.fingerprint = fingerprint
-
-
 def per_tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """Float32 L2 norm of every tensor, stacked, via one foreach kernel per device and dtype."""
     if not tensors:
         return torch.zeros(0)
     norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
-    device = tensors[0].device
-    return torch.stack([n.to(device) for n in norms])
+    try:
+        return torch.stack(norms)
+    except RuntimeError:  # tensors on several devices: gather the norms on the first one's
+        device = tensors[0].device
+        return torch.stack([n.to(device) for n in norms])
 
 
 class WeightCache:
-    """Device copies of per-piece ``1/rho`` weights, rebuilt only when the layout changes."""
+    """The device weight matrix of ``local_group_sums``, rebuilt only when the layout changes:
+    row ``i`` holds ``1/rho_i`` in piece ``i``'s group column and, in the last column, 1 if the
+    piece is fingerprinted."""
 
     def __init__(self):
+        self._pieces = None  # the pieces list the matrix was last checked against
         self._key = None
-        self._tensors = None
+        self._matrix = None
 
-    def get(self, pieces: List[Tuple[int, Piece]], num_groups: int, device) -> Tuple[torch.Tensor, ...]:
+    def get(self, pieces: List[Tuple[int, Piece]], num_groups: int, device) -> torch.Tensor:
+        if pieces is self._pieces and self._key[:2] == (device, num_groups):
+            return self._matrix  # the adapter handed back its cached pieces: same layout
         key = (device, num_groups, tuple((g, p.rho, p.check_replicated) for g, p in pieces))
         if key != self._key:
-            inv_rho = torch.tensor([1.0 / p.rho for _, p in pieces], dtype=torch.float64)
-            group_index = torch.tensor([g for g, _ in pieces], dtype=torch.long)
-            replicated = torch.tensor([p.check_replicated for _, p in pieces], dtype=torch.float64)
-            self._tensors = tuple(t.to(device) for t in (inv_rho, group_index, replicated))
+            matrix = torch.zeros(len(pieces), num_groups + 1, dtype=torch.float64)
+            for row, (group, piece) in enumerate(pieces):
+                matrix[row, group] = 1.0 / piece.rho
+                matrix[row, num_groups] = float(piece.check_replicated)
+            self._matrix = matrix.to(device)
             self._key = key
-        return self._tensors
+        self._pieces = pieces
+        return self._matrix
+
+    def release(self) -> None:
+        """Drop the reference to the last pieces (at a window's end, so freed gradients go)."""
+        self._pieces = None
 
 
 def local_group_sums(
     pieces: List[Tuple[int, Piece]], num_groups: int, device: torch.device, cache: WeightCache
-) -> LocalSums:
-    """Rank-local sums over ``pieces`` (``(group index, Piece)`` pairs); see the module docstring."""
-    weighted = torch.zeros(num_groups, dtype=torch.float64, device=device)
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rank-local ``(weighted, fingerprint)`` over ``pieces`` (``(group index, Piece)`` pairs):
+    float64 tensors of ``num_groups`` and 1 elements on ``device``; see the module docstring."""
     if not pieces:
-        zero = torch.zeros(1, dtype=torch.float64, device=device)
-        return LocalSums(weighted, zero, zero)
-    norms = per_tensor_norms([p.tensor for _, p in pieces]).to(device=device, dtype=torch.float64)
-    squares = norms * norms
-    inv_rho, group_index, replicated = cache.get(pieces, num_groups, device)
-    weighted.index_add_(0, group_index, squares * inv_rho)
-    nonfinite = (~torch.isfinite(norms)).sum(dtype=torch.float64).reshape(1)
-    # where(), not a product: an inf square times a zero weight would turn into NaN
-    fingerprint = torch.where(replicated > 0, squares, 0.0).sum().reshape(1)
-    return LocalSums(weighted, nonfinite, fingerprint)
-
+        sums = torch.zeros(num_groups + 1, dtype=torch.float64, device=device)
+    else:
+        norms = per_tensor_norms([p.tensor for _, p in pieces]).to(device=device, dtype=torch.float64)
+        sums = (norms * norms) @ cache.get(pieces, num_groups, device)
+    return sums[:num_groups], sums[num_groups:]

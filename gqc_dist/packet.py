@@ -92,6 +92,8 @@ class StatsPacket:
         ``sum`` and ``root`` fields map to a list of floats; ``per_rank`` fields map to a list
         (one entry per rank, in rank order) of lists of floats.
         """
+        if self.world_size == 1:
+            return self._unpack(self._local_values())
         host_values: List[float] = []
         for part in self._parts:
             if isinstance(part, tuple):
@@ -111,6 +113,18 @@ class StatsPacket:
             dist.all_reduce(vector, op=dist.ReduceOp.SUM)
         flat = vector.tolist()  # the one host synchronisation of the micro-step
         return self._unpack(flat)
+
+    def _local_values(self) -> List[float]:
+        """One process: nothing to reduce, so host values never visit the device; one host sync."""
+        device_parts = [part for part in self._parts if not isinstance(part, tuple)]
+        device_values = iter(torch.cat(device_parts).tolist() if device_parts else [])
+        flat: List[float] = []
+        for part in self._parts:
+            if isinstance(part, tuple):
+                flat.extend(part[1])
+            else:
+                flat.extend(next(device_values) for _ in range(part.numel()))
+        return flat
 
     def _unpack(self, flat: List[float]):
         out = {}

@@ -19,7 +19,7 @@ micro-step from the same collective (see ``fingerprint``).
 """
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -78,8 +78,7 @@ class Sharded:
 _MODE_POLICIES = {"replicated": Replicated, "sharded": Sharded}
 
 
-@dataclass(frozen=True)
-class Piece:
+class Piece(NamedTuple):
     """A rank-local gradient tensor, its replication factor, and whether to fingerprint it."""
 
     tensor: torch.Tensor

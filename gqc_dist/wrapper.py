@@ -70,7 +70,7 @@ class MicroStepStats:
             ``G_n`` (sum over the ``n`` micro-batches, unscaled), counted once per element.
         total_norm: ``sqrt(sum(group_sq_norms))``, the global norm of ``G_n``.
         mean_grad_norm: ``total_norm / n`` (GNTS's ``||G_n|| / n``).
-        nonfinite: number of gradient pieces, over all ranks, holding inf or NaN.
+        nonfinite: True when a gradient piece on some rank holds inf or NaN.
         settings: rank 0's controller settings (``max_draws``, thresholds, ...).
         scale: the AMP loss scale the gradients still carry (1.0 without a GradScaler).
         fields: the algorithm's own reduced fields (per-rank fields: one list per rank).
@@ -277,24 +277,24 @@ class GQCOptimizerWrapper:
         distributed = world_rank_and_size()[1] > 1
         pieces = self._gradients.local_pieces()
         device = pieces[0][1].tensor.device if pieces else self.device  # a rank may hold none
-        sums = local_group_sums(pieces, len(self._optimizer.param_groups), device, self._weights)
+        weighted, fingerprint = local_group_sums(pieces, len(self._optimizer.param_groups), device, self._weights)
 
         settings = {"max_draws": self._max_draws, **self._settings()}
         packet = StatsPacket(device)
-        packet.add_sum("group_sq", sums.weighted)
-        packet.add_sum("nonfinite", sums.nonfinite)
+        packet.add_sum("group_sq", weighted)
         packet.add_root("settings", list(settings.values()))
         loss_scale = self._gradients.loss_scale()
         if loss_scale is not None:
             packet.add_root("scale", loss_scale if isinstance(loss_scale, torch.Tensor) else [loss_scale])
         if distributed:
-            packet.add_per_rank("fingerprint", sums.fingerprint)
+            packet.add_per_rank("fingerprint", fingerprint)
         self._add_fields(packet, inputs)
         reduced = packet.reduce()
 
         scale = reduced["scale"][0] if loss_scale is not None else 1.0
         rank0_settings = dict(zip(settings, reduced["settings"]))
-        nonfinite = int(reduced["nonfinite"][0])
+        # an inf or NaN in any rank's piece reaches its group's reduced sum (grad_norms)
+        nonfinite = not all(math.isfinite(v) for v in reduced["group_sq"])
         if distributed and not nonfinite:
             self._check_replicated(reduced["fingerprint"])
         self._validate_settings(rank0_settings)
@@ -342,6 +342,7 @@ class GQCOptimizerWrapper:
         counters["last_grad_norm"] = step_norm
         counters["num_steps"] += 1
         counters["num_draws"] = 0
+        self._weights.release()
         self._end_window()
 
     def _drop_window(self) -> None:
@@ -352,6 +353,7 @@ class GQCOptimizerWrapper:
         counters["dropped_micro_batches"] += counters["num_draws"]
         counters["num_draws"] = 0
         self._gradients.discard()
+        self._weights.release()
         self._end_window()
 
     # ------------------------------------------------------------------ algorithm interface
@@ -604,5 +606,5 @@ class GQCOptimizerWrapper:
                     )
 
 
-_BASE_FIELDS = frozenset({"group_sq", "nonfinite", "settings", "scale", "fingerprint"})
+_BASE_FIELDS = frozenset({"group_sq", "settings", "scale", "fingerprint"})
 

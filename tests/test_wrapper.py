@@ -56,6 +56,21 @@ def assert_same_run(decisions, norms, ref_decisions, ref_norms, model, ref_model
         torch.testing.assert_close(a, b, atol=tol, rtol=0)
 
 
+def test_a_step_frees_the_window_gradients():
+    """The wrapper reuses its per-window layout of the gradients, but keeps no reference to them
+    once the window ends: zero_grad(set_to_none) really frees them."""
+    import weakref
+
+    model = make_mlp()
+    wrapper = gnts(model)
+    wrapper.param_groups[0]["gradient_norm_threshold"] = 1e9  # step at the first micro-step
+    loss_of(model, micro_batches(1)[0]).backward()
+    grads = [weakref.ref(p.grad) for p in model.parameters()]
+    assert wrapper.step()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(ref() is None for ref in grads)
+
+
 def test_gnts_matches_hand_written_reference():
     batches = micro_batches(60)
     model, ref_model = make_mlp(), make_mlp()

@@ -31,10 +31,15 @@ class TorchOptimizerGradients(GradientAdapter):
         self.distributed_mode = distributed_mode
         self.grad_scaler = grad_scaler
         self._fsdp2_groups = None  # found at the first micro-step, after FSDP2's lazy init
+        # (grads, policies, pieces) of the last micro-step when every gradient was a plain tensor:
+        # gradients accumulate in place, so while the same tensor objects come back (and the
+        # policies are unchanged) the same pieces are reused instead of resolved again.
+        self._last_layout = None
 
     def params_changed(self) -> None:
         """Call after ``add_param_group``: FSDP2 ownership is looked up again."""
         self._fsdp2_groups = None
+        self._last_layout = None
 
     def local_pieces(self):
         distributed = world_rank_and_size()[1] > 1
@@ -43,12 +48,20 @@ class TorchOptimizerGradients(GradientAdapter):
                 self._fsdp2_groups = fsdp2_param_groups_owning(
                     p for group in self.optimizer.param_groups for p in group["params"])
             check_gradient_sync(self._fsdp2_groups)
+        groups = self.optimizer.param_groups
+        policies = (distributed, *(group_policy(group, self.distributed_mode) for group in groups))
+        grads = [param.grad for group in groups for param in group["params"]]
+        last = self._last_layout
+        if (last is not None and last[1] == policies and len(last[0]) == len(grads)
+                and all(a is b for a, b in zip(last[0], grads))):
+            return last[2]
         pieces = []
-        for index, group in enumerate(self.optimizer.param_groups):
-            policy = group_policy(group, self.distributed_mode)
+        for index, group in enumerate(groups):
             for param in group["params"]:
                 if param.grad is not None:
-                    pieces.append((index, resolve_piece(param.grad, policy, distributed)))
+                    pieces.append((index, resolve_piece(param.grad, policies[index + 1], distributed)))
+        plain = all(grad is None or type(grad) is torch.Tensor for grad in grads)
+        self._last_layout = (grads, policies, pieces) if plain else None
         if not pieces:
             raise GQCUsageError(
                 "step() was called but no parameter of the wrapped optimizer has a gradient: call "
@@ -73,10 +86,12 @@ class TorchOptimizerGradients(GradientAdapter):
             torch._foreach_div_(pieces, divisor)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self._last_layout = None  # let the freed gradients go
         self._update_scaler(found_inf=False)
 
     def discard(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+        self._last_layout = None  # let the freed gradients go
         self._update_scaler(found_inf=True)
 
     def _update_scaler(self, found_inf: bool) -> None:
