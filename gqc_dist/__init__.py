@@ -5,6 +5,7 @@ A drop-in for torch-gqc (``gradient_quality_control``) whose norms are exact on 
 decisions identical on every rank.
 """
 
+from .algorithms.cbc import OptimizerWrapperCBC, make_cbc_with_cosine_annealing_schedule
 from .algorithms.fixed import OptimizerWrapperFixed
 from .algorithms.gnr import (
     OptimizerWrapperGNR,
@@ -58,6 +59,8 @@ __all__ = [
     "OptimizerWrapperMHT",
     "make_mht_with_warmup_schedule",
     "OptimizerWrapperFixed",
+    "OptimizerWrapperCBC",
+    "make_cbc_with_cosine_annealing_schedule",
     "Replicated",
     "Sharded",
     "GQCError",

@@ -8,11 +8,13 @@ Keys (``algorithm`` decides which others are allowed)::
     {"algorithm": "gnts",            # gnts | gns | gnr | sbc | mht
      "max_draws": 16,                # not for gnr (it steps every micro-batch)
      "verify": false,                # all-gather decisions and raise on rank divergence
+     "noise_beta": 0.9,              # smoothing of the gradient-noise-scale estimate
      "threshold": 0.5,               # gnts: a constant threshold, or ...
      "schedule": {"num_training_steps": 1000, "num_warmup_steps": 100,
                   "initial_threshold": 0.95, "final_threshold": 0.25, "warmup_multiplier": 10}}
 
-Per algorithm, the constant key and the schedule's value keys are:
+Which keys each algorithm takes is its descriptor's (``gqc_dist.algorithms.spec``), next to
+its wrapper class:
 
 * gnts: ``threshold``; ``initial_threshold``, ``final_threshold``, ``warmup_multiplier``
 * gns: ``tolerance``; ``initial_tolerance``, ``final_tolerance``, ``warmup_multiplier``
@@ -34,37 +36,16 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch_schedule_anything as tsa
 
-from .algorithms.fixed import OptimizerWrapperFixed
-from .algorithms.gnr import OptimizerWrapperGNR
-from .algorithms.gns import OptimizerWrapperGNS
-from .algorithms.gnts import OptimizerWrapperGNTS
-from .algorithms.mht import OptimizerWrapperMHT
-from .algorithms.sbc import OptimizerWrapperSBC
+from .algorithms.spec import REQUIRED, AlgorithmSpec, algorithms
 from .errors import GQCConfigError
 from .schedules import hidden_initial_lr, synchronous
 
 SECTION = "gradient_quality_control"
 
-_STEPS = {"num_training_steps": "int+", "num_warmup_steps": "int0"}
-
-# algorithm -> (constant keys, schedule keys, extra keys, schedulable param-group key)
-_ALGORITHMS = {
-    "gnts": ({"threshold": "num0"},
-             {"initial_threshold": "num0", "final_threshold": "num0", "warmup_multiplier": "num+"},
-             {"max_draws": "int+"}, "gradient_norm_threshold"),
-    "gns": ({"tolerance": "num0"},
-            {"initial_tolerance": "num0", "final_tolerance": "num0", "warmup_multiplier": "num+"},
-            {"max_draws": "int+"}, "noise_tolerance"),
-    "gnr": ({"target_norm": "num+"}, {"initial_norm": "num+", "final_norm": "num+"}, {},
-            "target_gradient_norm"),
-    "sbc": ({"logical_batch_size": "num+"},
-            {"initial_batch_size": "num+", "final_batch_size": "num+", "polynomial_power": "num+"},
-            {"max_draws": "int+", "physical_batch_size": "int+"}, "logical_batch_size"),
-    "mht": ({"confidence_level": "prob", "percent_error_threshold": "num0"}, {},
-            {"max_draws": "int+", "update_beta": "prob+"}, None),
-    "fixed": ({"accumulation_steps": "int+"}, {}, {}, None),
-}
-_DEFAULTS = {"warmup_multiplier": 10.0, "polynomial_power": 2.0, "update_beta": 0.01}
+# keys every algorithm takes: rank-divergence checks, the noise-scale estimate's smoothing
+_COMMON = {"verify": ("bool", False), "noise_beta": ("prob", 0.9)}
+_STEPS = {"num_training_steps": ("int+", REQUIRED), "num_warmup_steps": ("int0", REQUIRED)}
+_WANTED = {"num0": ">= 0", "num+": "> 0", "prob": "in (0, 1]"}
 
 
 def _check_value(path: str, value: Any, kind: str):
@@ -81,11 +62,9 @@ def _check_value(path: str, value: Any, kind: str):
         return value
     if is_bool or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise GQCConfigError(f"{path} must be a finite number, got {value!r}")
-    bad = {"num0": value < 0, "num+": value <= 0, "prob": not 0 < value <= 1,
-           "prob+": not 0 < value <= 1}[kind]
+    bad = {"num0": value < 0, "num+": value <= 0, "prob": not 0 < value <= 1}[kind]
     if bad:
-        wanted = {"num0": ">= 0", "num+": "> 0", "prob": "in (0, 1]", "prob+": "in (0, 1]"}[kind]
-        raise GQCConfigError(f"{path} must be {wanted}, got {value!r}")
+        raise GQCConfigError(f"{path} must be {_WANTED[kind]}, got {value!r}")
     return float(value)
 
 
@@ -99,6 +78,19 @@ def _check_keys(path: str, given: dict, allowed) -> None:
         )
 
 
+def _parse_keys(path: str, given: dict, keys: Dict[str, tuple]) -> Dict[str, Any]:
+    """``{key: (kind, default or REQUIRED)}`` read from ``given``; defaults ``None`` stay absent."""
+    out = {}
+    for key, (kind, default) in keys.items():
+        if key in given:
+            out[key] = _check_value(f"{path}.{key}", given[key], kind)
+        elif default is REQUIRED:
+            raise GQCConfigError(f"{path}.{key} is required")
+        elif default is not None:
+            out[key] = default
+    return out
+
+
 def parse_section(section: Any, path: str = SECTION) -> Dict[str, Any]:
     """Validate a ``gradient_quality_control`` section and return it normalised (a new dict).
 
@@ -107,56 +99,43 @@ def parse_section(section: Any, path: str = SECTION) -> Dict[str, Any]:
     """
     if not isinstance(section, dict):
         raise GQCConfigError(f"{path} must be an object, got {type(section).__name__}")
+    known = algorithms()
     algorithm = section.get("algorithm")
-    if algorithm not in _ALGORITHMS:
+    if algorithm not in known:
         raise GQCConfigError(
-            f"{path}.algorithm must be one of {', '.join(sorted(_ALGORITHMS))}, got {algorithm!r}")
-    constants, schedule_keys, extras, _ = _ALGORITHMS[algorithm]
-    allowed = {"algorithm", "verify", "schedule", *constants, *extras}
-    _check_keys(path, section, allowed)
-    out: Dict[str, Any] = {"algorithm": algorithm, "verify": False}
-    if "verify" in section:
-        out["verify"] = _check_value(f"{path}.verify", section["verify"], "bool")
-    for key, kind in extras.items():
-        if key in section:
-            out[key] = _check_value(f"{path}.{key}", section[key], kind)
-    if "max_draws" in extras:
-        out.setdefault("max_draws", 64)
-    if algorithm == "mht":
-        out.setdefault("update_beta", _DEFAULTS["update_beta"])
-    for key, kind in constants.items():
+            f"{path}.algorithm must be one of {', '.join(sorted(known))}, got {algorithm!r}")
+    spec = known[algorithm]
+    schedulable = spec.schedule is not None
+    _check_keys(path, section, {"algorithm", *_COMMON, *spec.options, *spec.values,
+                                *(["schedule"] if schedulable else [])})
+    out: Dict[str, Any] = {"algorithm": algorithm, **_parse_keys(path, section, _COMMON)}
+    if not out["noise_beta"] < 1:
+        raise GQCConfigError(f"{path}.noise_beta must be < 1, got {out['noise_beta']!r}")
+    out.update(_parse_keys(path, section, spec.options))
+    for key, (kind, _) in spec.values.items():
         if key in section:
             out[key] = _check_value(f"{path}.{key}", section[key], kind)
     if "schedule" in section:
-        out["schedule"] = _parse_schedule(f"{path}.schedule", section["schedule"], algorithm, schedule_keys)
-    given = [key for key in constants if key in section]
-    if algorithm == "fixed" and "schedule" in section:
-        raise GQCConfigError(f"{path}.schedule is not used by algorithm 'fixed'")
-    if algorithm == "mht":
-        if len(given) != len(constants):
-            missing = [k for k in constants if k not in section]
+        out["schedule"] = _parse_schedule(f"{path}.schedule", section["schedule"], spec)
+    given = [key for key in spec.values if key in section]
+    if spec.all_values:
+        missing = [key for key in spec.values if key not in section]
+        if missing:
             raise GQCConfigError(f"{path} needs {', '.join(f'{path}.{k}' for k in missing)}")
     elif given and "schedule" in section:
         raise GQCConfigError(f"{path}.{given[0]} and {path}.schedule conflict: give one of them")
-    elif not given and "schedule" not in section:
+    elif spec.values and not given and "schedule" not in section:
         raise GQCConfigError(
-            f"{path} needs either {path}.{next(iter(constants))} (a constant) or {path}.schedule")
+            f"{path} needs either {path}.{next(iter(spec.values))} (a constant) or {path}.schedule")
     return out
 
 
-def _parse_schedule(path, schedule, algorithm, value_keys) -> Dict[str, Any]:
+def _parse_schedule(path: str, schedule: Any, spec: AlgorithmSpec) -> Dict[str, Any]:
     if not isinstance(schedule, dict):
         raise GQCConfigError(f"{path} must be an object, got {type(schedule).__name__}")
-    optional = {"warmup_multiplier", "polynomial_power"}
-    _check_keys(path, schedule, {**_STEPS, **value_keys})
-    out = {}
-    for key, kind in {**_STEPS, **value_keys}.items():
-        if key in schedule:
-            out[key] = _check_value(f"{path}.{key}", schedule[key], kind)
-        elif key in optional:
-            out[key] = _DEFAULTS[key]
-        else:
-            raise GQCConfigError(f"{path}.{key} is required")
+    keys = {**_STEPS, **spec.schedule}
+    _check_keys(path, schedule, keys)
+    out = _parse_keys(path, schedule, keys)
     if out["num_warmup_steps"] >= out["num_training_steps"]:
         raise GQCConfigError(
             f"{path}.num_warmup_steps ({out['num_warmup_steps']}) must be smaller than "
@@ -173,60 +152,20 @@ def build_controller(
 ) -> Tuple[Any, Optional[tsa.SynchronousSchedule]]:
     """The wrapper (and value schedule, or ``None``) a parsed section describes.
 
-    ``physical_batch_size``: samples per rank per micro-batch, used by SBC when the section has
-    none. ``wrapper_kwargs`` (``gradients``, ``grad_scaler``, ``distributed_mode``) go to the
-    wrapper.
+    ``physical_batch_size``: samples per rank per micro-batch, for algorithms that count samples
+    (SBC, when the section has none). ``wrapper_kwargs`` (``gradients``, ``grad_scaler``,
+    ``distributed_mode``) go to the wrapper.
     """
     section = copy.deepcopy(section)
-    algorithm = section["algorithm"]
-    common = dict(verify=section["verify"], **wrapper_kwargs)
-    if algorithm == "gnts":
-        wrapper = OptimizerWrapperGNTS(optimizer, section["max_draws"], **common)
-    elif algorithm == "gns":
-        wrapper = OptimizerWrapperGNS(optimizer, section["max_draws"], **common)
-    elif algorithm == "gnr":
-        wrapper = OptimizerWrapperGNR(optimizer, **common)
-    elif algorithm == "fixed":
-        wrapper = OptimizerWrapperFixed(optimizer, section["accumulation_steps"], **common)
-    elif algorithm == "sbc":
-        batch = section.get("physical_batch_size", physical_batch_size)
-        if batch is None:
-            raise GQCConfigError(f"{SECTION}.physical_batch_size is required for sbc")
-        wrapper = OptimizerWrapperSBC(optimizer, batch, section["max_draws"], **common)
-    else:
-        wrapper = OptimizerWrapperMHT(optimizer, section["max_draws"],
-                                      update_beta=section["update_beta"], **common)
-    constants, _, _, target = _ALGORITHMS[algorithm]
-    for key in constants if algorithm != "fixed" else ():
+    spec = algorithms()[section["algorithm"]]
+    wrapper = spec.build(optimizer, section, {"physical_batch_size": physical_batch_size},
+                         verify=section["verify"], noise_beta=section["noise_beta"], **wrapper_kwargs)
+    for key, (_, group_key) in spec.values.items():
         if key in section:
-            name = target or key
             for group in wrapper.param_groups:
-                group[name] = section[key]
+                group[group_key] = section[key]
     schedule = None
     if "schedule" in section:
         with hidden_initial_lr(optimizer):
-            schedule = synchronous([_value_schedule(wrapper, algorithm, target, section["schedule"])]
-                                   if algorithm != "mht" else _mht_schedules(wrapper, section))
+            schedule = synchronous(spec.make_schedules(wrapper, section["schedule"]))
     return wrapper, schedule
-
-
-def _value_schedule(wrapper, algorithm, target, s):
-    steps = (s["num_warmup_steps"], s["num_training_steps"])
-    if algorithm in ("gnts", "gns"):
-        initial, final = ("initial_threshold", "final_threshold") if algorithm == "gnts" else (
-            "initial_tolerance", "final_tolerance")
-        return tsa.cosine_annealing_with_inverse_warmup(
-            wrapper, s[initial], s[final], *steps, warmup_multiplier=s["warmup_multiplier"],
-            schedule_target=target)
-    if algorithm == "gnr":
-        return tsa.cosine_annealing_with_warmup(wrapper, s["initial_norm"], s["final_norm"], *steps,
-                                                schedule_target=target)
-    return tsa.polynomial_schedule_with_warmup(
-        wrapper, s["initial_batch_size"], s["final_batch_size"], *steps,
-        polynomial_exponent=s["polynomial_power"], schedule_target=target)
-
-
-def _mht_schedules(wrapper, section):
-    steps = (section["schedule"]["num_warmup_steps"], section["schedule"]["num_training_steps"])
-    return [tsa.cosine_annealing_with_warmup(wrapper, 1.0, 1.0, *steps, schedule_target=name)
-            for name in ("confidence_level", "percent_error_threshold")]

@@ -31,11 +31,10 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from .algorithms.spec import get as algorithm_spec
 from .config import SECTION, build_controller, parse_section
 from .engines.deepspeed_zero import DeepSpeedGradients
 from .errors import GQCConfigError, GQCUsageError
-
-DEEPSPEED_VERSIONS = ("0.19.5", "0.20")  # caller-owned accumulation and the internals read here
 
 
 def load_ds_config(config) -> Dict[str, Any]:
@@ -151,10 +150,7 @@ def initialize(*args, config=None, config_params=None, **kwargs):
     if SECTION not in ds_config:
         return deepspeed.initialize(*args, config=ds_config, **kwargs)
     section = parse_section(ds_config[SECTION])
-    if section["algorithm"] == "gns":
-        raise GQCConfigError(
-            f"{SECTION}.algorithm 'gns' is not supported on DeepSpeed: it needs each micro-batch's "
-            "gradient before accumulation; use gnts")
+    algorithm_spec(section["algorithm"]).check_engine("deepspeed")
     ds_config, clip = check_ds_options(ds_config, kwargs.get("model"))
     engine, optimizer, loader, scheduler = deepspeed.initialize(*args, config=ds_config, **kwargs)
     if engine.managed_gradient_accumulation() or engine.gradient_accumulation_steps() != 1:
@@ -172,13 +168,15 @@ def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> Non
     lr_kwargs = {}
     adapter = DeepSpeedGradients(engine, lambda: original_step(**lr_kwargs), clip)
     micro_batch = engine.train_micro_batch_size_per_gpu()
-    controller, schedule = build_controller(section, _basic_optimizer(engine),
-                                            physical_batch_size=micro_batch, gradients=adapter)
+    controller, schedule = build_controller(section, _basic_optimizer(engine), physical_batch_size=micro_batch,
+                                            micro_batch_size=micro_batch * getattr(engine, "dp_world_size", 1),
+                                            gradients=adapter)
+    spec = algorithm_spec(section["algorithm"])
     last_loss = {}
     backwards = {"since_step": 0}
 
     def backward(loss, *args, **kwargs):
-        if section["algorithm"] == "mht":
+        if spec.needs_loss:
             last_loss["value"] = loss.detach()
         result = original_backward(loss, *args, **kwargs)
         backwards["since_step"] += 1
@@ -193,12 +191,9 @@ def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> Non
         lr_kwargs.clear()
         if lr_kwargs_ is not None:
             lr_kwargs["lr_kwargs"] = lr_kwargs_
-        if section["algorithm"] == "mht":
-            stepped = controller.step(float(last_loss["value"]))
-        else:
-            stepped = controller.step()
-        if stepped and schedule is not None:
-            schedule.step()
+        stepped = spec.step(controller, last_loss.get("value"))
+        if stepped and engine.gqc_schedule is not None:
+            engine.gqc_schedule.step()  # looked up here: a caller may re-key it (gqc-train's token budget)
         engine.gqc_stepped = stepped
         return stepped
 

@@ -33,5 +33,9 @@ class RankDivergenceError(GQCError, RuntimeError):
         self.ranks = tuple(ranks)
 
 
+class TrainError(GQCError, RuntimeError):
+    """A gqc-train run cannot start or continue (launcher environment, run directory, resume)."""
+
+
 class CheckpointError(GQCError, ValueError):
     """A state dict is corrupt, truncated, or belongs to another algorithm or model."""

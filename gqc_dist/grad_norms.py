@@ -34,18 +34,22 @@ def per_tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 class WeightCache:
-    """The device weight matrix of ``local_group_sums``, rebuilt only when the layout changes:
-    row ``i`` holds ``1/rho_i`` in piece ``i``'s group column and, in the last column, 1 if the
-    piece is fingerprinted."""
+    """The device weight matrix of ``local_group_sums``: row ``i`` holds ``1/rho_i`` in piece
+    ``i``'s group column and, in the last column, 1 if the piece is fingerprinted.
+
+    The caller passes the adapter's ``layout_version``: while it is unchanged the pieces are the
+    same (same groups, ``rho`` and order) and the matrix is returned without looking at them;
+    when it changes, the matrix is rebuilt only if the pieces' layout really differs.
+    """
 
     def __init__(self):
-        self._pieces = None  # the pieces list the matrix was last checked against
+        self._version = None
         self._key = None
         self._matrix = None
 
-    def get(self, pieces: List[Tuple[int, Piece]], num_groups: int, device) -> torch.Tensor:
-        if pieces is self._pieces and self._key[:2] == (device, num_groups):
-            return self._matrix  # the adapter handed back its cached pieces: same layout
+    def get(self, pieces: List[Tuple[int, Piece]], num_groups: int, device, layout_version=None) -> torch.Tensor:
+        if layout_version is not None and layout_version == self._version and self._key[:2] == (device, num_groups):
+            return self._matrix
         key = (device, num_groups, tuple((g, p.rho, p.check_replicated) for g, p in pieces))
         if key != self._key:
             matrix = torch.zeros(len(pieces), num_groups + 1, dtype=torch.float64)
@@ -54,22 +58,19 @@ class WeightCache:
                 matrix[row, num_groups] = float(piece.check_replicated)
             self._matrix = matrix.to(device)
             self._key = key
-        self._pieces = pieces
+        self._version = layout_version
         return self._matrix
-
-    def release(self) -> None:
-        """Drop the reference to the last pieces (at a window's end, so freed gradients go)."""
-        self._pieces = None
 
 
 def local_group_sums(
-    pieces: List[Tuple[int, Piece]], num_groups: int, device: torch.device, cache: WeightCache
+    pieces: List[Tuple[int, Piece]], num_groups: int, device: torch.device, weights: torch.Tensor
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Rank-local ``(weighted, fingerprint)`` over ``pieces`` (``(group index, Piece)`` pairs):
-    float64 tensors of ``num_groups`` and 1 elements on ``device``; see the module docstring."""
+    float64 tensors of ``num_groups`` and 1 elements on ``device``; ``weights`` is
+    :class:`WeightCache`'s matrix for these pieces. See the module docstring."""
     if not pieces:
         sums = torch.zeros(num_groups + 1, dtype=torch.float64, device=device)
     else:
         norms = per_tensor_norms([p.tensor for _, p in pieces]).to(device=device, dtype=torch.float64)
-        sums = (norms * norms) @ cache.get(pieces, num_groups, device)
+        sums = (norms * norms) @ weights
     return sums[:num_groups], sums[num_groups:]

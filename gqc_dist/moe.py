@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .errors import GQCConfigError
 from .reduction import Sharded
 
 
@@ -29,11 +30,11 @@ def expert_parallel_groups(ep_size: int) -> Tuple[Optional[object], Optional[obj
     """
     if not (dist.is_available() and dist.is_initialized()):
         if ep_size != 1:
-            raise ValueError(f"ep_size={ep_size} needs torch.distributed to be initialised")
+            raise GQCConfigError(f"ep_size={ep_size} needs torch.distributed to be initialised")
         return None, None
     world, rank = dist.get_world_size(), dist.get_rank()
     if ep_size < 1 or world % ep_size:
-        raise ValueError(f"ep_size={ep_size} must divide the world size {world}")
+        raise GQCConfigError(f"ep_size={ep_size} must divide the world size {world}")
     ep_groups = [dist.new_group(list(range(k, k + ep_size))) for k in range(0, world, ep_size)]
     edp_groups = [dist.new_group(list(range(i, world, ep_size))) for i in range(ep_size)]
     return ep_groups[rank // ep_size], edp_groups[rank % ep_size]
@@ -56,7 +57,7 @@ class ExpertParallelMoE(torch.nn.Module):
         self.ep_size = 1 if ep_group is None else dist.get_world_size(ep_group)
         self.ep_rank = 0 if ep_group is None else dist.get_rank(ep_group)
         if num_experts % self.ep_size:
-            raise ValueError(f"num_experts={num_experts} is not a multiple of ep_size={self.ep_size}")
+            raise GQCConfigError(f"num_experts={num_experts} is not a multiple of ep_size={self.ep_size}")
         self.num_experts = num_experts
         self.local_experts = num_experts // self.ep_size
         generator = torch.Generator().manual_seed(seed)

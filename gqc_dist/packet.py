@@ -92,38 +92,30 @@ class StatsPacket:
         ``sum`` and ``root`` fields map to a list of floats; ``per_rank`` fields map to a list
         (one entry per rank, in rank order) of lists of floats.
         """
-        if self.world_size == 1:
-            return self._unpack(self._local_values())
-        host_values: List[float] = []
-        for part in self._parts:
-            if isinstance(part, tuple):
-                host_values.extend(part[1])
-        device_parts = []
-        host_tensor = host_values_to_device(host_values, self.device) if host_values else None
-        offset = 0
-        for part in self._parts:
-            if isinstance(part, tuple):
-                n = len(part[1])
-                device_parts.append(host_tensor[offset : offset + n])
-                offset += n
-            else:
-                device_parts.append(part)
+        device_parts = [part for part in self._parts if not isinstance(part, tuple)]
+        host_values = [value for part in self._parts if isinstance(part, tuple) for value in part[1]]
+        device_count = sum(part.numel() for part in device_parts)
+        distributed = self.world_size > 1
+        if distributed and host_values:  # they ride in the same vector, the same all_reduce
+            device_parts.append(host_values_to_device(host_values, self.device))
         vector = torch.cat(device_parts) if device_parts else torch.zeros(0, dtype=torch.float64)
-        if self.world_size > 1:
+        if distributed:
             dist.all_reduce(vector, op=dist.ReduceOp.SUM)
         flat = vector.tolist()  # the one host synchronisation of the micro-step
-        return self._unpack(flat)
+        if distributed:
+            host_values = flat[device_count:]
+        # one process: nothing to reduce, so host values never visited the device
+        return self._unpack(self._in_part_order(flat[:device_count], host_values))
 
-    def _local_values(self) -> List[float]:
-        """One process: nothing to reduce, so host values never visit the device; one host sync."""
-        device_parts = [part for part in self._parts if not isinstance(part, tuple)]
-        device_values = iter(torch.cat(device_parts).tolist() if device_parts else [])
+    def _in_part_order(self, device_values: List[float], host_values: List[float]) -> List[float]:
+        """Device and host values merged back into the order the fields were added."""
+        device, host = iter(device_values), iter(host_values)
         flat: List[float] = []
         for part in self._parts:
             if isinstance(part, tuple):
-                flat.extend(part[1])
+                flat.extend(next(host) for _ in part[1])
             else:
-                flat.extend(next(device_values) for _ in range(part.numel()))
+                flat.extend(next(device) for _ in range(part.numel()))
         return flat
 
     def _unpack(self, flat: List[float]):

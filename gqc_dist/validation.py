@@ -33,3 +33,32 @@ def check_schedule_args(num_training_steps, num_warmup_steps, warmup_multiplier=
         check_number("warmup_multiplier", warmup_multiplier, minimum=0, allow_equal=False)
     for name, value in values.items():
         check_number(name, value, minimum=0)
+
+
+def check_wrapper_args(optimizer, max_draws, distributed_mode, grad_scaler, verify, gradients,
+                       micro_batch_size, noise_beta) -> None:
+    """The GQC wrapper's constructor arguments (see ``GQCOptimizerWrapper``), each error naming
+    the argument."""
+    import torch
+
+    from .engines.base import GradientAdapter
+    from .reduction import group_policy
+
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise GQCTypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    check_number("max_draws", max_draws, minimum=1, integer=True)
+    if distributed_mode not in (None, "replicated", "sharded"):
+        raise GQCConfigError(f"distributed_mode must be None, 'replicated' or 'sharded', got {distributed_mode!r}")
+    if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+        raise GQCTypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
+    if micro_batch_size is not None:
+        check_number("micro_batch_size", micro_batch_size, minimum=1, integer=True)
+    check_number("noise_beta", noise_beta, minimum=0)
+    if not noise_beta < 1:
+        raise GQCConfigError(f"noise_beta must be in [0, 1), got {noise_beta!r}")
+    if not isinstance(verify, bool):
+        raise GQCTypeError(f"verify must be a bool, got {type(verify).__name__}")
+    for group in optimizer.param_groups:
+        group_policy(group, distributed_mode)  # validates explicit policies up front
+    if gradients is not None and not isinstance(gradients, GradientAdapter):
+        raise GQCTypeError(f"gradients must be a GradientAdapter, got {type(gradients).__name__}")

@@ -70,11 +70,15 @@ Requirements and notes:
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
+import signal
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from datetime import timedelta
@@ -86,6 +90,9 @@ __all__ = [
     "DistributedTimeoutError",
     "find_free_port",
     "preload_in_forkserver",
+    "torchrun_command",
+    "launched",
+    "run_launcher",
 ]
 
 MASTER_ADDR = "127.0.0.1"
@@ -389,22 +396,33 @@ def run_distributed(
         del store
 
 
+def torchrun_command(nproc: int, *args) -> list:
+    """``python -m torch.distributed.run`` with ``nproc`` local ranks on a free master port,
+    followed by ``args`` (e.g. ``"-m", "gqc_dist.train", ...``)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(find_free_port()), *map(str, args)]
+
+
+@contextlib.contextmanager
+def launched(command, **popen_kwargs):
+    """``subprocess.Popen(command)`` in its own process group. On leaving the block the whole group
+    (the launcher and every rank it started) is killed if the launcher is still running, so no
+    rank outlives the test whatever went wrong."""
+    process = subprocess.Popen(command, start_new_session=True, **popen_kwargs)
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+
+
 def run_launcher(command, env=None, timeout=300):
     """Run a launcher command line (torchrun, mpiexec, ...) in its own process group.
 
-    Returns the ``subprocess.CompletedProcess``. On timeout the whole group (the launcher and every
-    rank it started) is killed before ``subprocess.TimeoutExpired`` is raised, so no rank outlives
-    the test.
+    Returns the ``subprocess.CompletedProcess``. On timeout the whole group is killed before
+    ``subprocess.TimeoutExpired`` is raised.
     """
-    import signal
-    import subprocess
-
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, start_new_session=True)
-    try:
+    with launched(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as process:
         stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import gqc_dist.deepspeed as gqc_deepspeed  # noqa: E402
-from distributed_harness import find_free_port, run_distributed, run_launcher  # noqa: E402
+from distributed_harness import run_distributed, run_launcher, torchrun_command  # noqa: E402
 from gqc_dist.train.corpus import ByteBatches, load_corpus  # noqa: E402
 from gqc_dist.train.model import GPT, ModelConfig  # noqa: E402
 
@@ -46,9 +45,8 @@ def test_shipped_ds_config_loads_and_trains(stage):
 
 def test_deepspeed_example_under_torchrun_shows_a_variable_batch():
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(find_free_port()),
-               "-m", "gqc_dist.examples.deepspeed_gpt", "--deepspeed_config",
-               str(CONFIGS / "ds_zero2.json"), "--micro-steps", "40"]
+    command = torchrun_command(2, "-m", "gqc_dist.examples.deepspeed_gpt", "--deepspeed_config",
+                               CONFIGS / "ds_zero2.json", "--micro-steps", "40")
     finished = run_launcher(command, env=env, timeout=300)
     assert finished.returncode == 0, finished.stderr[-4000:]
     draws = [int(m) for m in re.findall(r"draws +(\d+)", finished.stdout)]

@@ -2,19 +2,18 @@
 cluster running launch/slurm.sbatch on 2 nodes, and launch/torchrun.sh's static multi-node
 rendezvous. Each run's rank-0 metrics must match the single-process run on the same data."""
 
-import json
-import os
-import signal
+import contextlib
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
-from train_runs import ENV, REPO, assert_same_run
+from distributed_harness import launched
+from train_runs import ENV, REPO, assert_same_run, summary
 from virtual_cluster import SlurmCluster, VirtualHosts, missing
 
 pytestmark = pytest.mark.skipif(bool(missing()), reason=missing() or "runs")
+
 
 @pytest.fixture(scope="module")
 def hosts():
@@ -25,30 +24,22 @@ def hosts():
         virtual.stop()
 
 
-def _summary(out_dir):
-    return json.loads(Path(out_dir, "summary.json").read_text())
-
-
 def test_torchrun_static_rendezvous_across_two_hosts(tmp_path, hosts, quick_run):
     out = tmp_path / "run"
-    launchers = []
-    for node in range(2):
-        env = {**ENV, "NNODES": "2", "NODE_RANK": str(node), "NPROC": "1",
-               "MASTER_ADDR": hosts.addresses[0], "MASTER_PORT": "29500"}
-        command = hosts.command(node, ["bash", REPO / "launch" / "torchrun.sh", "--quick", "--engine", "ddp",
-                                       "--no-progress", "--out-dir", out])
-        launchers.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                          text=True, start_new_session=True))
-    deadline = time.monotonic() + 300
-    try:
+    with contextlib.ExitStack() as stack:
+        launchers = []
+        for node in range(2):
+            env = {**ENV, "NNODES": "2", "NODE_RANK": str(node), "NPROC": "1",
+                   "MASTER_ADDR": hosts.addresses[0], "MASTER_PORT": "29500"}
+            command = hosts.command(node, ["bash", REPO / "launch" / "torchrun.sh", "--quick", "--engine", "ddp",
+                                           "--no-progress", "--out-dir", out])
+            launchers.append(stack.enter_context(
+                launched(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        deadline = time.monotonic() + 300
         outputs = [launcher.communicate(timeout=max(1, deadline - time.monotonic())) for launcher in launchers]
-    finally:
-        for launcher in launchers:
-            if launcher.poll() is None:
-                os.killpg(launcher.pid, signal.SIGKILL)
     for launcher, (_, stderr) in zip(launchers, outputs):
         assert launcher.returncode == 0, stderr[-3000:]
-    assert _summary(out)["world_size"] == 2
+    assert summary(out)["world_size"] == 2
     assert_same_run(quick_run[0], out)
 
 
@@ -68,6 +59,6 @@ def test_slurm_sbatch_on_two_nodes(tmp_path, hosts, quick_run):
     finally:
         cluster.stop()
     assert "validation loss" in job_output
-    summary = _summary(out)
-    assert summary["world_size"] == 2 and summary["engine"] == "fsdp2"
+    result = summary(out)
+    assert result["world_size"] == 2 and result["engine"] == "fsdp2"
     assert_same_run(quick_run[0], out)

@@ -1,19 +1,17 @@
 """gqc-train end to end: the shortened default run, resume, baseline/compare, config errors,
 and 2-rank FSDP2 and DeepSpeed runs against the single-process run on the same data."""
 
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import matplotlib.image
 import pytest
 
-from distributed_harness import find_free_port, run_launcher
-from train_runs import ENV, REPO, assert_same_run, gqc_train, records
+from distributed_harness import find_free_port, launched, run_launcher, torchrun_command
+from train_runs import ENV, REPO, assert_same_run, gqc_train, records, summary
 
 from gqc_dist.train.cli import main
 
@@ -30,10 +28,10 @@ def test_shortened_default_run_writes_metrics_checkpoint_and_plot(quick_run):
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_000012"
     image = matplotlib.image.imread(out / "training.png")
     assert image.shape[0] >= 800 and image.shape[1] >= 1000
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["optimizer_steps"] == 12
-    assert summary["world_size"] == 1 and summary["engine"] == "single"
-    assert summary["mean_micro_batches_per_step"] == pytest.approx(summary["micro_steps"] / 12)
+    result = summary(out)
+    assert result["optimizer_steps"] == 12
+    assert result["world_size"] == 1 and result["engine"] == "single"
+    assert result["mean_micro_batches_per_step"] == pytest.approx(result["micro_steps"] / 12)
 
 
 def test_resume_continues_the_metrics_exactly(tmp_path, quick_run):
@@ -108,21 +106,16 @@ def test_rank_killed_mid_run_resumes_to_the_uninterrupted_metrics(tmp_path, quic
     new torchrun with --resume finishes it, and the metrics equal the single-process run's."""
     out = tmp_path / "run"
     args = ["--quick", "--engine", "fsdp2", "--no-progress", "--out-dir", str(out)]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(find_free_port()), "-m", "gqc_dist.train", *args]
-    with open(tmp_path / "killed.log", "w") as log:
-        launcher = subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        latest = out / "checkpoints" / "latest"
+    command = torchrun_command(2, "-m", "gqc_dist.train", *args)
+    latest = out / "checkpoints" / "latest"
+    with open(tmp_path / "killed.log", "w") as log, \
+            launched(command, env=ENV, stdout=log, stderr=subprocess.STDOUT) as launcher:
         deadline = time.monotonic() + 300
         while not (latest.exists() and latest.read_text().strip() == "step_000006"):
             assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
             time.sleep(0.01)
         os.kill(_children(launcher.pid)[-1], signal.SIGKILL)
         assert launcher.wait(timeout=120) != 0
-    finally:
-        if launcher.poll() is None:
-            os.killpg(launcher.pid, signal.SIGKILL)
     assert not (out / "summary.json").exists()  # the kill came before the end
     assert records(out)[-1]["step"] < 12
     gqc_train(*args, "--resume", nproc=2)
@@ -140,5 +133,5 @@ def test_launch_script_agrees_with_single_process(tmp_path, quick_run, script, e
     env = {**ENV, ranks_env: "2", "MASTER_PORT": str(find_free_port())}
     finished = run_launcher(command, env=env, timeout=300)
     assert finished.returncode == 0, finished.stderr[-3000:]
-    assert json.loads((out / "summary.json").read_text())["world_size"] == 2
+    assert summary(out)["world_size"] == 2
     assert_same_run(quick_run[0], out)

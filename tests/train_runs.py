@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed_harness import find_free_port, run_launcher
+from distributed_harness import run_launcher, torchrun_command
 
 # The venv's python and console scripts (deepspeed, mpiexec) first on PATH: launchers started by
 # the tests, and the hosts in virtual_cluster.py, run this same installation.
@@ -22,12 +22,15 @@ def records(out_dir, kind="step"):
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
+def summary(out_dir) -> dict:
+    """The run's summary.json."""
+    return json.loads(Path(out_dir, "summary.json").read_text())
+
+
 def gqc_train(*args, nproc=None, timeout=400):
     """``python -m gqc_dist.train *args`` (under torchrun with ``nproc`` ranks); returns stdout."""
     if nproc:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--master_port", str(find_free_port()),
-                   "-m", "gqc_dist.train", *args]
+        command = torchrun_command(nproc, "-m", "gqc_dist.train", *args)
     else:
         command = [sys.executable, "-m", "gqc_dist.train", *args]
     finished = run_launcher(command, env=ENV, timeout=timeout)

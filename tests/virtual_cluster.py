@@ -102,6 +102,10 @@ class SlurmCluster:
         self.env = {"SLURM_CONF": str(self.dir / "slurm.conf")}  # what a Slurm client needs
         self._daemons = []
 
+    def _client(self, argv) -> subprocess.CompletedProcess:
+        """A Slurm client command (sinfo, scontrol, scancel) against this cluster."""
+        return subprocess.run(argv, env={**os.environ, **self.env}, capture_output=True, text=True)
+
     def _daemon(self, argv, log):
         with open(self.dir / log, "w") as output:
             self._daemons.append(subprocess.Popen(argv, env={**os.environ, **self.env}, stdout=output, stderr=subprocess.STDOUT))
@@ -155,8 +159,7 @@ ReturnToService=2
         return self
 
     def _all_idle(self) -> bool:
-        states = subprocess.run(["sinfo", "-h", "-N", "-o", "%t"], env={**os.environ, **self.env}, capture_output=True,
-                                text=True).stdout.split()
+        states = self._client(["sinfo", "-h", "-N", "-o", "%t"]).stdout.split()
         return len(states) == len(self.hosts.hostnames) and set(states) == {"idle"}
 
     def _wait(self, ready, timeout, message):
@@ -178,13 +181,12 @@ ReturnToService=2
         job = submitted.stdout.strip().split(";")[0]
         deadline = time.monotonic() + timeout
         while True:
-            shown = subprocess.run(["scontrol", "show", "job", "-o", job], env={**os.environ, **self.env},
-                                   capture_output=True, text=True).stdout
+            shown = self._client(["scontrol", "show", "job", "-o", job]).stdout
             fields = dict(item.split("=", 1) for item in shown.split() if "=" in item)
             if fields.get("JobState") not in (None, "PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
                 return fields["JobState"], int(fields["ExitCode"].split(":")[0])
             if time.monotonic() > deadline:
-                subprocess.run(["scancel", job], env={**os.environ, **self.env}, capture_output=True)
+                self._client(["scancel", job])
                 raise TimeoutError(f"Slurm job {job} did not finish in {timeout} s\n{self.logs()}")
             time.sleep(0.5)
 
@@ -195,7 +197,7 @@ ReturnToService=2
 
     def stop(self) -> None:
         """Cancel every job, stop the daemons, remove the directory."""
-        subprocess.run(["scancel", "--user=root"], env={**os.environ, **self.env}, capture_output=True)
+        self._client(["scancel", "--user=root"])
         for process in reversed(self._daemons):
             process.terminate()
         for process in self._daemons:

@@ -10,6 +10,7 @@ import torch
 
 from ..validation import check_number
 from ..wrapper import GQCOptimizerWrapper, MicroStepStats
+from .spec import REQUIRED, AlgorithmSpec
 
 
 class OptimizerWrapperFixed(GQCOptimizerWrapper):
@@ -18,15 +19,18 @@ class OptimizerWrapperFixed(GQCOptimizerWrapper):
     ALGORITHM = "fixed"
 
     def __init__(self, optimizer: torch.optim.Optimizer, accumulation_steps: int,
-                 distributed_mode: Optional[str] = None, *, grad_scaler=None, verify: bool = False,
-                 gradients=None):
+                 distributed_mode: Optional[str] = None, **kwargs):
         check_number("accumulation_steps", accumulation_steps, minimum=1, integer=True)
-        super().__init__(optimizer, accumulation_steps, distributed_mode, grad_scaler=grad_scaler,
-                         verify=verify, gradients=gradients)
-
-    def step(self) -> bool:
-        """Account one micro-batch (after ``backward``); True when the optimizer stepped."""
-        return self._micro_step()
+        super().__init__(optimizer, accumulation_steps, distributed_mode, **kwargs)
 
     def _decide(self, stats: MicroStepStats) -> bool:
         return self.num_draws >= stats.settings["max_draws"]
+
+
+SPEC = AlgorithmSpec(
+    name="fixed",
+    build=lambda optimizer, section, context, **kwargs: OptimizerWrapperFixed(
+        optimizer, section["accumulation_steps"], **kwargs),
+    options={"accumulation_steps": ("int+", REQUIRED)},
+    adaptive=False,
+)

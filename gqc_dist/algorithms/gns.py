@@ -11,6 +11,7 @@ from ..errors import GQCUsageError
 from ..schedules import synchronous
 from ..validation import check_number, check_schedule_args
 from ..wrapper import GQCOptimizerWrapper, MicroStepStats
+from .spec import REQUIRED, AlgorithmSpec
 
 
 class OptimizerWrapperGNS(GQCOptimizerWrapper):
@@ -31,14 +32,9 @@ class OptimizerWrapperGNS(GQCOptimizerWrapper):
         optimizer: torch.optim.Optimizer,
         max_batch_draws: int = 64,
         distributed_mode: Optional[str] = None,
-        *,
-        grad_scaler=None,
-        verify: bool = False,
-        gradients=None,
+        **kwargs,
     ):
-        super().__init__(
-            optimizer, max_batch_draws, distributed_mode, grad_scaler=grad_scaler, verify=verify, gradients=gradients
-        )
+        super().__init__(optimizer, max_batch_draws, distributed_mode, **kwargs)
         self._history = []
         self._gns = None
         self._micro_batch_sq = {}  # param -> squared norm of its latest micro-batch gradient
@@ -56,10 +52,6 @@ class OptimizerWrapperGNS(GQCOptimizerWrapper):
             return grad
 
         return hook
-
-    def step(self) -> bool:
-        """Account one micro-batch (after ``backward``); True when the optimizer stepped."""
-        return self._micro_step()
 
     def _settings(self):
         return {"noise_tolerance": min(self._group_values("noise_tolerance"))}
@@ -103,6 +95,13 @@ class OptimizerWrapperGNS(GQCOptimizerWrapper):
         return {} if self._gns is None or math.isnan(self._gns) else {"gns": self._gns}
 
 
+def _tolerance_schedule(wrapper, initial, final, num_warmup_steps, num_training_steps, warmup_multiplier):
+    return tsa.cosine_annealing_with_inverse_warmup(
+        wrapper, warmup_to_value=initial, anneal_to_value=final, num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps, warmup_multiplier=warmup_multiplier,
+        schedule_target="noise_tolerance")
+
+
 def _make_gns(optimizer, tolerance_schedule, num_training_steps, num_warmup_steps,
               max_batch_draws, distributed_mode, wrapper_kwargs):
     wrapper = OptimizerWrapperGNS(optimizer, max_batch_draws, distributed_mode, **wrapper_kwargs)
@@ -127,10 +126,8 @@ def make_gns_with_cosine_annealing_schedule(
                         initial_tolerance=initial_tolerance, final_tolerance=final_tolerance)
     return _make_gns(
         optimizer,
-        lambda w: tsa.cosine_annealing_with_inverse_warmup(
-            w, warmup_to_value=initial_tolerance, anneal_to_value=final_tolerance,
-            num_warmup_steps=num_warmup_steps, num_training_steps=num_training_steps,
-            warmup_multiplier=warmup_multiplier, schedule_target="noise_tolerance"),
+        lambda w: _tolerance_schedule(w, initial_tolerance, final_tolerance, num_warmup_steps,
+                                      num_training_steps, warmup_multiplier),
         num_training_steps, num_warmup_steps, max_batch_draws, distributed_mode, wrapper_kwargs)
 
 
@@ -152,3 +149,21 @@ def make_gns_default(
             w, warmup_to_value=tolerance, num_warmup_steps=num_warmup_steps,
             schedule_target="noise_tolerance"),
         num_training_steps, num_warmup_steps, max_batch_draws, distributed_mode, wrapper_kwargs)
+
+
+SPEC = AlgorithmSpec(
+    name="gns",
+    build=lambda optimizer, section, context, **kwargs: OptimizerWrapperGNS(
+        optimizer, section["max_draws"], **kwargs),
+    options={"max_draws": ("int+", 64)},
+    values={"tolerance": ("num0", "noise_tolerance")},
+    schedule={"initial_tolerance": ("num0", REQUIRED), "final_tolerance": ("num0", REQUIRED),
+              "warmup_multiplier": ("num+", 10.0)},
+    make_schedules=lambda wrapper, s: [_tolerance_schedule(
+        wrapper, s["initial_tolerance"], s["final_tolerance"], s["num_warmup_steps"],
+        s["num_training_steps"], s["warmup_multiplier"])],
+    logged_value="noise_tolerance",
+    engines=frozenset({"single", "ddp"}),
+    unsupported="it measures each micro-batch's gradient with autograd hooks, which FSDP2 sharded "
+                "parameters and DeepSpeed ZeRO do not run; use gnts",
+)

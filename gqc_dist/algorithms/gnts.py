@@ -6,9 +6,10 @@ import torch
 import torch_schedule_anything as tsa
 
 from .. import rules
-from ..wrapper import GQCOptimizerWrapper, MicroStepStats
-from ..schedules import synchronous
+from ..schedules import conventional_lr_twin, lr_and_weight_decay, synchronous
 from ..validation import check_schedule_args
+from ..wrapper import GQCOptimizerWrapper, MicroStepStats
+from .spec import REQUIRED, AlgorithmSpec
 
 
 class OptimizerWrapperGNTS(GQCOptimizerWrapper):
@@ -29,24 +30,6 @@ class OptimizerWrapperGNTS(GQCOptimizerWrapper):
     ALGORITHM = "gnts"
     SCHEDULABLE = {"gradient_norm_threshold": 1.0}
 
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        max_batch_draws: int = 64,
-        distributed_mode: Optional[str] = None,
-        *,
-        grad_scaler=None,
-        verify: bool = False,
-        gradients=None,
-    ):
-        super().__init__(
-            optimizer, max_batch_draws, distributed_mode, grad_scaler=grad_scaler, verify=verify, gradients=gradients
-        )
-
-    def step(self) -> bool:
-        """Account one micro-batch (after ``backward``); True when the optimizer stepped."""
-        return self._micro_step()
-
     def get_mean_grad_norm(self) -> Optional[float]:
         """``||G_n|| / n`` as used by the last decision (``None`` before the first step() call)."""
         return self._counters["mean_grad_norm"]
@@ -63,31 +46,11 @@ class OptimizerWrapperGNTS(GQCOptimizerWrapper):
         )
 
 
-def _make_gnts(optimizer, num_training_steps, num_warmup_steps, initial_threshold,
-               final_threshold, warmup_multiplier, max_batch_draws, distributed_mode,
-               conventional_lr, **wrapper_kwargs):
-    check_schedule_args(num_training_steps, num_warmup_steps, warmup_multiplier,
-                        initial_threshold=initial_threshold, final_threshold=final_threshold)
-    wrapper = OptimizerWrapperGNTS(optimizer, max_batch_draws, distributed_mode, **wrapper_kwargs)
-    if conventional_lr:
-        lr = tsa.cosine_annealing_with_warmup(
-            wrapper, 1.0, 0.0, num_warmup_steps, num_training_steps, schedule_target="lr")
-    else:
-        lr = tsa.constant_with_warmup(wrapper, 1.0, num_warmup_steps, schedule_target="lr")
-    threshold = tsa.cosine_annealing_with_inverse_warmup(
-        wrapper,
-        warmup_to_value=initial_threshold,
-        anneal_to_value=final_threshold,
-        num_warmup_steps=num_warmup_steps,
-        num_training_steps=num_training_steps,
-        warmup_multiplier=warmup_multiplier,
-        schedule_target="gradient_norm_threshold",
-    )
-    schedules = [lr, threshold]
-    if not conventional_lr:
-        schedules.append(tsa.cosine_annealing_with_warmup(
-            wrapper, 1.0, 0.0, num_warmup_steps, num_training_steps, schedule_target="weight_decay"))
-    return wrapper, synchronous(schedules)
+def _threshold_schedule(wrapper, initial, final, num_warmup_steps, num_training_steps, warmup_multiplier):
+    return tsa.cosine_annealing_with_inverse_warmup(
+        wrapper, warmup_to_value=initial, anneal_to_value=final, num_warmup_steps=num_warmup_steps,
+        num_training_steps=num_training_steps, warmup_multiplier=warmup_multiplier,
+        schedule_target="gradient_norm_threshold")
 
 
 def make_gnts_with_cosine_annealing_schedule(
@@ -99,29 +62,38 @@ def make_gnts_with_cosine_annealing_schedule(
     warmup_multiplier: float = 10,
     max_batch_draws: int = 64,
     distributed_mode: Optional[str] = None,
+    *,
+    conventional_lr: bool = False,
     **wrapper_kwargs,
 ) -> Tuple[OptimizerWrapperGNTS, tsa.SynchronousSchedule]:
     """GNTS with constant LR after warmup, threshold inverse-warmup then cosine anneal, and weight
     decay warmup then anneal to zero (torch-gqc's factory). Step the schedule once per optimizer
     step. ``wrapper_kwargs`` (``grad_scaler``, ``verify``) go to the wrapper."""
-    return _make_gnts(optimizer, num_training_steps, num_warmup_steps, initial_threshold,
-                      final_threshold, warmup_multiplier, max_batch_draws, distributed_mode,
-                      False, **wrapper_kwargs)
+    check_schedule_args(num_training_steps, num_warmup_steps, warmup_multiplier,
+                        initial_threshold=initial_threshold, final_threshold=final_threshold)
+    wrapper = OptimizerWrapperGNTS(optimizer, max_batch_draws, distributed_mode, **wrapper_kwargs)
+    schedules = lr_and_weight_decay(wrapper, num_warmup_steps, num_training_steps, conventional_lr)
+    schedules.append(_threshold_schedule(wrapper, initial_threshold, final_threshold, num_warmup_steps,
+                                         num_training_steps, warmup_multiplier))
+    return wrapper, synchronous(schedules)
 
 
-def make_gnts_with_cosine_annealing_schedule_conventional_lr(
-    optimizer: torch.optim.Optimizer,
-    num_training_steps: int,
-    num_warmup_steps: int,
-    initial_threshold: float = 0.95,
-    final_threshold: float = 0.25,
-    warmup_multiplier: float = 10,
-    max_batch_draws: int = 64,
-    distributed_mode: Optional[str] = None,
-    **wrapper_kwargs,
-) -> Tuple[OptimizerWrapperGNTS, tsa.SynchronousSchedule]:
+make_gnts_with_cosine_annealing_schedule_conventional_lr = conventional_lr_twin(
+    make_gnts_with_cosine_annealing_schedule,
     """GNTS with LR warmup then cosine anneal to zero and the same threshold schedule; weight
-    decay is not scheduled (torch-gqc's factory)."""
-    return _make_gnts(optimizer, num_training_steps, num_warmup_steps, initial_threshold,
-                      final_threshold, warmup_multiplier, max_batch_draws, distributed_mode,
-                      True, **wrapper_kwargs)
+    decay is not scheduled (torch-gqc's factory).""")
+
+
+SPEC = AlgorithmSpec(
+    name="gnts",
+    build=lambda optimizer, section, context, **kwargs: OptimizerWrapperGNTS(
+        optimizer, section["max_draws"], **kwargs),
+    options={"max_draws": ("int+", 64)},
+    values={"threshold": ("num0", "gradient_norm_threshold")},
+    schedule={"initial_threshold": ("num0", REQUIRED), "final_threshold": ("num0", REQUIRED),
+              "warmup_multiplier": ("num+", 10.0)},
+    make_schedules=lambda wrapper, s: [_threshold_schedule(
+        wrapper, s["initial_threshold"], s["final_threshold"], s["num_warmup_steps"],
+        s["num_training_steps"], s["warmup_multiplier"])],
+    logged_value="gradient_norm_threshold",
+)

@@ -9,9 +9,10 @@ import torch_schedule_anything as tsa
 
 from .. import rules
 from ..errors import GQCConfigError
-from ..schedules import synchronous
+from ..schedules import lr_and_weight_decay, synchronous
 from ..validation import check_number, check_schedule_args
 from ..wrapper import GQCOptimizerWrapper, MicroStepStats
+from .spec import AlgorithmSpec
 
 
 class OptimizerWrapperMHT(GQCOptimizerWrapper):
@@ -32,17 +33,12 @@ class OptimizerWrapperMHT(GQCOptimizerWrapper):
         max_batch_draws: int = 64,
         distributed_mode: Optional[str] = None,
         update_beta: float = 0.01,
-        *,
-        grad_scaler=None,
-        verify: bool = False,
-        gradients=None,
+        **kwargs,
     ):
         check_number("update_beta", update_beta, minimum=0, allow_equal=False)
         if update_beta > 1:
             raise GQCConfigError(f"update_beta must be in (0, 1], got {update_beta!r}")
-        super().__init__(
-            optimizer, max_batch_draws, distributed_mode, grad_scaler=grad_scaler, verify=verify, gradients=gradients
-        )
+        super().__init__(optimizer, max_batch_draws, distributed_mode, **kwargs)
         self._update_beta = update_beta
         self._history = []
         self._running_mean = None
@@ -140,14 +136,29 @@ def make_mht_with_warmup_schedule(
     if not 0 < confidence_level <= 1:
         raise GQCConfigError(f"confidence_level must be in (0, 1], got {confidence_level!r}")
     wrapper = OptimizerWrapperMHT(optimizer, max_batch_draws, distributed_mode, **wrapper_kwargs)
-    schedules = [
-        tsa.cosine_annealing_with_warmup(
-            wrapper, 1.0, 0.0, num_warmup_steps, num_training_steps, schedule_target="lr"),
-        tsa.cosine_annealing_with_warmup(
-            wrapper, confidence_level, confidence_level, num_warmup_steps, num_training_steps,
-            schedule_target="confidence_level"),
-        tsa.cosine_annealing_with_warmup(
-            wrapper, percent_error_threshold, percent_error_threshold, num_warmup_steps,
-            num_training_steps, schedule_target="percent_error_threshold"),
-    ]
+    schedules = lr_and_weight_decay(wrapper, num_warmup_steps, num_training_steps, conventional_lr=True)
+    schedules += _warmups(wrapper, {"confidence_level": confidence_level,
+                                    "percent_error_threshold": percent_error_threshold},
+                          num_warmup_steps, num_training_steps)
     return wrapper, synchronous(schedules)
+
+
+def _warmups(wrapper, values, num_warmup_steps, num_training_steps):
+    """Each param-group value warms up from 0 to ``values[key]`` and stays there."""
+    return [tsa.cosine_annealing_with_warmup(wrapper, value, value, num_warmup_steps, num_training_steps,
+                                             schedule_target=key) for key, value in values.items()]
+
+
+SPEC = AlgorithmSpec(
+    name="mht",
+    build=lambda optimizer, section, context, **kwargs: OptimizerWrapperMHT(
+        optimizer, section["max_draws"], update_beta=section["update_beta"], **kwargs),
+    options={"max_draws": ("int+", 64), "update_beta": ("prob", 0.01)},
+    values={"confidence_level": ("prob", "confidence_level"),
+            "percent_error_threshold": ("num0", "percent_error_threshold")},
+    schedule={},  # only warms the values up over num_warmup_steps
+    make_schedules=lambda wrapper, s: _warmups(wrapper, {"confidence_level": 1.0, "percent_error_threshold": 1.0},
+                                              s["num_warmup_steps"], s["num_training_steps"]),
+    all_values=True,
+    needs_loss=True,
+)

@@ -6,9 +6,11 @@ import torch
 import torch_schedule_anything as tsa
 
 from .. import rules
-from ..schedules import synchronous
+from ..errors import GQCConfigError
+from ..schedules import conventional_lr_twin, lr_and_weight_decay, synchronous
 from ..validation import check_number, check_schedule_args
 from ..wrapper import GQCOptimizerWrapper, MicroStepStats
+from .spec import REQUIRED, AlgorithmSpec
 
 
 class OptimizerWrapperSBC(GQCOptimizerWrapper):
@@ -27,21 +29,12 @@ class OptimizerWrapperSBC(GQCOptimizerWrapper):
         physical_batch_size: int,
         max_batch_draws: int = 64,
         distributed_mode: Optional[str] = None,
-        *,
-        grad_scaler=None,
-        verify: bool = False,
-        gradients=None,
+        **kwargs,
     ):
         check_number("physical_batch_size", physical_batch_size, minimum=1, integer=True)
-        super().__init__(
-            optimizer, max_batch_draws, distributed_mode, grad_scaler=grad_scaler, verify=verify, gradients=gradients
-        )
+        super().__init__(optimizer, max_batch_draws, distributed_mode, **kwargs)
         self._physical_batch_size = physical_batch_size
         self._effective_batch_size = None
-
-    def step(self) -> bool:
-        """Account one micro-batch (after ``backward``); True when the optimizer stepped."""
-        return self._micro_step()
 
     def _settings(self):
         return {"logical_batch_size": max(self._group_values("logical_batch_size"))}
@@ -70,25 +63,10 @@ class OptimizerWrapperSBC(GQCOptimizerWrapper):
         return ["physical_batch_size"]
 
 
-def _make_sbc(optimizer, physical_batch_size, initial_batch_size, final_batch_size,
-              num_training_steps, num_warmup_steps, polynomial_power, max_batch_draws,
-              distributed_mode, conventional_lr, wrapper_kwargs):
-    check_schedule_args(num_training_steps, num_warmup_steps, initial_batch_size=initial_batch_size,
-                        final_batch_size=final_batch_size, polynomial_power=polynomial_power)
-    wrapper = OptimizerWrapperSBC(optimizer, physical_batch_size, max_batch_draws, distributed_mode,
-                                  **wrapper_kwargs)
-    if conventional_lr:
-        lr = tsa.cosine_annealing_with_warmup(
-            wrapper, 1.0, 0.0, num_warmup_steps, num_training_steps, schedule_target="lr")
-        wd = tsa.constant_schedule(wrapper, 1.0, "weight_decay")
-    else:
-        lr = tsa.constant_with_warmup(wrapper, 1.0, num_warmup_steps, schedule_target="lr")
-        wd = tsa.cosine_annealing_with_warmup(
-            wrapper, 1.0, 0.0, num_warmup_steps, num_training_steps, schedule_target="weight_decay")
-    batch = tsa.polynomial_schedule_with_warmup(
-        wrapper, initial_batch_size, final_batch_size, num_warmup_steps, num_training_steps,
-        polynomial_exponent=polynomial_power, schedule_target="logical_batch_size")
-    return wrapper, synchronous([lr, wd, batch])
+def _batch_schedule(wrapper, initial, final, num_warmup_steps, num_training_steps, power):
+    return tsa.polynomial_schedule_with_warmup(
+        wrapper, initial, final, num_warmup_steps, num_training_steps, polynomial_exponent=power,
+        schedule_target="logical_batch_size")
 
 
 def make_sbc_with_polynomial_schedule(
@@ -101,27 +79,43 @@ def make_sbc_with_polynomial_schedule(
     polynomial_power: float = 2.0,
     max_batch_draws: int = 64,
     distributed_mode: Optional[str] = None,
+    *,
+    conventional_lr: bool = False,
     **wrapper_kwargs,
 ) -> Tuple[OptimizerWrapperSBC, tsa.SynchronousSchedule]:
     """SBC with constant LR, weight decay annealed to zero, polynomial logical batch growth."""
-    return _make_sbc(optimizer, physical_batch_size, initial_batch_size, final_batch_size,
-                     num_training_steps, num_warmup_steps, polynomial_power, max_batch_draws,
-                     distributed_mode, False, wrapper_kwargs)
+    check_schedule_args(num_training_steps, num_warmup_steps, initial_batch_size=initial_batch_size,
+                        final_batch_size=final_batch_size, polynomial_power=polynomial_power)
+    wrapper = OptimizerWrapperSBC(optimizer, physical_batch_size, max_batch_draws, distributed_mode,
+                                  **wrapper_kwargs)
+    schedules = lr_and_weight_decay(wrapper, num_warmup_steps, num_training_steps, conventional_lr,
+                                    constant_weight_decay=True)
+    schedules.append(_batch_schedule(wrapper, initial_batch_size, final_batch_size, num_warmup_steps,
+                                     num_training_steps, polynomial_power))
+    return wrapper, synchronous(schedules)
 
 
-def make_sbc_with_polynomial_schedule_conventional_lr(
-    optimizer: torch.optim.Optimizer,
-    physical_batch_size: int,
-    initial_batch_size: int,
-    final_batch_size: int,
-    num_training_steps: int,
-    num_warmup_steps: int,
-    polynomial_power: float = 2.0,
-    max_batch_draws: int = 64,
-    distributed_mode: Optional[str] = None,
-    **wrapper_kwargs,
-) -> Tuple[OptimizerWrapperSBC, tsa.SynchronousSchedule]:
-    """SBC with cosine-annealed LR, constant weight decay, polynomial logical batch growth."""
-    return _make_sbc(optimizer, physical_batch_size, initial_batch_size, final_batch_size,
-                     num_training_steps, num_warmup_steps, polynomial_power, max_batch_draws,
-                     distributed_mode, True, wrapper_kwargs)
+make_sbc_with_polynomial_schedule_conventional_lr = conventional_lr_twin(
+    make_sbc_with_polynomial_schedule,
+    """SBC with cosine-annealed LR, constant weight decay, polynomial logical batch growth.""")
+
+
+def _build(optimizer, section, context, **kwargs):
+    batch = section.get("physical_batch_size", context.get("physical_batch_size"))
+    if batch is None:
+        raise GQCConfigError("gradient_quality_control.physical_batch_size is required for sbc")
+    return OptimizerWrapperSBC(optimizer, batch, section["max_draws"], **kwargs)
+
+
+SPEC = AlgorithmSpec(
+    name="sbc",
+    build=_build,
+    options={"max_draws": ("int+", 64), "physical_batch_size": ("int+", None)},
+    values={"logical_batch_size": ("num+", "logical_batch_size")},
+    schedule={"initial_batch_size": ("num+", REQUIRED), "final_batch_size": ("num+", REQUIRED),
+              "polynomial_power": ("num+", 2.0)},
+    make_schedules=lambda wrapper, s: [_batch_schedule(
+        wrapper, s["initial_batch_size"], s["final_batch_size"], s["num_warmup_steps"],
+        s["num_training_steps"], s["polynomial_power"])],
+    logged_value="logical_batch_size",
+)

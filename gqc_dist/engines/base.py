@@ -1,6 +1,6 @@
 """The interface between the GQC controller and a training engine."""
 
-from typing import List, Optional, Tuple, Union
+from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
@@ -13,11 +13,19 @@ def clip_coefficient(clip: float, norm: float) -> float:
 
 
 class GradientAdapter:
-    """Access to one engine's accumulated gradient for one micro-step at a time.
+    """Owner of one engine's accumulated gradient: reading it, stepping with it, dropping it, and
+    saving/restoring it for a checkpoint taken mid-window. The only code that touches where the
+    engine keeps its gradients; it knows nothing of the decision rule.
 
     Units: gradients are the engine's accumulated *sum* over the window's micro-batches, still
     multiplied by ``loss_scale()`` when the engine scales the loss (AMP / fp16).
+
+    ``layout_version``: an integer the adapter changes whenever ``local_pieces()`` may return a
+    different layout (other tensors, groups or ``rho``); ``None`` means "unknown, compare the
+    pieces". The controller caches per-layout work (``grad_norms.WeightCache``) on it.
     """
+
+    layout_version: Optional[int] = None
 
     def local_pieces(self) -> List[Tuple[int, Piece]]:
         """This rank's gradient pieces as ``(param group index, Piece)`` with their ``rho``.
@@ -27,20 +35,38 @@ class GradientAdapter:
         """
         raise NotImplementedError
 
+    def params_changed(self) -> None:
+        """The optimizer's parameters changed (``add_param_group``): forget cached layouts."""
+        self.layout_version = None
+
     def loss_scale(self) -> Optional[Union[float, torch.Tensor]]:
         """The factor the gradients still carry (a device tensor or float), ``None`` if unscaled."""
         return None
 
-    def apply_step(self, pieces: List[torch.Tensor], multiplier: float, num_draws: int,
-                   scale: float, mean_norm: float) -> None:
+    def apply_step(self, multiplier: float, num_draws: int, scale: float, mean_norm: float) -> None:
         """Turn the accumulated sum into the mean (``/ num_draws``), apply ``multiplier`` (GNR),
         remove the loss ``scale`` unless the engine unscales itself, step the optimizer once, and
-        zero the accumulated gradient for the next window. ``pieces`` are ``local_pieces()``'s
-        tensors; ``mean_norm`` is the exact global L2 norm of the gradient the step will use
-        (after averaging and ``multiplier``, unscaled), for engines that clip."""
+        zero the accumulated gradient for the next window. ``mean_norm`` is the exact global L2
+        norm of the gradient the step will use (after averaging and ``multiplier``, unscaled),
+        for engines that clip."""
         raise NotImplementedError
 
     def discard(self) -> None:
         """Zero the accumulated gradient without stepping (non-finite window); back off the
         engine's loss scale if it has one."""
+        raise NotImplementedError
+
+    def save_accumulated(self) -> Any:
+        """A copy of this rank's accumulated gradient (tensors in plain containers), for a
+        checkpoint taken mid-window."""
+        raise NotImplementedError
+
+    def check_accumulated(self, saved: Any) -> None:
+        """Raise :class:`~gqc_dist.errors.CheckpointError` naming what does not fit, changing
+        nothing, unless ``saved`` (from :meth:`save_accumulated`) fits this engine's layout."""
+        raise NotImplementedError
+
+    def restore_accumulated(self, saved: Any) -> None:
+        """Make ``saved`` (checked) the accumulated gradient; ``None``: no gradient (a window
+        boundary)."""
         raise NotImplementedError

@@ -33,6 +33,7 @@ from typing import List, Tuple
 import torch
 import torch.distributed as dist
 
+from ..errors import CheckpointError
 from ..reduction import Piece
 from .base import GradientAdapter, clip_coefficient
 
@@ -142,8 +143,7 @@ class DeepSpeedGradients(GradientAdapter):
         grads = [_local_grad(p) for group in self._module_param_groups() for p in group]
         return [g for g in grads if g is not None]
 
-    def apply_step(self, pieces, multiplier: float, num_draws: int, scale: float,
-                   mean_norm: float) -> None:
+    def apply_step(self, multiplier: float, num_draws: int, scale: float, mean_norm: float) -> None:
         factor = multiplier / num_draws  # DeepSpeed removes the fp16 loss scale itself
         factor *= clip_coefficient(self.clip, mean_norm)
         if factor != 1.0:
@@ -168,3 +168,75 @@ class DeepSpeedGradients(GradientAdapter):
             tensor.zero_()
         self.engine.optimizer.zero_grad()
         self.engine._unmanaged_backward_count = 0  # dropped samples are not trained on
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_accumulated(self):
+        """This rank's accumulated partitions (ZeRO-2/3) or local sums (ZeRO-0/1), and DeepSpeed's
+        count of backwards since the last step (it sizes ``global_samples``)."""
+        o = self.optimizer
+        if self.stage == 3:
+            tensors = [o.grad_partitions_flat_buffer.detach().clone()]
+        elif self.stage == 2:
+            tensors = {i: None if t is None else [g.detach().clone() for g in t]
+                       for i, t in o.all_grad_tensors.items()}
+        else:
+            tensors = [[None if _local_grad(p) is None else _local_grad(p).detach().clone() for p in group]
+                       for group in self._module_param_groups()]
+        return {"stage": self.stage, "tensors": tensors,
+                "backward_count": int(self.engine._unmanaged_backward_count)}
+
+    def check_accumulated(self, saved) -> None:
+        if not isinstance(saved, dict) or set(saved) != {"stage", "tensors", "backward_count"}:
+            raise CheckpointError("accumulated gradient state is not a DeepSpeed adapter's")
+        if saved["stage"] != self.stage:
+            raise CheckpointError(f"accumulated gradients were saved on ZeRO stage {saved['stage']}, "
+                                  f"this engine runs stage {self.stage}")
+        if not _fits(saved["tensors"], self._accumulator_shapes()):
+            raise CheckpointError(f"accumulated gradients of ZeRO stage {self.stage} do not match this "
+                                  "engine's partitions (another model or world size)")
+
+    def _accumulator_shapes(self):
+        """What ``save_accumulated()['tensors']`` holds, as ``(shape, dtype)``s, whether or not a
+        backward has run yet."""
+        o = self.optimizer
+        if self.stage == 3:
+            buffer = o.grad_partitions_flat_buffer
+            return [(tuple(buffer.shape), buffer.dtype)]
+        if self.stage == 2:
+            return {i: [(tuple(p.shape), None) for p in params]
+                    for i, params in enumerate(o.params_in_partition)}
+        return [[(tuple(p.shape), None) for p in group] for group in self._module_param_groups()]
+
+    def restore_accumulated(self, saved) -> None:
+        o = self.optimizer
+        if saved is None:
+            for tensor in self._accumulators():
+                tensor.zero_()
+            self.engine._unmanaged_backward_count = 0
+            return
+        tensors = saved["tensors"]
+        if self.stage == 3:
+            o.grad_partitions_flat_buffer.copy_(tensors[0])
+        elif self.stage == 2:
+            # the next backward adds its gradients into these lists (DeepSpeed's ipg epilogue)
+            for i, grads in tensors.items():
+                o.all_grad_tensors[i] = None if grads is None else [g.clone().to(o.device) for g in grads]
+        else:
+            for group, grads in zip(self._module_param_groups(), tensors):
+                for param, grad in zip(group, grads):
+                    param.grad = None if grad is None else grad.clone().to(param.device)
+        self.engine._unmanaged_backward_count = saved["backward_count"]
+
+
+def _fits(saved, expected) -> bool:
+    """``saved`` has ``expected``'s structure, a tensor of the expected shape (and dtype, unless
+    ``None``) or ``None`` where a tensor may be."""
+    if isinstance(expected, dict):
+        return (isinstance(saved, dict) and set(saved) <= set(expected)
+                and all(_fits(saved[key], expected[key]) for key in saved))
+    if isinstance(expected, list):
+        return (saved is None or isinstance(saved, list) and len(saved) == len(expected)
+                and all(_fits(a, b) for a, b in zip(saved, expected)))
+    shape, dtype = expected
+    return saved is None or (isinstance(saved, torch.Tensor) and tuple(saved.shape) == shape
+                             and (dtype is None or saved.dtype == dtype))

@@ -4,11 +4,11 @@ Gradients live in ``param.grad`` (DTensor under FSDP2). Pieces and their replica
 ``gqc_dist.reduction``; FSDP2 sync flags are checked every micro-step (``fsdp2_sync``).
 """
 
-from typing import List, Optional
+from typing import Optional
 
 import torch
 
-from ..errors import GQCUsageError
+from ..errors import CheckpointError, GQCUsageError
 from ..fsdp2_sync import check_gradient_sync, fsdp2_param_groups_owning
 from ..packet import world_rank_and_size
 from ..reduction import group_policy, resolve_piece
@@ -31,15 +31,22 @@ class TorchOptimizerGradients(GradientAdapter):
         self.distributed_mode = distributed_mode
         self.grad_scaler = grad_scaler
         self._fsdp2_groups = None  # found at the first micro-step, after FSDP2's lazy init
-        # (grads, policies, pieces) of the last micro-step when every gradient was a plain tensor:
+        # (grads, policies) of the last micro-step when every gradient was a plain tensor:
         # gradients accumulate in place, so while the same tensor objects come back (and the
         # policies are unchanged) the same pieces are reused instead of resolved again.
         self._last_layout = None
+        self._pieces = []  # the last micro-step's pieces: what apply_step scales
+        self.layout_version = 0
 
     def params_changed(self) -> None:
         """Call after ``add_param_group``: FSDP2 ownership is looked up again."""
         self._fsdp2_groups = None
-        self._last_layout = None
+        self._forget_layout()
+
+    def _forget_layout(self) -> None:
+        self._last_layout = None  # let freed gradients go
+        self._pieces = []
+        self.layout_version += 1
 
     def local_pieces(self):
         distributed = world_rank_and_size()[1] > 1
@@ -54,14 +61,16 @@ class TorchOptimizerGradients(GradientAdapter):
         last = self._last_layout
         if (last is not None and last[1] == policies and len(last[0]) == len(grads)
                 and all(a is b for a, b in zip(last[0], grads))):
-            return last[2]
+            return self._pieces
+        self.layout_version += 1
         pieces = []
         for index, group in enumerate(groups):
             for param in group["params"]:
                 if param.grad is not None:
                     pieces.append((index, resolve_piece(param.grad, policies[index + 1], distributed)))
         plain = all(grad is None or type(grad) is torch.Tensor for grad in grads)
-        self._last_layout = (grads, policies, pieces) if plain else None
+        self._last_layout = (grads, policies) if plain else None
+        self._pieces = pieces
         if not pieces:
             raise GQCUsageError(
                 "step() was called but no parameter of the wrapped optimizer has a gradient: call "
@@ -76,8 +85,8 @@ class TorchOptimizerGradients(GradientAdapter):
     def loss_scale(self):
         return self.grad_scaler._get_scale_async() if self._scaler_enabled() else None
 
-    def apply_step(self, pieces: List[torch.Tensor], multiplier: float, num_draws: int,
-                   scale: float, mean_norm: float) -> None:
+    def apply_step(self, multiplier: float, num_draws: int, scale: float, mean_norm: float) -> None:
+        pieces = [piece.tensor for _, piece in self._pieces]
         multiplier *= clip_coefficient(self.clip, mean_norm)
         if multiplier != 1.0:
             torch._foreach_mul_(pieces, multiplier)
@@ -86,13 +95,43 @@ class TorchOptimizerGradients(GradientAdapter):
             torch._foreach_div_(pieces, divisor)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self._last_layout = None  # let the freed gradients go
+        self._forget_layout()
         self._update_scaler(found_inf=False)
 
     def discard(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        self._last_layout = None  # let the freed gradients go
+        self._forget_layout()
         self._update_scaler(found_inf=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _params(self):
+        return [group["params"] for group in self.optimizer.param_groups]
+
+    def save_accumulated(self):
+        """Per param group, per parameter: a detached copy of ``param.grad`` (or ``None``)."""
+        return [[None if p.grad is None else p.grad.detach().clone() for p in params]
+                for params in self._params()]
+
+    def check_accumulated(self, saved) -> None:
+        groups = self._params()
+        if not isinstance(saved, list) or len(saved) != len(groups):
+            raise CheckpointError(f"accumulated_grads must hold one list per param group ({len(groups)})")
+        for g_index, (grads, params) in enumerate(zip(saved, groups)):
+            if not isinstance(grads, list) or len(grads) != len(params):
+                raise CheckpointError(f"accumulated_grads[{g_index}] must hold {len(params)} entries")
+            for p_index, (grad, param) in enumerate(zip(grads, params)):
+                if grad is not None and (not isinstance(grad, torch.Tensor) or grad.shape != param.shape
+                                         or grad.dtype != param.dtype):
+                    raise CheckpointError(
+                        f"accumulated_grads[{g_index}][{p_index}] does not match parameter "
+                        f"shape {tuple(param.shape)} / dtype {param.dtype}")
+
+    def restore_accumulated(self, saved) -> None:
+        for g_index, params in enumerate(self._params()):
+            for p_index, param in enumerate(params):
+                grad = None if saved is None else saved[g_index][p_index]
+                param.grad = None if grad is None else grad.detach().clone().to(param.device)
+        self._forget_layout()
 
     def _update_scaler(self, found_inf: bool) -> None:
         if not self._scaler_enabled():

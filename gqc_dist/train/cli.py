@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import GQCConfigError
+from ..errors import GQCConfigError, GQCError
 from .settings import apply_override, load_config, merge, validate
 
 
@@ -98,7 +98,11 @@ def main(argv=None) -> int:
         return 2
     from .run import train
 
-    summary = train(config, resume=args.resume, progress=not args.no_progress)
+    try:
+        summary = train(config, resume=args.resume, progress=not args.no_progress)
+    except GQCError as error:  # foreseeable: one line, no traceback
+        print(f"gqc-train: {error}", file=sys.stderr)
+        return 2
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

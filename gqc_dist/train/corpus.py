@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
+from ..errors import GQCConfigError
+
 SEPARATOR = 0
 """Byte (NUL) appended after every file when files are concatenated."""
 
@@ -63,7 +65,7 @@ def corpus_files(path: Union[str, os.PathLike, None] = None) -> List[Tuple[str, 
         return [(root.name, root)]
     if root.is_dir():
         return _user_files(root)
-    raise FileNotFoundError(f"corpus path {str(root)!r} is neither a file nor a directory")
+    raise GQCConfigError(f"corpus path {str(root)!r} is neither a file nor a directory")
 
 
 def _is_validation(relative_path: str, val_fraction: float) -> bool:
@@ -91,10 +93,10 @@ def load_corpus(max_bytes: Optional[int] = 4_000_000, val_fraction: float = 0.05
     """
     if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int)
                                   or max_bytes < 1):
-        raise ValueError(f"max_bytes must be a positive int or None, got {max_bytes!r}")
+        raise GQCConfigError(f"max_bytes must be a positive int or None, got {max_bytes!r}")
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
             or not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        raise GQCConfigError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     files = corpus_files(path)
     source = "the standard library" if path is None else repr(str(path))
     single_file = path is not None and Path(path).is_file()
@@ -112,19 +114,19 @@ def load_corpus(max_bytes: Optional[int] = 4_000_000, val_fraction: float = 0.05
         total += len(data)
         parts[not single_file and _is_validation(relative, val_fraction)].append(data)
     if text == 0:
-        raise ValueError(f"corpus from {source} is empty ({len(files)} files, 0 bytes of text)")
+        raise GQCConfigError(f"corpus from {source} is empty ({len(files)} files, 0 bytes of text)")
     if single_file:
         data = parts[False][0]
         cut = len(data) - max(1, math.ceil(val_fraction * len(data)))
         parts = {False: [data[:cut]], True: [data[cut:]]}
     train, val = b"".join(parts[False]), b"".join(parts[True])
     if not val:
-        raise ValueError(
+        raise GQCConfigError(
             f"validation split of the corpus from {source} is empty ({len(files)} files, "
             f"{total} bytes read, val_fraction={val_fraction}): raise val_fraction or max_bytes, "
             f"or use more files")
     if not train:
-        raise ValueError(f"training split of the corpus from {source} is empty ({total} bytes "
+        raise GQCConfigError(f"training split of the corpus from {source} is empty ({total} bytes "
                          f"read, val_fraction={val_fraction}): lower val_fraction")
     return (torch.frombuffer(bytearray(train), dtype=torch.uint8),
             torch.frombuffer(bytearray(val), dtype=torch.uint8))
@@ -132,17 +134,17 @@ def load_corpus(max_bytes: Optional[int] = 4_000_000, val_fraction: float = 0.05
 
 def _check_data(data: torch.Tensor, seq_len: int) -> None:
     if not isinstance(data, torch.Tensor) or data.dim() != 1:
-        raise ValueError("data must be a 1-D tensor of byte tokens")
+        raise GQCConfigError("data must be a 1-D tensor of byte tokens")
     if data.dtype.is_floating_point or data.dtype.is_complex or data.dtype == torch.bool:
-        raise ValueError(f"data must hold integer tokens, got dtype {data.dtype}")
+        raise GQCConfigError(f"data must hold integer tokens, got dtype {data.dtype}")
     if data.numel() < seq_len + 1:
-        raise ValueError(f"data holds {data.numel()} tokens; seq_len={seq_len} needs at least "
+        raise GQCConfigError(f"data holds {data.numel()} tokens; seq_len={seq_len} needs at least "
                          f"{seq_len + 1}")
 
 
 def _positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise GQCConfigError(f"{name} must be a positive int, got {value!r}")
 
 
 def _windows(data: torch.Tensor, offsets: torch.Tensor, seq_len: int):
@@ -170,9 +172,9 @@ class ByteBatches:
                             ("world_size", world_size)):
             _positive(name, value)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+            raise GQCConfigError(f"seed must be a non-negative int, got {seed!r}")
         if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+            raise GQCConfigError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
         _check_data(data, seq_len)
         self.data, self.seq_len, self.batch_size = data, seq_len, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
@@ -206,14 +208,14 @@ class ByteBatches:
         ``ValueError`` if the state is malformed or was saved with a different ``seq_len``,
         global batch size (``batch_size * world_size``) or data length."""
         if not isinstance(state, dict) or not {"generator", "draws"} <= set(state):
-            raise ValueError("ByteBatches state must be a dict with 'generator' and 'draws'")
+            raise GQCConfigError("ByteBatches state must be a dict with 'generator' and 'draws'")
         for key, mine in (("seq_len", self.seq_len), ("global_batch_size", self.global_batch_size),
                           ("data_tokens", self.data.numel())):
             if key in state and state[key] != mine:
-                raise ValueError(f"ByteBatches state has {key}={state[key]}, this stream has {mine}")
+                raise GQCConfigError(f"ByteBatches state has {key}={state[key]}, this stream has {mine}")
         generator = state["generator"]
         if not isinstance(generator, torch.Tensor) or generator.dtype != torch.uint8:
-            raise ValueError("ByteBatches state 'generator' must be a uint8 tensor")
+            raise GQCConfigError("ByteBatches state 'generator' must be a uint8 tensor")
         self.generator.set_state(generator.clone())
         self.draws = int(state["draws"])
 

@@ -5,17 +5,20 @@ does not know which engine it drives: ``loss(x, y)``, ``backward(loss)``, ``step
 ``controller`` (the GQC wrapper, for statistics), ``lr()``, and checkpoint state.
 """
 
-import math
 import os
 from typing import Any, Dict
 
 import torch
 import torch.distributed as dist
 
+from ..algorithms.spec import get as algorithm_spec
 from ..config import build_controller
+from ..errors import TrainError
 from ..engines import TorchOptimizerGradients
 from ..moe import expert_param_groups, expert_parallel_groups, reduce_expert_grads
-from .model import GPT, ModelConfig, block_modules, expert_parameters
+from ..packet import world_rank_and_size
+from .progress import Budget, TokenKeyedSchedule
+from .model import GPT, ModelConfig, block_modules, expert_parameters, token_loss
 
 
 def init_distributed(engine: str) -> None:
@@ -38,7 +41,7 @@ def init_distributed(engine: str) -> None:
             os.environ.setdefault("LOCAL_RANK", os.environ.get(local_key, "0"))
             break
     else:
-        raise RuntimeError(f"engine {engine!r} needs a launcher (torchrun, deepspeed, mpirun or srun): "
+        raise TrainError(f"engine {engine!r} needs a launcher (torchrun, deepspeed, mpirun or srun): "
                            "no RANK/WORLD_SIZE in the environment")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
@@ -48,21 +51,14 @@ def init_distributed(engine: str) -> None:
     dist.init_process_group(backend)
 
 
-def lr_multiplier(step: int, warmup: int, total: int) -> float:
-    """Linear warmup to 1, then cosine to 0.1 at ``total`` optimizer steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 class TrainEngine:
     """What the loop drives. ``forward_model`` is what forward runs through (DDP/FSDP2 wrappers
     included); ``module`` is the GPT itself."""
 
     def __init__(self, name, module, controller, value_schedule, lr_schedule, optimizer,
-                 forward_model=None, ds_engine=None):
+                 forward_model=None, ds_engine=None, algorithm="gnts"):
         self.name = name
+        self.spec = algorithm_spec(algorithm)
         self.module = module
         self.controller = controller
         self.value_schedule = value_schedule
@@ -72,10 +68,7 @@ class TrainEngine:
         self.ds_engine = ds_engine
 
     def loss(self, x, y):
-        if self.forward_model is self.module or self.name == "fsdp2":
-            return self.module.loss(x, y)
-        logits = self.forward_model(x)  # DDP's forward hooks must run
-        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+        return token_loss(self.forward_model(x), y)  # through DDP's wrapper, so its hooks run
 
     def backward(self, loss) -> None:
         if self.ds_engine is not None:
@@ -83,11 +76,12 @@ class TrainEngine:
         else:
             loss.backward()
 
-    def step(self) -> bool:
-        """One GQC decision; on a step the lr and threshold schedules advance once."""
+    def step(self, loss) -> bool:
+        """One GQC decision after the backward of ``loss`` (this rank's micro-batch loss); on a
+        step the lr and threshold schedules advance once."""
         if self.ds_engine is not None:
             return self.ds_engine.step()  # DeepSpeed steps its lr scheduler and the value schedule
-        stepped = self.controller.step()
+        stepped = self.spec.step(self.controller, loss)
         if stepped:
             self.lr_schedule.step()
             if self.value_schedule is not None:
@@ -96,6 +90,11 @@ class TrainEngine:
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def threshold(self):
+        """The algorithm's threshold-like value (its descriptor's ``logged_value``), or ``None``."""
+        key = self.spec.logged_value
+        return None if key is None else self.optimizer.param_groups[0].get(key)
 
     def state_dict(self) -> Dict[str, Any]:
         """This rank's training state at a step boundary (model shards under FSDP2)."""
@@ -115,8 +114,9 @@ class TrainEngine:
             self.value_schedule.load_state_dict(state["value_schedule"])
 
 
-def build_engine(config: Dict[str, Any]) -> TrainEngine:
-    """Model, optimizer, controller and schedules for ``config['engine']`` (distributed started)."""
+def build_engine(config: Dict[str, Any], budget: Budget) -> TrainEngine:
+    """Model, optimizer, controller and schedules for ``config['engine']`` (distributed started);
+    the learning rate and the controller's value schedule follow ``budget``."""
     engine = config["engine"]
     model_config = ModelConfig(**config["model"]).validate()
     ep_group = edp_group = None
@@ -124,7 +124,7 @@ def build_engine(config: Dict[str, Any]) -> TrainEngine:
         ep_group, edp_group = expert_parallel_groups(model_config.ep_size)
     module = GPT(model_config, ep_group=ep_group, seed=config["seed"])
     opt = config["optimizer"]
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_rank_and_size()[1]
     forward_model = None
     if engine == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
@@ -143,19 +143,27 @@ def build_engine(config: Dict[str, Any]) -> TrainEngine:
         groups = [{"params": list(module.parameters())}]
     optimizer = torch.optim.AdamW(groups, lr=opt["lr"], betas=(opt["beta1"], opt["beta2"]),
                                   weight_decay=opt["weight_decay"])
-    total = config["train"]["optimizer_steps"]
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, opt["warmup_steps"], total))
+    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, budget.lr_multiplier)
     micro_batch = config["data"]["micro_batch_size"] // world
     if engine == "deepspeed":
-        return _deepspeed_engine(config, module, optimizer, lr_schedule, micro_batch)
+        return _deepspeed_engine(config, module, optimizer, lr_schedule, micro_batch, budget)
     gradients = TorchOptimizerGradients(optimizer, clip=opt["grad_clip"])
-    controller, value_schedule = build_controller(config["gqc"], optimizer,
-                                                  physical_batch_size=micro_batch, gradients=gradients)
-    return TrainEngine(engine, module, controller, value_schedule, lr_schedule, optimizer, forward_model)
+    controller, value_schedule = build_controller(config["gqc"], optimizer, physical_batch_size=micro_batch,
+                                                  micro_batch_size=config["data"]["micro_batch_size"],
+                                                  gradients=gradients)
+    value_schedule = _keyed(value_schedule, config, budget)
+    return TrainEngine(engine, module, controller, value_schedule, lr_schedule, optimizer, forward_model,
+                       algorithm=config["gqc"]["algorithm"])
 
 
-def _deepspeed_engine(config, module, optimizer, lr_schedule, micro_batch) -> TrainEngine:
+def _keyed(value_schedule, config, budget):
+    """The controller's value schedule, placed by tokens when the run has a token budget."""
+    if value_schedule is None or budget.tokens is None:
+        return value_schedule
+    return TokenKeyedSchedule(value_schedule, config["gqc"]["schedule"]["num_training_steps"], budget)
+
+
+def _deepspeed_engine(config, module, optimizer, lr_schedule, micro_batch, budget) -> TrainEngine:
     from .. import deepspeed as gqc_deepspeed
 
     ds_config = {**config["deepspeed"], "train_micro_batch_size_per_gpu": micro_batch,
@@ -163,5 +171,6 @@ def _deepspeed_engine(config, module, optimizer, lr_schedule, micro_batch) -> Tr
                  "zero_allow_untested_optimizer": True, "gradient_quality_control": config["gqc"]}
     ds_engine, _, _, _ = gqc_deepspeed.initialize(model=module, optimizer=optimizer,
                                                   lr_scheduler=lr_schedule, config=ds_config)
+    ds_engine.gqc_schedule = _keyed(ds_engine.gqc_schedule, config, budget)
     return TrainEngine("deepspeed", ds_engine.module, ds_engine.gqc, ds_engine.gqc_schedule,
-                       lr_schedule, optimizer, ds_engine=ds_engine)
+                       lr_schedule, optimizer, ds_engine=ds_engine, algorithm=config["gqc"]["algorithm"])

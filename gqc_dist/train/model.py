@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import GQCConfigError
 from ..moe import ExpertParallelMoE
 
 VOCAB_SIZE = 256
@@ -55,22 +56,22 @@ class ModelConfig:
         for name in ("seq_len", "dim", "layers", "heads", "mlp_ratio", "ep_size"):
             value = getattr(self, name)
             if not is_int(value) or value < 1:
-                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+                raise GQCConfigError(f"ModelConfig.{name} must be a positive int, got {value!r}")
         if not is_int(self.num_experts) or self.num_experts < 0:
-            raise ValueError(f"ModelConfig.num_experts must be an int >= 0 (0 = dense MLP), "
+            raise GQCConfigError(f"ModelConfig.num_experts must be an int >= 0 (0 = dense MLP), "
                              f"got {self.num_experts!r}")
         if self.dim % self.heads:
-            raise ValueError(f"ModelConfig.dim={self.dim} must be a multiple of "
+            raise GQCConfigError(f"ModelConfig.dim={self.dim} must be a multiple of "
                              f"ModelConfig.heads={self.heads}")
         if self.num_experts == 0 and self.ep_size != 1:
-            raise ValueError(f"ModelConfig.ep_size={self.ep_size} needs num_experts > 0 "
+            raise GQCConfigError(f"ModelConfig.ep_size={self.ep_size} needs num_experts > 0 "
                              f"(a dense model has no experts to split)")
         if self.num_experts % self.ep_size:
-            raise ValueError(f"ModelConfig.num_experts={self.num_experts} must be a multiple of "
+            raise GQCConfigError(f"ModelConfig.num_experts={self.num_experts} must be a multiple of "
                              f"ModelConfig.ep_size={self.ep_size}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise GQCConfigError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout!r}")
         return self
 
 
@@ -145,13 +146,13 @@ class GPT(nn.Module):
     def __init__(self, config: ModelConfig, ep_group=None, seed: int = 0):
         super().__init__()
         if not isinstance(config, ModelConfig):
-            raise ValueError(f"config must be a ModelConfig, got {type(config).__name__}")
+            raise GQCConfigError(f"config must be a ModelConfig, got {type(config).__name__}")
         config.validate()
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+            raise GQCConfigError(f"seed must be a non-negative int, got {seed!r}")
         ep_world = 1 if ep_group is None else dist.get_world_size(ep_group)
         if ep_world != config.ep_size:
-            raise ValueError(f"ModelConfig.ep_size={config.ep_size} but the ep_group has "
+            raise GQCConfigError(f"ModelConfig.ep_size={config.ep_size} but the ep_group has "
                              f"{ep_world} ranks" + (" (ep_group=None)" if ep_group is None else ""))
         self.config = config
         with torch.random.fork_rng(devices=[]):  # default inits below are overwritten
@@ -181,10 +182,10 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         if idx.dim() != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"idx must be an int64 [batch, time] tensor, got {idx.dtype} "
+            raise GQCConfigError(f"idx must be an int64 [batch, time] tensor, got {idx.dtype} "
                              f"{tuple(idx.shape)}")
         if idx.shape[1] > self.config.seq_len:
-            raise ValueError(f"sequence of {idx.shape[1]} tokens exceeds "
+            raise GQCConfigError(f"sequence of {idx.shape[1]} tokens exceeds "
                              f"ModelConfig.seq_len={self.config.seq_len}")
         positions = torch.arange(idx.shape[1], device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(positions))
@@ -194,8 +195,12 @@ class GPT(nn.Module):
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy over all ``batch * time`` tokens (nats per token)."""
-        logits = self(idx)
-        return F.cross_entropy(logits.reshape(-1, VOCAB_SIZE).float(), targets.reshape(-1))
+        return token_loss(self(idx), targets)
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (nats per token) of ``(batch, time, vocab)`` logits, computed in fp32."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
 def expert_parameters(model: nn.Module) -> List[nn.Parameter]:
@@ -219,7 +224,7 @@ def block_modules(model: GPT) -> List[nn.Module]:
       root unsharded.
     """
     if not isinstance(model, GPT):
-        raise ValueError(f"block_modules expects a GPT, got {type(model).__name__}")
+        raise GQCConfigError(f"block_modules expects a GPT, got {type(model).__name__}")
     if model.config.num_experts == 0:
         return list(model.blocks)
     return [m for b in model.blocks for m in (b.ln1, b.attn, b.ln2, b.mlp.router)]

@@ -5,7 +5,7 @@ A metrics file is JSONL, one JSON object per line (blank lines ignored):
 * ``{"kind": "step", "step", "tokens", "loss", "draws", ...}``: one per optimizer step;
   ``tokens`` (cumulative, global) and ``draws`` (micro-batches in that step) are required,
   ``threshold`` (null/absent for fixed accumulation) and ``mean_grad_norm`` are plotted if
-  present; ``lr``, ``samples``, ``wall_time`` are not used here.
+  present, and so is ``noise_scale``; ``lr``, ``samples``, ``wall_time`` are not used here.
 * ``{"kind": "val", "step", "tokens", "val_loss"}``: a validation measurement.
 
 Other ``kind`` values (or none) are ignored. Figures are 12 x 9 inches at dpi 100
@@ -92,7 +92,8 @@ def _save(figure: Figure, out_png: PathLike) -> Path:
 
 def plot_run(metrics_path: PathLike, out_png: PathLike, title: Optional[str] = None) -> Path:
     """One run, 3 panels: (a) training loss (line) and validation loss (points) against
-    tokens; (b) micro-batches per optimizer step (``draws``) against step; (c) the GNTS
+    tokens; (b) micro-batches per optimizer step (``draws``) and, when measured, the gradient
+    noise scale (``noise_scale``, in micro-batches) against step; (c) the GNTS
     threshold and ``mean_grad_norm`` against step ("fixed accumulation" when the run has no
     threshold). Writes a 1200 x 900 PNG to ``out_png`` and returns its path."""
     steps, vals = read_metrics(metrics_path)
@@ -107,8 +108,13 @@ def plot_run(metrics_path: PathLike, out_png: PathLike, title: Optional[str] = N
     loss_ax.legend(loc="best")
 
     step = _column(steps, "step")
-    draws_ax.step(step, _column(steps, "draws"), where="post", lw=1)
-    draws_ax.set(xlabel="optimizer step", ylabel="micro-batches", title="(b) draws per step")
+    draws_ax.step(step, _column(steps, "draws"), where="post", lw=1, label="micro-batches drawn")
+    noise = _column(steps, "noise_scale")
+    if any(not math.isnan(v) for v in noise):  # the batch the gradient noise asks for, same units
+        draws_ax.plot(step, noise, lw=1.5, label="gradient noise scale B_simple (micro-batches)")
+        draws_ax.legend(loc="best")
+    draws_ax.set(xlabel="optimizer step", ylabel="micro-batches",
+                 title="(b) batch drawn per step, and the noise scale")
 
     threshold = _column(steps, "threshold")
     norm = _column(steps, "mean_grad_norm")

@@ -13,6 +13,7 @@ Outputs under ``out_dir`` (rank 0 writes shared files):
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -20,15 +21,12 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
+from ..errors import GQCConfigError, TrainError
+from ..packet import world_rank_and_size
 from .corpus import ByteBatches, evaluate_batches, load_corpus
 from .engines import TrainEngine, build_engine, init_distributed
+from .progress import Budget
 from .plots import plot_run
-
-
-def _rank_world():
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _global_mean(values) -> list:
@@ -83,9 +81,9 @@ class Checkpoints:
         try:
             state = torch.load(path, weights_only=False)
         except (OSError, RuntimeError, EOFError) as error:
-            raise RuntimeError(f"cannot resume from {path}: {error}") from error
+            raise TrainError(f"cannot resume from {path}: {error}") from error
         if state.get("world_size") != self.world:
-            raise RuntimeError(f"checkpoint {folder} was written by {state.get('world_size')} ranks, "
+            raise TrainError(f"checkpoint {folder} was written by {state.get('world_size')} ranks, "
                                f"this run has {self.world}")
         if engine.ds_engine is not None:
             engine.ds_engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
@@ -104,7 +102,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
         except json.JSONDecodeError:
             if number == len(lines):
                 break
-            raise RuntimeError(f"--resume: {path} line {number} is not JSON: {line[:80]!r}") from None
+            raise TrainError(f"--resume: {path} line {number} is not JSON: {line[:80]!r}") from None
         if record["step"] <= step:
             kept.append(line)
     tmp = path.with_suffix(".tmp")
@@ -112,20 +110,22 @@ def _truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
-def _threshold(stats: Dict[str, Any]) -> Optional[float]:
-    for key in ("gradient_norm_threshold", "noise_tolerance", "logical_batch_size", "target_gradient_norm"):
-        if key in stats:
-            return stats[key]
-    return None
+def _warn_if_mostly_forced(engine: TrainEngine, steps: int) -> None:
+    """An adaptive controller whose windows mostly end at max_draws is not adapting: say so."""
+    forced = engine.controller.statistics()["forced_steps"]
+    if engine.spec.adaptive and steps and forced > steps / 2:
+        print(f"gqc-train: warning: {forced} of {steps} optimizer steps ({100 * forced / steps:.0f}%) were "
+              f"forced by max_draws ({engine.controller.max_draws}): the controller wanted larger batches; "
+              "raise gqc.max_draws or relax its threshold", file=sys.stderr)
 
 
 def train(config: Dict[str, Any], resume: bool = False, progress: bool = True) -> Dict[str, Any]:
     """Run gqc-train for a validated ``config``; returns the final summary (on every rank)."""
     init_distributed(config["engine"])
-    rank, world = _rank_world()
+    rank, world = world_rank_and_size()
     data, train_cfg, model_cfg = config["data"], config["train"], config["model"]
     if data["micro_batch_size"] % world:
-        raise ValueError(f"data.micro_batch_size ({data['micro_batch_size']}) must be a multiple of "
+        raise GQCConfigError(f"data.micro_batch_size ({data['micro_batch_size']}) must be a multiple of "
                          f"the world size ({world})")
     out_dir = Path(config["out_dir"])
     if rank == 0:
@@ -133,8 +133,9 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True) -
         (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     torch.manual_seed(config["seed"])
     train_data, val_data = load_corpus(max_bytes=data["max_bytes"], path=data["path"])
-    engine = build_engine(config)
     seq_len, global_batch = model_cfg["seq_len"], data["micro_batch_size"]
+    budget = Budget(train_cfg, config["optimizer"], global_batch * seq_len)
+    engine = build_engine(config, budget)
     batches = ByteBatches(train_data, seq_len, global_batch // world, seed=config["seed"], rank=rank,
                           world_size=world)
     eval_set = evaluate_batches(val_data, seq_len, global_batch, train_cfg["eval_batches"])
@@ -144,9 +145,10 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True) -
     if resume:
         extra = checkpoints.load_latest(engine)
         if extra is None:
-            raise RuntimeError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
+            raise TrainError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
         counters = extra["counters"]
         batches.load_state_dict(extra["batches"])
+        budget.steps_done, budget.micro_steps_done = counters["step"], counters["micro_step"]
         if rank == 0:
             _truncate_metrics(metrics_path, counters["step"])
     elif rank == 0:
@@ -157,64 +159,71 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True) -
     if rank == 0 and progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=train_cfg["optimizer_steps"], initial=counters["step"], desc="gqc-train",
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(total=100, initial=round(100 * budget.fraction), desc="gqc-train", unit="%",
+                   dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total}% [{elapsed}<{remaining}{postfix}]")
     start = time.time() - counters["wall"]
     window_loss, window_draws = 0.0, 0
-    val_loss = None
+    val_loss, val_step = None, None  # the last evaluation and the optimizer step it was taken at
+
+    def tokens_seen():
+        return counters["micro_step"] * global_batch * seq_len
 
     def write(record):
         if metrics is not None:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
 
-    while counters["step"] < train_cfg["optimizer_steps"] and counters["micro_step"] < train_cfg["max_micro_steps"]:
+    while not budget.exhausted():
         x, y = batches.next()
         loss = engine.loss(x, y)
         engine.backward(loss)
         window_loss += float(loss.detach())
         window_draws += 1
         counters["micro_step"] += 1
-        stepped = engine.step()
+        budget.micro_steps_done = counters["micro_step"]
+        lr, threshold = engine.lr(), engine.threshold()  # what this micro-step's decision uses
+        stepped = engine.step(loss)
         if not stepped:
             if engine.controller.num_draws == 0:  # a dropped (non-finite) window
                 window_loss, window_draws = 0.0, 0
             continue
         counters["step"] += 1
+        budget.steps_done = counters["step"]
         counters["micro_steps_in_steps"] += window_draws
         stats = engine.controller.statistics()
         step = counters["step"]
-        tokens = counters["micro_step"] * global_batch * seq_len
+        tokens = tokens_seen()
         record = {"kind": "step", "step": step, "tokens": tokens,
                   "samples": counters["micro_step"] * global_batch,
                   "loss": _global_mean([window_loss / window_draws])[0], "draws": stats["last_num_draws"],
-                  "threshold": _threshold(stats), "mean_grad_norm": stats["mean_grad_norm"],
-                  "lr": engine.lr(), "wall_time": time.time() - start}
+                  "threshold": threshold, "mean_grad_norm": stats["mean_grad_norm"],
+                  "noise_scale": stats.get("gradient_noise_scale_micro_batches"),
+                  "forced_steps": stats["forced_steps"], "lr": lr, "wall_time": time.time() - start}
         write(record)
         window_loss, window_draws = 0.0, 0
         if bar is not None:
-            bar.update(1)
+            bar.update(round(100 * budget.fraction) - bar.n)
             bar.set_postfix(loss=f"{record['loss']:.3f}", draws=record["draws"],
                             norm=f"{record['mean_grad_norm']:.3f}", refresh=False)
-        last = step == train_cfg["optimizer_steps"]
+        last = budget.exhausted()
         if step % train_cfg["eval_interval"] == 0 or last:
-            val_loss = evaluate(engine, eval_set, rank, world)
+            val_loss, val_step = evaluate(engine, eval_set, rank, world), step
             write({"kind": "val", "step": step, "tokens": tokens, "val_loss": val_loss})
         if step % train_cfg["checkpoint_interval"] == 0:
             counters["wall"] = time.time() - start
             checkpoints.save(step, engine, {"counters": dict(counters), "batches": batches.state_dict()})
     if bar is not None:
         bar.close()
-    if val_loss is None or counters["step"] % train_cfg["eval_interval"]:
+    if val_step != counters["step"]:  # the run ended between evaluations
         val_loss = evaluate(engine, eval_set, rank, world)
-        write({"kind": "val", "step": counters["step"],
-               "tokens": counters["micro_step"] * global_batch * seq_len, "val_loss": val_loss})
-    summary = {"val_loss": val_loss, "tokens": counters["micro_step"] * global_batch * seq_len,
+        write({"kind": "val", "step": counters["step"], "tokens": tokens_seen(), "val_loss": val_loss})
+    summary = {"val_loss": val_loss, "tokens": tokens_seen(),
                "optimizer_steps": counters["step"], "micro_steps": counters["micro_step"],
                "mean_micro_batches_per_step": counters["micro_steps_in_steps"] / max(1, counters["step"]),
                "wall_time": time.time() - start, "engine": config["engine"], "world_size": world,
                "out_dir": str(out_dir)}
     if metrics is not None:
+        _warn_if_mostly_forced(engine, counters["step"])
         metrics.close()
         if counters["step"]:
             plot_run(metrics_path, out_dir / "training.png",

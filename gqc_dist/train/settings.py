@@ -7,7 +7,10 @@ wrong type or an out-of-range value raises :class:`gqc_dist.GQCConfigError` nami
 
 Units: ``data.micro_batch_size`` is the GLOBAL number of sequences per micro-step (split evenly
 over ranks, so 1 and N ranks see the same data); ``model.seq_len`` is in tokens (bytes);
-``train.*_interval`` count optimizer steps.
+``train.*_interval`` count optimizer steps. ``train.tokens`` is a token budget (global tokens
+consumed, micro-batches not stepped included): when set, the run ends there and the learning
+rate and the controller's schedule advance with tokens (``gqc_dist.train.progress``);
+``optimizer_steps`` and ``max_micro_steps`` remain caps.
 """
 
 import copy
@@ -15,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
+from ..algorithms.spec import get as algorithm_spec
 from ..config import parse_section
 from ..errors import GQCConfigError
 
@@ -28,12 +32,12 @@ DEFAULT_CONFIG: Dict[str, Any] = {
               "num_experts": 0, "ep_size": 1},
     "data": {"path": None, "max_bytes": 4_000_000, "micro_batch_size": 16},
     "optimizer": {"lr": 3e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95,
-                  "warmup_steps": 20, "grad_clip": 1.0},
+                  "warmup_steps": 20, "warmup_fraction": 0.067, "grad_clip": 1.0},
     "gqc": {"algorithm": "gnts", "max_draws": 16,
             "schedule": {"num_training_steps": 300, "num_warmup_steps": 20,
                          "initial_threshold": 1.0, "final_threshold": 0.45,
                          "warmup_multiplier": 3}},
-    "train": {"optimizer_steps": 300, "max_micro_steps": 5000, "eval_interval": 50,
+    "train": {"tokens": None, "optimizer_steps": 300, "max_micro_steps": 5000, "eval_interval": 50,
               "eval_batches": 8, "checkpoint_interval": 100},
     "deepspeed": {"zero_optimization": {"stage": 2}},
 }
@@ -44,6 +48,7 @@ _INT_NONNEG = ((int,), lambda v: v >= 0, ">= 0")
 _NUM_POS = ((int, float), lambda v: v > 0, "> 0")
 _NUM_NONNEG = ((int, float), lambda v: v >= 0, ">= 0")
 _BETA = ((int, float), lambda v: 0 <= v < 1, "in [0, 1)")
+_TOKENS = ((int, type(None)), lambda v: v is None or v >= 1, "an integer >= 1 or null")
 
 SCHEMA = {
     "engine": ((str,), lambda v: v in ENGINES, f"one of {', '.join(ENGINES)}"),
@@ -54,9 +59,9 @@ SCHEMA = {
     "data": {"path": ((str, type(None)), lambda v: True, "a path or null"),
              "max_bytes": _INT_POS, "micro_batch_size": _INT_POS},
     "optimizer": {"lr": _NUM_POS, "weight_decay": _NUM_NONNEG, "beta1": _BETA, "beta2": _BETA,
-                  "warmup_steps": _INT_NONNEG, "grad_clip": _NUM_NONNEG},
+                  "warmup_steps": _INT_NONNEG, "warmup_fraction": _BETA, "grad_clip": _NUM_NONNEG},
     "gqc": None,  # checked by gqc_dist.config.parse_section
-    "train": {"optimizer_steps": _INT_POS, "max_micro_steps": _INT_POS, "eval_interval": _INT_POS,
+    "train": {"tokens": _TOKENS, "optimizer_steps": _INT_POS, "max_micro_steps": _INT_POS, "eval_interval": _INT_POS,
               "eval_batches": _INT_POS, "checkpoint_interval": _INT_POS},
     "deepspeed": "any-object",  # a ds_config fragment, checked by gqc_dist.deepspeed
 }
@@ -84,13 +89,14 @@ def _validate(value, schema, path):
     return value
 
 
-def merge(base: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
-    """``base`` updated recursively with ``override`` (a new dict); the ``gqc`` block and
-    ``deepspeed`` block are replaced whole so that stale keys of another algorithm cannot leak."""
+def merge(base: Dict[str, Any], override: Dict[str, Any], replaced=("gqc", "deepspeed")) -> Dict[str, Any]:
+    """``base`` updated recursively with ``override`` (a new dict). Top-level keys in ``replaced``
+    (by default the ``gqc`` and ``deepspeed`` blocks) are replaced whole, so that stale keys of
+    another algorithm cannot leak."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("gqc", "deepspeed"):
-            out[key] = merge(out[key], value)
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in replaced:
+            out[key] = merge(out[key], value, replaced=())
         else:
             out[key] = copy.deepcopy(value)
     return out
@@ -112,8 +118,7 @@ def validate(config: Dict[str, Any]) -> Dict[str, Any]:
                              "(use fsdp2, or deepspeed.moe with gqc_dist.deepspeed.initialize)")
     if model["num_experts"] % model["ep_size"]:
         raise GQCConfigError("model.num_experts must be a multiple of model.ep_size")
-    if checked["gqc"]["algorithm"] in ("mht", "gns") and checked["engine"] == "deepspeed":
-        raise GQCConfigError(f"gqc.algorithm {checked['gqc']['algorithm']!r} is not supported with engine deepspeed")
+    algorithm_spec(checked["gqc"]["algorithm"]).check_engine(checked["engine"], "gqc.algorithm")
     for key in ("optimizer", "scheduler", "gradient_quality_control", "train_micro_batch_size_per_gpu",
                 "train_batch_size", "gradient_accumulation_steps", "gradient_clipping"):
         if key in checked["deepspeed"]:
@@ -147,16 +152,6 @@ def apply_override(config: Dict[str, Any], assignment: str) -> Dict[str, Any]:
         node = node.setdefault(key, {})
     node[keys[-1]] = value
     if keys[0] in ("gqc", "deepspeed") and len(keys) > 1:  # edit inside, not replace, these blocks
-        inner = merge_block(config.get(keys[0], DEFAULT_CONFIG[keys[0]]), override[keys[0]])
+        inner = merge(config.get(keys[0], DEFAULT_CONFIG[keys[0]]), override[keys[0]], replaced=())
         return {**config, keys[0]: inner}
     return merge(config, override)
-
-
-def merge_block(block: Dict[str, Any], override: Dict[str, Any]) -> Dict[str, Any]:
-    out = copy.deepcopy(block)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge_block(out[key], value)
-        else:
-            out[key] = value
-    return out

@@ -2,17 +2,15 @@
 
 import os
 import re
-import sys
 from pathlib import Path
 
-from distributed_harness import find_free_port, run_launcher
+from distributed_harness import run_launcher, torchrun_command
 
 
 def test_torchrun_fsdp2_moe_example_every_rank_logs_the_same_steps(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_port", str(find_free_port()),
-               "--log-dir", str(tmp_path), "--redirects", "3",
-               "-m", "gqc_dist.examples.fsdp2_moe", "--ep-size", "2", "--micro-steps", "40"]
+    command = torchrun_command(4, "--log-dir", tmp_path, "--redirects", "3",
+                               "-m", "gqc_dist.examples.fsdp2_moe", "--ep-size", "2", "--micro-steps", "40")
     finished = run_launcher(command, env=env, timeout=300)
     assert finished.returncode == 0, finished.stderr[-4000:]
     logs = sorted(tmp_path.rglob("stdout.log"), key=lambda p: int(p.parent.name))

@@ -1,0 +1,12 @@
+"""The built-in algorithms, registered: one line each."""
+
+from . import cbc, fixed, gnr, gns, gnts, mht, sbc
+from .spec import register
+
+register(gnts.SPEC)
+register(gns.SPEC)
+register(gnr.SPEC)
+register(sbc.SPEC)
+register(mht.SPEC)
+register(fixed.SPEC)
+register(cbc.SPEC)

@@ -1,0 +1,133 @@
+"""The statistics of one micro-step: local sums -> one collective -> global values, in one place.
+
+:func:`collect` is the whole communication budget of a micro-step: one fused pass over this
+rank's gradient pieces (``grad_norms``), one ``all_reduce`` of a small float64 vector
+(``packet``), one host synchronisation. Everything it returns is identical on every rank.
+"""
+
+import math
+from typing import Callable, Dict, List
+
+import torch
+
+from .engines.base import GradientAdapter
+from .errors import PartialGradientError, RankDivergenceError
+from .grad_norms import WeightCache, local_group_sums
+from .packet import StatsPacket, world_rank_and_size
+
+_BASE_FIELDS = frozenset({"group_sq", "settings", "scale", "fingerprint"})
+
+
+class MicroStepStats:
+    """Global statistics of one micro-step, identical on every rank.
+
+    Attributes:
+        group_sq_norms: exact squared L2 norm of each param group's accumulated gradient
+            ``G_n`` (sum over the ``n`` micro-batches, unscaled), counted once per element.
+        total_sq_norm: ``sum(group_sq_norms)``, ``||G_n||^2``.
+        total_norm: ``||G_n||``.
+        mean_grad_norm: ``total_norm / n`` (GNTS's ``||G_n|| / n``).
+        nonfinite: True when a gradient piece on some rank holds inf or NaN.
+        settings: rank 0's controller settings (``max_draws``, thresholds, ...).
+        scale: the AMP loss scale the gradients still carry (1.0 without one).
+        fields: the algorithm's own reduced fields (per-rank fields: one list per rank).
+    """
+
+    def __init__(self, group_sq_norms, num_draws, nonfinite, settings, scale, fields):
+        self.group_sq_norms = group_sq_norms
+        self.total_sq_norm = sum(group_sq_norms)
+        self.total_norm = math.sqrt(self.total_sq_norm)
+        self.mean_grad_norm = self.total_norm / num_draws
+        self.nonfinite = nonfinite
+        self.settings = settings
+        self.scale = scale
+        self.fields = fields
+
+
+def collect(
+    gradients: GradientAdapter,
+    weights: WeightCache,
+    num_groups: int,
+    num_draws: int,
+    settings: Dict[str, float],
+    add_fields: Callable[[StatsPacket], None],
+    validate_settings: Callable[[Dict[str, float]], None],
+    fallback_device: Callable[[], torch.device],
+) -> MicroStepStats:
+    """One micro-step's global statistics.
+
+    Args:
+        gradients: the engine adapter (its ``local_pieces()`` are this rank's gradient pieces).
+        weights: the weight-matrix cache, reused while the adapter's layout is unchanged.
+        num_groups: param groups of the optimizer.
+        num_draws: micro-batches in the window so far, this one included.
+        settings: this rank's controller settings; rank 0's are returned (and validated with
+            ``validate_settings``) so every rank decides from the same values.
+        add_fields: adds the algorithm's own fields to the packet.
+        fallback_device: where the packet lives when this rank holds no gradient piece (called
+            only then: under ZeRO-3 the optimizer's own parameters may be empty).
+
+    Raises :class:`PartialGradientError` (on every rank) when gradients claimed replicated
+    differ across ranks.
+    """
+    distributed = world_rank_and_size()[1] > 1
+    pieces = gradients.local_pieces()
+    device = pieces[0][1].tensor.device if pieces else fallback_device()
+    weighted, fingerprint = local_group_sums(pieces, num_groups, device,
+                                             weights.get(pieces, num_groups, device, gradients.layout_version))
+    packet = StatsPacket(device)
+    packet.add_sum("group_sq", weighted)
+    packet.add_root("settings", list(settings.values()))
+    loss_scale = gradients.loss_scale()
+    if loss_scale is not None:
+        packet.add_root("scale", loss_scale if isinstance(loss_scale, torch.Tensor) else [loss_scale])
+    if distributed:
+        packet.add_per_rank("fingerprint", fingerprint)
+    add_fields(packet)
+    reduced = packet.reduce()
+
+    scale = reduced["scale"][0] if loss_scale is not None else 1.0
+    rank0_settings = dict(zip(settings, reduced["settings"]))
+    # an inf or NaN in any rank's piece reaches its group's reduced sum (grad_norms)
+    nonfinite = not all(math.isfinite(v) for v in reduced["group_sq"])
+    if distributed and not nonfinite:
+        check_replicated(reduced["fingerprint"])
+    validate_settings(rank0_settings)
+    fields = {name: reduced[name] for name in reduced if name not in _BASE_FIELDS}
+    return MicroStepStats([v / (scale * scale) for v in reduced["group_sq"]], num_draws, nonfinite,
+                          rank0_settings, scale, fields)
+
+
+def check_replicated(fingerprints: List[List[float]]) -> None:
+    """Raise :class:`PartialGradientError` unless every rank's fingerprint (squared norm of the
+    pieces it claims are replicated over the world) equals rank 0's."""
+    values = [f[0] for f in fingerprints]
+    bad = [rank for rank, value in enumerate(values) if value != values[0]]
+    if bad:
+        raise PartialGradientError(
+            "gradients treated as replicated differ across ranks (ranks "
+            f"{bad} disagree with rank 0: squared norms {[values[0]] + [values[r] for r in bad]}). "
+            "They are rank-local partial sums, e.g. DDP under no_sync(), or sharded/expert "
+            "parameters without a policy. Synchronise gradients every micro-step (no "
+            "no_sync()), or set the param-group key 'gqc_reduction' to "
+            "gqc_dist.Sharded(group) / gqc_dist.Replicated(group) for such parameters."
+        )
+
+
+def verify_agreement(device, row, num_batches: int) -> None:
+    """Verify mode's second collective: all-gather every rank's ``row`` = ``(decision,
+    num_draws, state checksum)`` and raise :class:`RankDivergenceError` naming the ranks whose row
+    differs from rank 0's (``num_batches``: the micro-batch count, for the message)."""
+    packet = StatsPacket(device)
+    packet.add_per_rank("verify", list(row))
+    rows = packet.reduce()["verify"]
+    bad = [rank for rank, other in enumerate(rows) if other != rows[0]]
+    if bad:
+        raise RankDivergenceError(
+            f"ranks {bad} disagree with rank 0 at micro-batch {num_batches}: "
+            f"(decision, num_draws, state checksum) rank 0 {tuple(rows[0])}, "
+            + ", ".join(f"rank {r} {tuple(rows[r])}" for r in bad)
+            + ". Their settings or counters diverged (e.g. a different threshold or "
+            "max_draws on one rank).",
+            ranks=bad,
+        )

@@ -1,0 +1,89 @@
+"""The optimizer look-alike half of a GQC wrapper: what makes it usable where a
+``torch.optim.Optimizer`` is expected (param groups for schedules, state, ``add_param_group``,
+attribute forwarding) and its one refusal (``zero_grad``)."""
+
+from typing import List, Tuple
+
+import torch
+
+from .errors import GQCUsageError
+from .reduction import group_policy
+from .validation import check_number
+
+
+class OptimizerLookalike:
+    """Duck-types as ``self._optimizer``; the wrapper sets ``_optimizer``, ``_distributed_mode``,
+    ``_gradients`` and its ``SCHEDULABLE`` keys."""
+
+    SCHEDULABLE = {}
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The wrapped optimizer."""
+        return self._optimizer
+
+    @property
+    def param_groups(self) -> List[dict]:
+        """The wrapped optimizer's param groups (schedules write thresholds here)."""
+        return self._optimizer.param_groups
+
+    @property
+    def state(self):
+        return self._optimizer.state
+
+    @property
+    def defaults(self):
+        return self._optimizer.defaults
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a param group to the wrapped optimizer, with the algorithm's schedulable keys."""
+        group_policy(param_group, self._distributed_mode)
+        self._optimizer.add_param_group(param_group)
+        self._extend_param_groups(self._optimizer.param_groups[-1:])
+        self._gradients.params_changed()
+
+    def __getattr__(self, name: str):
+        # Only reached for attributes the wrapper lacks: forward them to the optimizer.
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._optimizer, name)
+
+    def zero_grad(self, *args, **kwargs) -> None:
+        """Refused: the wrapper zeroes gradients itself after each optimizer step."""
+        raise GQCUsageError(
+            "zero_grad() must not be called on a GQC wrapper: it accumulates gradients across "
+            "micro-batches and zeroes them itself after each optimizer step. Remove the "
+            "zero_grad() call from the training loop."
+        )
+
+    def _extend_param_groups(self, groups) -> None:
+        for name, initial in self.SCHEDULABLE.items():
+            for index, group in enumerate(groups):
+                if name in group:
+                    check_number(f"param_groups[{index}]['{name}']", group[name], minimum=0)
+                else:
+                    group[name] = initial
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the first parameter."""
+        return self._optimizer.param_groups[0]["params"][0].device
+
+    @property
+    def valid_schedule_targets(self) -> List[str]:
+        """Numeric param-group keys present in every group: what schedules may target."""
+        return [name for name, _ in self._scalar_group_values()]
+
+    def _group_values(self, name: str) -> List[float]:
+        return [group[name] for group in self._optimizer.param_groups]
+
+    def _scalar_group_values(self) -> List[Tuple[str, List[float]]]:
+        groups = self._optimizer.param_groups
+        out = []
+        for name, value in groups[0].items():
+            if name == "params" or isinstance(value, bool):
+                continue
+            values = [group.get(name) for group in groups]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                out.append((name, values))
+        return out
