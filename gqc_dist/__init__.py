@@ -30,6 +30,7 @@ from .algorithms.sbc import (
 )
 from .errors import (
     CheckpointError,
+    CollectiveTimeoutError,
     GQCConfigError,
     GQCError,
     GQCTypeError,
@@ -70,5 +71,6 @@ __all__ = [
     "PartialGradientError",
     "RankDivergenceError",
     "CheckpointError",
+    "CollectiveTimeoutError",
     "__version__",
 ]

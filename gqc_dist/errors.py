@@ -33,6 +33,10 @@ class RankDivergenceError(GQCError, RuntimeError):
         self.ranks = tuple(ranks)
 
 
+class CollectiveTimeoutError(GQCError, RuntimeError):
+    """A collective of gqc_dist did not complete in time: another rank is stalled or gone."""
+
+
 class TrainError(GQCError, RuntimeError):
     """A gqc-train run cannot start or continue (launcher environment, run directory, resume)."""
 

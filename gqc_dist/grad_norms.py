@@ -5,8 +5,9 @@ returns float64 device tensors:
 
 * ``weighted``: per group, ``sum ||x||^2 / rho(x)``; after the all-reduce SUM this is the exact
   squared global norm of the group. A piece holding inf or NaN makes its group's entry non-finite
-  (its weight ``1/rho`` is positive and every term is >= 0), so the caller reads "some rank has a
-  non-finite gradient" off the reduced values and needs no separate flag.
+  (its weight ``1/rho`` is positive and every term is >= 0; through the matrix product the NaN
+  reaches the other groups' entries too), so the caller reads "some rank has a non-finite
+  gradient" off the reduced values and needs no separate flag.
 * ``fingerprint``: squared norm of the pieces claimed replicated over the world; replicated copies
   give bit-identical values on every rank, so comparing it across ranks detects partial grads.
 
@@ -22,10 +23,12 @@ from .reduction import Piece
 
 
 def per_tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Float32 L2 norm of every tensor, stacked, via one foreach kernel per device and dtype."""
+    """L2 norm of every tensor, stacked, via one foreach kernel per device and dtype: float32,
+    or float64 when any tensor is float64 (a norm may widen its input, never narrow it)."""
     if not tensors:
         return torch.zeros(0)
-    norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float32)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    norms = torch._foreach_norm(list(tensors), 2, dtype=dtype)
     try:
         return torch.stack(norms)
     except RuntimeError:  # tensors on several devices: gather the norms on the first one's

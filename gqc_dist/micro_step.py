@@ -6,7 +6,7 @@ rank's gradient pieces (``grad_norms``), one ``all_reduce`` of a small float64 v
 """
 
 import math
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -53,6 +53,7 @@ def collect(
     add_fields: Callable[[StatsPacket], None],
     validate_settings: Callable[[Dict[str, float]], None],
     fallback_device: Callable[[], torch.device],
+    timeout_s: Optional[float] = None,
 ) -> MicroStepStats:
     """One micro-step's global statistics.
 
@@ -66,6 +67,7 @@ def collect(
         add_fields: adds the algorithm's own fields to the packet.
         fallback_device: where the packet lives when this rank holds no gradient piece (called
             only then: under ZeRO-3 the optimizer's own parameters may be empty).
+        timeout_s: bound on the all-reduce (``CollectiveTimeoutError`` after it).
 
     Raises :class:`PartialGradientError` (on every rank) when gradients claimed replicated
     differ across ranks.
@@ -84,7 +86,7 @@ def collect(
     if distributed:
         packet.add_per_rank("fingerprint", fingerprint)
     add_fields(packet)
-    reduced = packet.reduce()
+    reduced = packet.reduce(timeout_s)
 
     scale = reduced["scale"][0] if loss_scale is not None else 1.0
     rank0_settings = dict(zip(settings, reduced["settings"]))
@@ -114,13 +116,13 @@ def check_replicated(fingerprints: List[List[float]]) -> None:
         )
 
 
-def verify_agreement(device, row, num_batches: int) -> None:
+def verify_agreement(device, row, num_batches: int, timeout_s: Optional[float] = None) -> None:
     """Verify mode's second collective: all-gather every rank's ``row`` = ``(decision,
     num_draws, state checksum)`` and raise :class:`RankDivergenceError` naming the ranks whose row
     differs from rank 0's (``num_batches``: the micro-batch count, for the message)."""
     packet = StatsPacket(device)
     packet.add_per_rank("verify", list(row))
-    rows = packet.reduce()["verify"]
+    rows = packet.reduce(timeout_s)["verify"]
     bad = [rank for rank, other in enumerate(rows) if other != rows[0]]
     if bad:
         raise RankDivergenceError(

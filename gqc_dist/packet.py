@@ -15,10 +15,13 @@ Each rank packs what the decision needs into one float64 vector on the gradients
 Python arithmetic.
 """
 
-from typing import Dict, List, Sequence, Union
+from datetime import timedelta
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
+
+from .errors import CollectiveTimeoutError
 
 Number = Union[int, float]
 
@@ -86,11 +89,13 @@ class StatsPacket:
             self._parts.append(("host", slots))
         self._fields.append((name, "per_rank", length))
 
-    def reduce(self) -> Dict[str, Union[List[float], List[List[float]]]]:
+    def reduce(self, timeout_s: Optional[float] = None) -> Dict[str, Union[List[float], List[List[float]]]]:
         """All-reduce (SUM) the packet over the world once and return its fields on the host.
 
         ``sum`` and ``root`` fields map to a list of floats; ``per_rank`` fields map to a list
-        (one entry per rank, in rank order) of lists of floats.
+        (one entry per rank, in rank order) of lists of floats. The all-reduce fails with
+        :class:`CollectiveTimeoutError` after ``timeout_s`` seconds (``None``: the process
+        group's own timeout) or when a peer is gone, naming the collective.
         """
         device_parts = [part for part in self._parts if not isinstance(part, tuple)]
         host_values = [value for part in self._parts if isinstance(part, tuple) for value in part[1]]
@@ -100,7 +105,7 @@ class StatsPacket:
             device_parts.append(host_values_to_device(host_values, self.device))
         vector = torch.cat(device_parts) if device_parts else torch.zeros(0, dtype=torch.float64)
         if distributed:
-            dist.all_reduce(vector, op=dist.ReduceOp.SUM)
+            _all_reduce(vector, timeout_s, self.rank, self.world_size)
         flat = vector.tolist()  # the one host synchronisation of the micro-step
         if distributed:
             host_values = flat[device_count:]
@@ -131,3 +136,14 @@ class StatsPacket:
                 out[name] = flat[pos : pos + length]
                 pos += length
         return out
+
+
+def _all_reduce(vector: torch.Tensor, timeout_s: Optional[float], rank: int, world: int) -> None:
+    work = dist.all_reduce(vector, op=dist.ReduceOp.SUM, async_op=True)
+    try:
+        work.wait(timedelta(seconds=timeout_s)) if timeout_s else work.wait()
+    except RuntimeError as error:
+        bound = f"within {timeout_s:g} s" if timeout_s else "within the process group's timeout"
+        raise CollectiveTimeoutError(
+            f"the GQC statistics all-reduce did not complete {bound} on rank {rank} of {world}: "
+            f"another rank is stalled or gone ({str(error).splitlines()[0]})") from error

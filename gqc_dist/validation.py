@@ -36,7 +36,7 @@ def check_schedule_args(num_training_steps, num_warmup_steps, warmup_multiplier=
 
 
 def check_wrapper_args(optimizer, max_draws, distributed_mode, grad_scaler, verify, gradients,
-                       micro_batch_size, noise_beta) -> None:
+                       micro_batch_size, noise_beta, timeout_s) -> None:
     """The GQC wrapper's constructor arguments (see ``GQCOptimizerWrapper``), each error naming
     the argument."""
     import torch
@@ -56,6 +56,8 @@ def check_wrapper_args(optimizer, max_draws, distributed_mode, grad_scaler, veri
     check_number("noise_beta", noise_beta, minimum=0)
     if not noise_beta < 1:
         raise GQCConfigError(f"noise_beta must be in [0, 1), got {noise_beta!r}")
+    if timeout_s is not None:
+        check_number("timeout_s", timeout_s, minimum=0, allow_equal=False)
     if not isinstance(verify, bool):
         raise GQCTypeError(f"verify must be a bool, got {type(verify).__name__}")
     for group in optimizer.param_groups:

@@ -63,6 +63,9 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             known: ``statistics()`` then reports the gradient noise scale in samples too.
         noise_beta: smoothing of the noise-scale estimate per informative window
             (:class:`gqc_dist.noise_scale.NoiseScaleEstimator`).
+        timeout_s: seconds the per-micro-step collective may take before every waiting rank
+            raises :class:`gqc_dist.CollectiveTimeoutError` (a stalled or dead rank); ``None``:
+            the process group's own timeout.
 
     The wrapper duck-types as the optimizer (``param_groups``, ``state``, ``add_param_group`` ...)
     but owns ``zero_grad``: calling it raises :class:`GQCUsageError`.
@@ -83,9 +86,11 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         gradients: Optional[GradientAdapter] = None,
         micro_batch_size: Optional[int] = None,
         noise_beta: float = 0.9,
+        timeout_s: Optional[float] = None,
     ):
         check_wrapper_args(optimizer, max_batch_draws, distributed_mode, grad_scaler, verify, gradients,
-                           micro_batch_size, noise_beta)
+                           micro_batch_size, noise_beta, timeout_s)
+        self._timeout_s = timeout_s
         self._optimizer = optimizer
         self._max_draws = max_batch_draws
         self._distributed_mode = distributed_mode
@@ -159,7 +164,8 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         """Local sums -> one collective -> global statistics (one host sync)."""
         return collect(self._gradients, self._weights, len(self._optimizer.param_groups),
                        self._counters["num_draws"], {"max_draws": self._max_draws, **self._settings()},
-                       lambda packet: self._add_fields(packet, inputs), self._validate_settings, lambda: self.device)
+                       lambda packet: self._add_fields(packet, inputs), self._validate_settings, lambda: self.device,
+                       self._timeout_s)
 
     def _validate_settings(self, settings: Dict[str, float]) -> None:
         for name, value in settings.items():
@@ -235,7 +241,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
 
     def _verify_agreement(self, decision: bool) -> None:
         verify_agreement(self.device, (float(decision), float(self._counters["num_draws"]),
-                                       self._state_checksum()), self.num_batches)
+                                       self._state_checksum()), self.num_batches, self._timeout_s)
 
     # ------------------------------------------------------------------ reporting
     def statistics(self, behavior: str = "verbose", aggregate_behavior: str = "mean") -> Dict[str, Any]:

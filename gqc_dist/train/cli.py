@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ..errors import GQCConfigError, GQCError
-from .settings import apply_override, load_config, merge, validate
+from .settings import DEFAULT_CONFIG, apply_override, load_config, merge, validate
 
 
 def _parser():
@@ -30,7 +30,12 @@ def _parser():
                         help="fixed accumulation of K micro-batches per step instead of GQC")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny model and a few steps (smoke test, ~20 s)")
-    parser.add_argument("--resume", action="store_true", help="continue from out-dir's latest checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out-dir from its latest checkpoint, with its own config")
+    parser.add_argument("--overwrite", action="store_true", help="replace a run already in --out-dir")
+    parser.add_argument("--collective-timeout", type=float, metavar="SECONDS",
+                        help="fail any collective (and so a job with a stalled rank) after this long "
+                             "(default 300; config train.collective_timeout_s)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                         help="override any config key (value parsed as JSON)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -48,14 +53,60 @@ QUICK = {"model": {"seq_len": 32, "dim": 32, "layers": 1, "heads": 2},
                    "eval_batches": 2, "checkpoint_interval": 6}}
 
 
-def build_config(args) -> dict:
-    """The validated config from defaults, --config, --quick, flags and --set (in that order)."""
-    config = load_config(args.config) if args.config else {}
+# What a resumed run may not change: it would no longer be the run its checkpoints belong to.
+FIXED_ON_RESUME = ("engine", "seed", "model", "data", "optimizer", "gqc", "deepspeed")
+
+
+def default_out_dir(args) -> str:
+    """Runs of different kinds get different default directories, so one never lands on another."""
     if args.quick:
-        config = merge(QUICK, config)
+        return "runs/gqc-train-quick"
+    if args.baseline is not None:
+        return f"runs/fixed-{args.baseline}"
+    return DEFAULT_CONFIG["out_dir"]
+
+
+def build_config(args) -> dict:
+    """The validated config from defaults, --config, --quick, flags and --set (in that order).
+
+    With ``--resume`` the run's own ``config.json`` takes the place of the defaults, and an
+    override that would change its model, data, optimizer, algorithm, engine or seed is refused
+    naming the key.
+    """
+    if args.resume:
+        from .run_dir import saved_config
+
+        out_dir = Path(args.out_dir or default_out_dir(args))
+        saved = validate(saved_config(out_dir))
+        config = _overrides(args, saved)
+        _check_unchanged(saved, config)
+        return config
+    base = {"out_dir": default_out_dir(args)}
+    return _overrides(args, merge(QUICK, base) if args.quick else base)
+
+
+def _check_unchanged(saved: dict, config: dict, path: str = "") -> None:
+    for key in (FIXED_ON_RESUME if not path else sorted(set(saved) | set(config))):
+        name = f"{path}.{key}" if path else key
+        old, new = saved.get(key), config.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            _check_unchanged(old, new, name)
+        elif old != new:
+            raise GQCConfigError(f"--resume would change {name} from {old!r} to {new!r}: a resumed run keeps "
+                                 "the model, data, optimizer, algorithm, engine and seed of its config.json; "
+                                 "start a new run with another --out-dir to change them")
+
+
+def _overrides(args, config: dict) -> dict:
+    """``config`` with --config, --quick (when resuming), the flags and --set applied, validated."""
+    if args.config:
+        config = merge(config, load_config(args.config))
+    if args.quick and args.resume:
+        config = merge(config, QUICK)
     flags = {"engine": args.engine, "out_dir": args.out_dir, "seed": args.seed}
     config = merge(config, {k: v for k, v in flags.items() if v is not None})
-    train = {"optimizer_steps": args.optimizer_steps, "max_micro_steps": args.max_micro_steps}
+    train = {"optimizer_steps": args.optimizer_steps, "max_micro_steps": args.max_micro_steps,
+             "collective_timeout_s": args.collective_timeout}
     config = merge(config, {"train": {k: v for k, v in train.items() if v is not None}})
     if args.micro_batch_size is not None:
         config = merge(config, {"data": {"micro_batch_size": args.micro_batch_size}})
@@ -96,10 +147,13 @@ def main(argv=None) -> int:
     except GQCConfigError as error:
         print(f"gqc-train: config error: {error}", file=sys.stderr)
         return 2
+    except GQCError as error:
+        print(f"gqc-train: {error}", file=sys.stderr)
+        return 2
     from .run import train
 
     try:
-        summary = train(config, resume=args.resume, progress=not args.no_progress)
+        summary = train(config, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
     except GQCError as error:  # foreseeable: one line, no traceback
         print(f"gqc-train: {error}", file=sys.stderr)
         return 2

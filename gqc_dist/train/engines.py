@@ -6,6 +6,7 @@ does not know which engine it drives: ``loss(x, y)``, ``backward(loss)``, ``step
 """
 
 import os
+from datetime import timedelta
 from typing import Any, Dict
 
 import torch
@@ -18,37 +19,52 @@ from ..engines import TorchOptimizerGradients
 from ..moe import expert_param_groups, expert_parallel_groups, reduce_expert_grads
 from ..packet import world_rank_and_size
 from .progress import Budget, TokenKeyedSchedule
+from .slurm_env import first_host
 from .model import GPT, ModelConfig, block_modules, expert_parameters, token_loss
 
 
-def init_distributed(engine: str) -> None:
+_LAUNCHER_KEYS = (("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun, deepspeed launcher
+                  ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),  # MPICH
+                  ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
+                  ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))  # plain srun
+
+
+def init_distributed(engine: str, timeout_s: float = 300.0) -> None:
     """Start torch.distributed (gloo on CPU, nccl on GPU) from the launcher's environment.
 
     torchrun, the deepspeed launcher and ``srun torchrun`` set ``RANK``/``WORLD_SIZE``; under
     ``mpirun`` (MPICH ``PMI_*``, Open MPI ``OMPI_COMM_WORLD_*``) or plain ``srun`` (``SLURM_*``)
-    they are derived here. ``MASTER_ADDR`` defaults to 127.0.0.1 and ``MASTER_PORT`` to 29500.
+    they are derived here. ``MASTER_ADDR`` defaults to the job's first node under Slurm
+    (``slurm_env.first_host``), else 127.0.0.1; ``MASTER_PORT`` to 29500 (under Slurm 15000 + job
+    id mod 5000, so two jobs on one node do not collide). Every collective of the process group
+    fails after ``timeout_s`` seconds instead of waiting for a stalled rank forever. Engine
+    ``single`` under a launcher that started several ranks is refused.
     """
-    if engine == "single" or dist.is_initialized():
+    if dist.is_initialized():
         return
-    for rank_key, size_key, local_key in (("RANK", "WORLD_SIZE", "LOCAL_RANK"),
-                                          ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
-                                          ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
-                                           "OMPI_COMM_WORLD_LOCAL_RANK"),
-                                          ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
-        if rank_key in os.environ and size_key in os.environ:
-            os.environ.setdefault("RANK", os.environ[rank_key])
-            os.environ.setdefault("WORLD_SIZE", os.environ[size_key])
-            os.environ.setdefault("LOCAL_RANK", os.environ.get(local_key, "0"))
-            break
-    else:
+    found = next(((rank, size, local) for rank, size, local in _LAUNCHER_KEYS
+                  if rank in os.environ and size in os.environ), None)
+    if engine == "single":
+        if found and int(os.environ[found[1]]) > 1:
+            raise TrainError(f"engine 'single' runs one process, but the launcher started {found[1]}="
+                             f"{os.environ[found[1]]} ranks: use --engine ddp, fsdp2 or deepspeed, or launch "
+                             "one process")
+        return
+    if found is None:
         raise TrainError(f"engine {engine!r} needs a launcher (torchrun, deepspeed, mpirun or srun): "
-                           "no RANK/WORLD_SIZE in the environment")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+                         "no RANK/WORLD_SIZE in the environment")
+    rank_key, size_key, local_key = found
+    os.environ.setdefault("RANK", os.environ[rank_key])
+    os.environ.setdefault("WORLD_SIZE", os.environ[size_key])
+    os.environ.setdefault("LOCAL_RANK", os.environ.get(local_key, "0"))
+    nodes = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
+    os.environ.setdefault("MASTER_ADDR", first_host(nodes) if nodes else "127.0.0.1")
+    job = os.environ.get("SLURM_JOB_ID")
+    os.environ.setdefault("MASTER_PORT", str(15000 + int(job) % 5000) if job and job.isdigit() else "29500")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
 
 
 class TrainEngine:
@@ -117,6 +133,8 @@ class TrainEngine:
 def build_engine(config: Dict[str, Any], budget: Budget) -> TrainEngine:
     """Model, optimizer, controller and schedules for ``config['engine']`` (distributed started);
     the learning rate and the controller's value schedule follow ``budget``."""
+    # the controller's own collective is bounded like the process group's, with its own message
+    config = {**config, "gqc": {"timeout_s": config["train"]["collective_timeout_s"], **config["gqc"]}}
     engine = config["engine"]
     model_config = ModelConfig(**config["model"]).validate()
     ep_group = edp_group = None

@@ -12,11 +12,10 @@ Outputs under ``out_dir`` (rank 0 writes shared files):
 """
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 import torch
 import torch.distributed as dist
@@ -25,8 +24,9 @@ from ..errors import GQCConfigError, TrainError
 from ..packet import world_rank_and_size
 from .corpus import ByteBatches, evaluate_batches, load_corpus
 from .engines import TrainEngine, build_engine, init_distributed
-from .progress import Budget
 from .plots import plot_run
+from .progress import Budget
+from .run_dir import Checkpoints, prepare, truncate_metrics
 
 
 def _global_mean(values) -> list:
@@ -48,68 +48,6 @@ def evaluate(engine: TrainEngine, eval_set, rank: int, world: int) -> float:
     return _global_mean([sum(losses) / len(losses)])[0]
 
 
-class Checkpoints:
-    """Per-rank checkpoint files under ``out_dir/checkpoints`` and the ``latest`` pointer."""
-
-    def __init__(self, out_dir: Path, rank: int, world: int):
-        self.root = out_dir / "checkpoints"
-        self.rank, self.world = rank, world
-
-    def save(self, step: int, engine: TrainEngine, extra: Dict[str, Any]) -> None:
-        folder = self.root / f"step_{step:06d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {"world_size": self.world, "extra": extra}
-        if engine.ds_engine is not None:
-            engine.ds_engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
-        state["engine"] = engine.state_dict()
-        tmp = folder / f"rank{self.rank}.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, folder / f"rank{self.rank}.pt")
-        if dist.is_initialized():
-            dist.barrier()
-        if self.rank == 0:  # after every rank's file is complete; atomic, so a kill never leaves half a name
-            pointer = self.root / "latest.tmp"
-            pointer.write_text(folder.name + "\n")
-            os.replace(pointer, self.root / "latest")
-
-    def load_latest(self, engine: TrainEngine) -> Optional[Dict[str, Any]]:
-        pointer = self.root / "latest"
-        if not pointer.exists():
-            return None
-        folder = self.root / pointer.read_text().strip()
-        path = folder / f"rank{self.rank}.pt"
-        try:
-            state = torch.load(path, weights_only=False)
-        except (OSError, RuntimeError, EOFError) as error:
-            raise TrainError(f"cannot resume from {path}: {error}") from error
-        if state.get("world_size") != self.world:
-            raise TrainError(f"checkpoint {folder} was written by {state.get('world_size')} ranks, "
-                               f"this run has {self.world}")
-        if engine.ds_engine is not None:
-            engine.ds_engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
-        engine.load_state_dict(state["engine"])
-        return state["extra"]
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metrics records up to optimizer step ``step`` (the checkpoint resumed from). A last
-    line cut short by a killed run is dropped; a malformed line before it is an error."""
-    lines = path.read_text().splitlines() if path.exists() else []
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break
-            raise TrainError(f"--resume: {path} line {number} is not JSON: {line[:80]!r}") from None
-        if record["step"] <= step:
-            kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
-
-
 def _warn_if_mostly_forced(engine: TrainEngine, steps: int) -> None:
     """An adaptive controller whose windows mostly end at max_draws is not adapting: say so."""
     forced = engine.controller.statistics()["forced_steps"]
@@ -119,18 +57,22 @@ def _warn_if_mostly_forced(engine: TrainEngine, steps: int) -> None:
               "raise gqc.max_draws or relax its threshold", file=sys.stderr)
 
 
-def train(config: Dict[str, Any], resume: bool = False, progress: bool = True) -> Dict[str, Any]:
-    """Run gqc-train for a validated ``config``; returns the final summary (on every rank)."""
-    init_distributed(config["engine"])
+def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
+          overwrite: bool = False) -> Dict[str, Any]:
+    """Run gqc-train for a validated ``config``; returns the final summary (on every rank).
+
+    ``resume``: continue the run in ``out_dir`` from its latest checkpoint (``config`` must be
+    the run's own, see the CLI); ``overwrite``: replace a run already in ``out_dir``. Nothing in
+    ``out_dir`` changes before the checks (and, resuming, the checkpoint load) succeed.
+    """
+    init_distributed(config["engine"], config["train"]["collective_timeout_s"])
     rank, world = world_rank_and_size()
     data, train_cfg, model_cfg = config["data"], config["train"], config["model"]
     if data["micro_batch_size"] % world:
         raise GQCConfigError(f"data.micro_batch_size ({data['micro_batch_size']}) must be a multiple of "
-                         f"the world size ({world})")
+                             f"the world size ({world})")
     out_dir = Path(config["out_dir"])
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    prepare(out_dir, resume, overwrite, rank)
     torch.manual_seed(config["seed"])
     train_data, val_data = load_corpus(max_bytes=data["max_bytes"], path=data["path"])
     seq_len, global_batch = model_cfg["seq_len"], data["micro_batch_size"]
@@ -149,10 +91,13 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True) -
         counters = extra["counters"]
         batches.load_state_dict(extra["batches"])
         budget.steps_done, budget.micro_steps_done = counters["step"], counters["micro_step"]
-        if rank == 0:
-            _truncate_metrics(metrics_path, counters["step"])
-    elif rank == 0:
-        metrics_path.write_text("")
+    if rank == 0:  # the run's files change only now, after the checks and the checkpoint load
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if resume:
+            truncate_metrics(metrics_path, counters["step"])
+        else:
+            metrics_path.write_text("")
 
     metrics = open(metrics_path, "a") if rank == 0 else None
     bar = None

@@ -38,7 +38,8 @@ DEFAULT_CONFIG: Dict[str, Any] = {
                          "initial_threshold": 1.0, "final_threshold": 0.45,
                          "warmup_multiplier": 3}},
     "train": {"tokens": None, "optimizer_steps": 300, "max_micro_steps": 5000, "eval_interval": 50,
-              "eval_batches": 8, "checkpoint_interval": 100},
+              "eval_batches": 8, "checkpoint_interval": 100,
+              "collective_timeout_s": 300},
     "deepspeed": {"zero_optimization": {"stage": 2}},
 }
 
@@ -62,7 +63,7 @@ SCHEMA = {
                   "warmup_steps": _INT_NONNEG, "warmup_fraction": _BETA, "grad_clip": _NUM_NONNEG},
     "gqc": None,  # checked by gqc_dist.config.parse_section
     "train": {"tokens": _TOKENS, "optimizer_steps": _INT_POS, "max_micro_steps": _INT_POS, "eval_interval": _INT_POS,
-              "eval_batches": _INT_POS, "checkpoint_interval": _INT_POS},
+              "eval_batches": _INT_POS, "checkpoint_interval": _INT_POS, "collective_timeout_s": _NUM_POS},
     "deepspeed": "any-object",  # a ds_config fragment, checked by gqc_dist.deepspeed
 }
 
@@ -129,11 +130,14 @@ def validate(config: Dict[str, Any]) -> Dict[str, Any]:
 def load_config(path) -> Dict[str, Any]:
     """Read a JSON config file (a partial config: missing keys take the defaults)."""
     try:
-        return json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text())
     except OSError as error:
         raise GQCConfigError(f"cannot read config {path}: {error}") from error
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise GQCConfigError(f"config {path} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise GQCConfigError(f"config {path} must hold a JSON object, got a {type(config).__name__}")
+    return config
 
 
 def apply_override(config: Dict[str, Any], assignment: str) -> Dict[str, Any]:
