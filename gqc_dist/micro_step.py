@@ -6,7 +6,7 @@ rank's gradient pieces (``grad_norms``), one ``all_reduce`` of a small float64 v
 """
 
 import math
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -15,7 +15,8 @@ from .errors import PartialGradientError, RankDivergenceError
 from .grad_norms import WeightCache, local_group_sums
 from .packet import StatsPacket, world_rank_and_size
 
-_BASE_FIELDS = frozenset({"group_sq", "settings", "scale", "fingerprint"})
+_BASE_FIELDS = frozenset({"group_sq", "settings", "scale", "fingerprint", "fingerprint0"})
+_EPS = 2.0**-52
 
 
 class MicroStepStats:
@@ -83,8 +84,9 @@ def collect(
     loss_scale = gradients.loss_scale()
     if loss_scale is not None:
         packet.add_root("scale", loss_scale if isinstance(loss_scale, torch.Tensor) else [loss_scale])
-    if distributed:
-        packet.add_per_rank("fingerprint", fingerprint)
+    if distributed:  # a constant-size replication check: sum and sum of squares, and rank 0's value
+        packet.add_sum("fingerprint", torch.cat([fingerprint, fingerprint * fingerprint]))
+        packet.add_root("fingerprint0", fingerprint)
     add_fields(packet)
     reduced = packet.reduce(timeout_s)
 
@@ -93,22 +95,29 @@ def collect(
     # an inf or NaN in any rank's piece reaches its group's reduced sum (grad_norms)
     nonfinite = not all(math.isfinite(v) for v in reduced["group_sq"])
     if distributed and not nonfinite:
-        check_replicated(reduced["fingerprint"])
+        check_replicated(*reduced["fingerprint"], reduced["fingerprint0"][0], packet.world_size)
     validate_settings(rank0_settings)
     fields = {name: reduced[name] for name in reduced if name not in _BASE_FIELDS}
     return MicroStepStats([v / (scale * scale) for v in reduced["group_sq"]], num_draws, nonfinite,
                           rank0_settings, scale, fields)
 
 
-def check_replicated(fingerprints: List[List[float]]) -> None:
-    """Raise :class:`PartialGradientError` unless every rank's fingerprint (squared norm of the
-    pieces it claims are replicated over the world) equals rank 0's."""
-    values = [f[0] for f in fingerprints]
-    bad = [rank for rank, value in enumerate(values) if value != values[0]]
-    if bad:
+def check_replicated(total: float, total_sq: float, first: float, world: int) -> None:
+    """Raise :class:`PartialGradientError` (on every rank alike) unless every rank's fingerprint
+    ``f_r`` (squared norm of the pieces it claims are replicated over the world) equals rank 0's.
+
+    Constant-size: from ``total = sum f_r``, ``total_sq = sum f_r^2`` and ``first = f_0``. Equal
+    fingerprints give ``total = W f_0`` and ``total_sq = W f_0^2`` up to the all-reduce's rounding
+    (relative ``(W - 1) * 2^-52`` at most); any two ranks differing by a relative ``d`` move
+    ``total_sq`` by about ``2 d^2 f_0^2``, so partial sums (which differ by O(1)) cannot pass.
+    """
+    tolerance = 8 * world * _EPS
+    if (abs(total - world * first) > tolerance * world * abs(first)
+            or abs(total_sq - world * first * first) > tolerance * world * first * first):
+        spread = math.sqrt(max(0.0, total_sq / world - (total / world) ** 2))
         raise PartialGradientError(
-            "gradients treated as replicated differ across ranks (ranks "
-            f"{bad} disagree with rank 0: squared norms {[values[0]] + [values[r] for r in bad]}). "
+            "gradients treated as replicated differ across ranks (squared norms: rank 0 "
+            f"{first!r}, mean over ranks {total / world!r}, spread {spread!r}). "
             "They are rank-local partial sums, e.g. DDP under no_sync(), or sharded/expert "
             "parameters without a policy. Synchronise gradients every micro-step (no "
             "no_sync()), or set the param-group key 'gqc_reduction' to "

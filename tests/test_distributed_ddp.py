@@ -138,3 +138,10 @@ def test_collectives_per_micro_step_are_few_small_and_independent_of_model_size(
         assert len(per_step_small) == (2 if verify else 1)
         for name, numel in per_step_small:
             assert name == "all_reduce" and numel <= 16
+
+
+def test_the_micro_step_packet_does_not_grow_with_the_world():
+    two = run_distributed(_budget_run, 2, 16, False)
+    four = run_distributed(_budget_run, 4, 16, False)
+    sizes = {numel for result in two + four for step in result for _, numel in step}
+    assert len(sizes) == 1  # the same float64 vector for 2 and 4 ranks
