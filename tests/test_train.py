@@ -9,6 +9,7 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+import torch
 
 from distributed_harness import find_free_port, launched, run_launcher, torchrun_command
 from train_runs import ENV, REPO, assert_same_run, gqc_train, records, summary
@@ -135,3 +136,22 @@ def test_launch_script_agrees_with_single_process(tmp_path, quick_run, script, e
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert summary(out)["world_size"] == 2
     assert_same_run(quick_run[0], out)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_precision_on_every_device_present_trains_close_to_fp32(tmp_path, quick_run, device, precision):
+    """The same --quick run in bf16/fp16 (autocast; fp16 through the wrapper's GradScaler) on each
+    device present ends near the fp32 run, and says where and how it ran."""
+    out = tmp_path / "run"
+    gqc_train("--quick", "--no-progress", "--device", device, "--precision", precision, "--out-dir", str(out))
+    result, reference = summary(out), summary(quick_run[0])
+    assert result["device"].startswith(device) and result["precision"] == precision
+    assert result["tokens"] == reference["tokens"] and result["tokens_per_s"] > 0
+    assert abs(result["val_loss"] - reference["val_loss"]) < 0.02 * reference["val_loss"]
+    step = records(out)[-1]
+    assert step["tokens_per_s"] > 0 and step["micro_step_s"] > 0
+    assert (step["mfu"] is None) == (device == "cpu")  # MFU only against a known GPU peak

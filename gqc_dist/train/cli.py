@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 from ..errors import GQCConfigError, GQCError
 from .settings import DEFAULT_CONFIG, apply_override, load_config, merge, validate
 
@@ -20,6 +22,10 @@ def _parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", help="JSON config (missing keys take the embedded defaults)")
     parser.add_argument("--engine", choices=["single", "ddp", "fsdp2", "deepspeed"])
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                        help="auto (default): each rank on its LOCAL_RANK GPU when CUDA is present, else CPU")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default fp32")
+    parser.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: a table of GPUs)")
     parser.add_argument("--out-dir")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--optimizer-steps", type=int, help="stop after this many optimizer steps")
@@ -103,10 +109,11 @@ def _overrides(args, config: dict) -> dict:
         config = merge(config, load_config(args.config))
     if args.quick and args.resume:
         config = merge(config, QUICK)
-    flags = {"engine": args.engine, "out_dir": args.out_dir, "seed": args.seed}
+    flags = {"engine": args.engine, "out_dir": args.out_dir, "seed": args.seed, "device": args.device,
+             "precision": args.precision}
     config = merge(config, {k: v for k, v in flags.items() if v is not None})
     train = {"optimizer_steps": args.optimizer_steps, "max_micro_steps": args.max_micro_steps,
-             "collective_timeout_s": args.collective_timeout}
+             "collective_timeout_s": args.collective_timeout, "peak_tflops": args.peak_tflops}
     config = merge(config, {"train": {k: v for k, v in train.items() if v is not None}})
     if args.micro_batch_size is not None:
         config = merge(config, {"data": {"micro_batch_size": args.micro_batch_size}})
@@ -137,6 +144,15 @@ def compare_main(argv) -> int:
     return 0
 
 
+def _peer_lost(error: RuntimeError) -> bool:
+    """A process-group collective gave up on a peer (gloo/NCCL timeout or a closed connection)."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return dist.is_initialized() and any(s in text for s in ("timed out", "timeout", "connection closed",
+                                                               "connection reset"))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["compare"]:
@@ -157,7 +173,14 @@ def main(argv=None) -> int:
     except GQCError as error:  # foreseeable: one line, no traceback
         print(f"gqc-train: {error}", file=sys.stderr)
         return 2
-    import torch.distributed as dist
+    except RuntimeError as error:
+        if not _peer_lost(error):
+            raise
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        print(f"gqc-train: a collective of gqc-train failed on rank {rank} (bound: train.collective_timeout_s="
+              f"{config['train']['collective_timeout_s']:g} s): another rank is stalled or gone "
+              f"({str(error).splitlines()[0]})", file=sys.stderr)
+        return 3
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"validation loss {summary['val_loss']:.4f} nats/token | tokens seen {summary['tokens']:,} | "

@@ -5,6 +5,7 @@ does not know which engine it drives: ``loss(x, y)``, ``backward(loss)``, ``step
 ``controller`` (the GQC wrapper, for statistics), ``lr()``, and checkpoint state.
 """
 
+import contextlib
 import os
 from datetime import timedelta
 from typing import Any, Dict
@@ -18,6 +19,7 @@ from ..errors import TrainError
 from ..engines import TorchOptimizerGradients
 from ..moe import expert_param_groups, expert_parallel_groups, reduce_expert_grads
 from ..packet import world_rank_and_size
+from .device import autocast, grad_scaler, resolve_device
 from .progress import Budget, TokenKeyedSchedule
 from .slurm_env import first_host
 from .model import GPT, ModelConfig, block_modules, expert_parameters, token_loss
@@ -29,7 +31,7 @@ _LAUNCHER_KEYS = (("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun, deepspeed l
                   ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))  # plain srun
 
 
-def init_distributed(engine: str, timeout_s: float = 300.0) -> None:
+def init_distributed(engine: str, timeout_s: float = 300.0, device: str = "auto") -> torch.device:
     """Start torch.distributed (gloo on CPU, nccl on GPU) from the launcher's environment.
 
     torchrun, the deepspeed launcher and ``srun torchrun`` set ``RANK``/``WORLD_SIZE``; under
@@ -38,10 +40,11 @@ def init_distributed(engine: str, timeout_s: float = 300.0) -> None:
     (``slurm_env.first_host``), else 127.0.0.1; ``MASTER_PORT`` to 29500 (under Slurm 15000 + job
     id mod 5000, so two jobs on one node do not collide). Every collective of the process group
     fails after ``timeout_s`` seconds instead of waiting for a stalled rank forever. Engine
-    ``single`` under a launcher that started several ranks is refused.
+    ``single`` under a launcher that started several ranks is refused. Returns this rank's
+    device (``train.device.resolve_device``): NCCL on CUDA, gloo on the CPU.
     """
     if dist.is_initialized():
-        return
+        return resolve_device(device)
     found = next(((rank, size, local) for rank, size, local in _LAUNCHER_KEYS
                   if rank in os.environ and size in os.environ), None)
     if engine == "single":
@@ -49,7 +52,7 @@ def init_distributed(engine: str, timeout_s: float = 300.0) -> None:
             raise TrainError(f"engine 'single' runs one process, but the launcher started {found[1]}="
                              f"{os.environ[found[1]]} ranks: use --engine ddp, fsdp2 or deepspeed, or launch "
                              "one process")
-        return
+        return resolve_device(device)
     if found is None:
         raise TrainError(f"engine {engine!r} needs a launcher (torchrun, deepspeed, mpirun or srun): "
                          "no RANK/WORLD_SIZE in the environment")
@@ -61,10 +64,9 @@ def init_distributed(engine: str, timeout_s: float = 300.0) -> None:
     os.environ.setdefault("MASTER_ADDR", first_host(nodes) if nodes else "127.0.0.1")
     job = os.environ.get("SLURM_JOB_ID")
     os.environ.setdefault("MASTER_PORT", str(15000 + int(job) % 5000) if job and job.isdigit() else "29500")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    resolved = resolve_device(device)
+    dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    return resolved
 
 
 class TrainEngine:
@@ -72,8 +74,12 @@ class TrainEngine:
     included); ``module`` is the GPT itself."""
 
     def __init__(self, name, module, controller, value_schedule, lr_schedule, optimizer,
-                 forward_model=None, ds_engine=None, algorithm="gnts"):
+                 forward_model=None, ds_engine=None, algorithm="gnts", device=torch.device("cpu"),
+                 precision="fp32", scaler=None):
         self.name = name
+        self.device = device
+        self.precision = precision
+        self.scaler = scaler  # fp16 on the torch engines; the GQC wrapper updates it
         self.spec = algorithm_spec(algorithm)
         self.module = module
         self.controller = controller
@@ -84,11 +90,16 @@ class TrainEngine:
         self.ds_engine = ds_engine
 
     def loss(self, x, y):
-        return token_loss(self.forward_model(x), y)  # through DDP's wrapper, so its hooks run
+        # FSDP2 and DeepSpeed cast parameters themselves; the others autocast the forward
+        cast = self.name not in ("fsdp2", "deepspeed")
+        with autocast(self.device, self.precision) if cast else contextlib.nullcontext():
+            return token_loss(self.forward_model(x), y)  # through DDP's wrapper, so its hooks run
 
     def backward(self, loss) -> None:
         if self.ds_engine is not None:
             self.ds_engine.backward(loss)
+        elif self.scaler is not None:
+            self.scaler.scale(loss).backward()
         else:
             loss.backward()
 
@@ -130,9 +141,9 @@ class TrainEngine:
             self.value_schedule.load_state_dict(state["value_schedule"])
 
 
-def build_engine(config: Dict[str, Any], budget: Budget) -> TrainEngine:
-    """Model, optimizer, controller and schedules for ``config['engine']`` (distributed started);
-    the learning rate and the controller's value schedule follow ``budget``."""
+def build_engine(config: Dict[str, Any], budget: Budget, device: torch.device) -> TrainEngine:
+    """Model, optimizer, controller and schedules for ``config['engine']`` on ``device``
+    (distributed started); the learning rate and the controller's value schedule follow ``budget``."""
     # the controller's own collective is bounded like the process group's, with its own message
     config = {**config, "gqc": {"timeout_s": config["train"]["collective_timeout_s"], **config["gqc"]}}
     engine = config["engine"]
@@ -141,19 +152,25 @@ def build_engine(config: Dict[str, Any], budget: Budget) -> TrainEngine:
     if model_config.ep_size > 1:
         ep_group, edp_group = expert_parallel_groups(model_config.ep_size)
     module = GPT(model_config, ep_group=ep_group, seed=config["seed"])
+    precision = config["precision"]
+    if engine != "deepspeed":  # DeepSpeed places the model itself
+        module.to(device)
     opt = config["optimizer"]
     world = world_rank_and_size()[1]
     forward_model = None
     if engine == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (world,))
+        mesh = init_device_mesh(device.type, (world,))
+        cast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        policy = MixedPrecisionPolicy(param_dtype=cast, reduce_dtype=torch.float32 if cast else None)
         for part in block_modules(module):
-            fully_shard(part, mesh=mesh)
-        fully_shard(module, mesh=mesh, ignored_params=set(expert_parameters(module)))
+            fully_shard(part, mesh=mesh, mp_policy=policy)
+        fully_shard(module, mesh=mesh, ignored_params=set(expert_parameters(module)), mp_policy=policy)
     elif engine == "ddp":
-        forward_model = torch.nn.parallel.DistributedDataParallel(module)
+        forward_model = torch.nn.parallel.DistributedDataParallel(
+            module, device_ids=[device.index] if device.type == "cuda" else None)
     if model_config.num_experts:
         reduce_expert_grads(module, edp_group, world)
         groups = expert_param_groups(module, ep_group)
@@ -165,13 +182,14 @@ def build_engine(config: Dict[str, Any], budget: Budget) -> TrainEngine:
     micro_batch = config["data"]["micro_batch_size"] // world
     if engine == "deepspeed":
         return _deepspeed_engine(config, module, optimizer, lr_schedule, micro_batch, budget)
-    gradients = TorchOptimizerGradients(optimizer, clip=opt["grad_clip"])
+    scaler = grad_scaler(device, precision)
+    gradients = TorchOptimizerGradients(optimizer, grad_scaler=scaler, clip=opt["grad_clip"])
     controller, value_schedule = build_controller(config["gqc"], optimizer, physical_batch_size=micro_batch,
                                                   micro_batch_size=config["data"]["micro_batch_size"],
                                                   gradients=gradients)
     value_schedule = _keyed(value_schedule, config, budget)
     return TrainEngine(engine, module, controller, value_schedule, lr_schedule, optimizer, forward_model,
-                       algorithm=config["gqc"]["algorithm"])
+                       algorithm=config["gqc"]["algorithm"], device=device, precision=precision, scaler=scaler)
 
 
 def _keyed(value_schedule, config, budget):
@@ -184,11 +202,15 @@ def _keyed(value_schedule, config, budget):
 def _deepspeed_engine(config, module, optimizer, lr_schedule, micro_batch, budget) -> TrainEngine:
     from .. import deepspeed as gqc_deepspeed
 
+    precision = config["precision"]
     ds_config = {**config["deepspeed"], "train_micro_batch_size_per_gpu": micro_batch,
+                 **({"bf16": {"enabled": True}} if precision == "bf16" else {}),
+                 **({"fp16": {"enabled": True}} if precision == "fp16" else {}),
                  "gradient_clipping": config["optimizer"]["grad_clip"], "steps_per_print": 10**9,
                  "zero_allow_untested_optimizer": True, "gradient_quality_control": config["gqc"]}
     ds_engine, _, _, _ = gqc_deepspeed.initialize(model=module, optimizer=optimizer,
                                                   lr_scheduler=lr_schedule, config=ds_config)
     ds_engine.gqc_schedule = _keyed(ds_engine.gqc_schedule, config, budget)
     return TrainEngine("deepspeed", ds_engine.module, ds_engine.gqc, ds_engine.gqc_schedule,
-                       lr_schedule, optimizer, ds_engine=ds_engine, algorithm=config["gqc"]["algorithm"])
+                       lr_schedule, optimizer, ds_engine=ds_engine, algorithm=config["gqc"]["algorithm"],
+                       device=ds_engine.device, precision=precision)

@@ -25,13 +25,16 @@ from ..packet import world_rank_and_size
 from .corpus import ByteBatches, evaluate_batches, load_corpus
 from .engines import TrainEngine, build_engine, init_distributed
 from .plots import plot_run
+from .device import flops_per_token, peak_tflops
 from .progress import Budget
+from .throughput import Throughput
 from .run_dir import Checkpoints, prepare, truncate_metrics
 
 
-def _global_mean(values) -> list:
-    """Mean over ranks of a list of floats (one small all-reduce)."""
-    tensor = torch.tensor(values, dtype=torch.float64)
+def _global_mean(values, device=torch.device("cpu")) -> list:
+    """Mean over ranks of a list of floats (one small all-reduce, on ``device``: NCCL refuses
+    CPU tensors)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_initialized():
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
@@ -44,8 +47,9 @@ def evaluate(engine: TrainEngine, eval_set, rank: int, world: int) -> float:
     with torch.no_grad():
         for x, y in eval_set:
             rows = x.shape[0] // world
-            losses.append(float(engine.loss(x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows])))
-    return _global_mean([sum(losses) / len(losses)])[0]
+            mine = [t[rank * rows:(rank + 1) * rows].to(engine.device, non_blocking=True) for t in (x, y)]
+            losses.append(float(engine.loss(*mine)))
+    return _global_mean([sum(losses) / len(losses)], engine.device)[0]
 
 
 def _warn_if_mostly_forced(engine: TrainEngine, steps: int) -> None:
@@ -65,7 +69,7 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
     the run's own, see the CLI); ``overwrite``: replace a run already in ``out_dir``. Nothing in
     ``out_dir`` changes before the checks (and, resuming, the checkpoint load) succeed.
     """
-    init_distributed(config["engine"], config["train"]["collective_timeout_s"])
+    device = init_distributed(config["engine"], config["train"]["collective_timeout_s"], config["device"])
     rank, world = world_rank_and_size()
     data, train_cfg, model_cfg = config["data"], config["train"], config["model"]
     if data["micro_batch_size"] % world:
@@ -77,7 +81,7 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
     train_data, val_data = load_corpus(max_bytes=data["max_bytes"], path=data["path"])
     seq_len, global_batch = model_cfg["seq_len"], data["micro_batch_size"]
     budget = Budget(train_cfg, config["optimizer"], global_batch * seq_len)
-    engine = build_engine(config, budget)
+    engine = build_engine(config, budget, device)
     batches = ByteBatches(train_data, seq_len, global_batch // world, seed=config["seed"], rank=rank,
                           world_size=world)
     eval_set = evaluate_batches(val_data, seq_len, global_batch, train_cfg["eval_batches"])
@@ -101,7 +105,7 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
 
     metrics = open(metrics_path, "a") if rank == 0 else None
     bar = None
-    if rank == 0 and progress:
+    if rank == 0 and progress and sys.stderr.isatty():  # a log file gets plain lines instead
         from tqdm import tqdm
 
         bar = tqdm(total=100, initial=round(100 * budget.fraction), desc="gqc-train", unit="%",
@@ -118,8 +122,13 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
 
+    pin = engine.device.type == "cuda"
+    meter = Throughput(global_batch * seq_len, world, flops_per_token(
+        sum(p.numel() for p in engine.module.parameters()) * (world if config["engine"] == "fsdp2" else 1),
+        model_cfg["layers"], model_cfg["dim"], seq_len), peak_tflops(engine.device, train_cfg["peak_tflops"]),
+        engine.device)
     while not budget.exhausted():
-        x, y = batches.next()
+        x, y = (t.pin_memory().to(engine.device, non_blocking=True) if pin else t for t in batches.next())
         loss = engine.loss(x, y)
         engine.backward(loss)
         window_loss += float(loss.detach())
@@ -127,7 +136,9 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
         counters["micro_step"] += 1
         budget.micro_steps_done = counters["micro_step"]
         lr, threshold = engine.lr(), engine.threshold()  # what this micro-step's decision uses
+        meter.before_decision()
         stepped = engine.step(loss)
+        meter.after_decision(stepped)
         if not stepped:
             if engine.controller.num_draws == 0:  # a dropped (non-finite) window
                 window_loss, window_draws = 0.0, 0
@@ -143,13 +154,18 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
                   "loss": _global_mean([window_loss / window_draws])[0], "draws": stats["last_num_draws"],
                   "threshold": threshold, "mean_grad_norm": stats["mean_grad_norm"],
                   "noise_scale": stats.get("gradient_noise_scale_micro_batches"),
-                  "forced_steps": stats["forced_steps"], "lr": lr, "wall_time": time.time() - start}
+                  "forced_steps": stats["forced_steps"], "lr": lr, "wall_time": time.time() - start,
+                  **meter.window()}
         write(record)
         window_loss, window_draws = 0.0, 0
-        if bar is not None:
-            bar.update(round(100 * budget.fraction) - bar.n)
+        if bar is not None:  # the postfix first: update() then shows the step just taken
             bar.set_postfix(loss=f"{record['loss']:.3f}", draws=record["draws"],
-                            norm=f"{record['mean_grad_norm']:.3f}", refresh=False)
+                            norm=f"{record['mean_grad_norm']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
+                            refresh=False)
+            bar.update(round(100 * budget.fraction) - bar.n)
+        elif rank == 0 and progress and step % train_cfg["eval_interval"] == 0:  # a log file: one line
+            print(f"gqc-train: step {step} | {100 * budget.fraction:.0f}% | loss {record['loss']:.3f} | draws "
+                  f"{record['draws']} | {record['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
         last = budget.exhausted()
         if step % train_cfg["eval_interval"] == 0 or last:
             val_loss, val_step = evaluate(engine, eval_set, rank, world), step
@@ -166,7 +182,11 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
                "optimizer_steps": counters["step"], "micro_steps": counters["micro_step"],
                "mean_micro_batches_per_step": counters["micro_steps_in_steps"] / max(1, counters["step"]),
                "wall_time": time.time() - start, "engine": config["engine"], "world_size": world,
-               "out_dir": str(out_dir)}
+               "device": str(engine.device), "precision": config["precision"], "out_dir": str(out_dir)}
+    summary["tokens_per_s"] = summary["tokens"] / max(summary["wall_time"], 1e-9)
+    summary["tokens_per_s_per_rank"] = summary["tokens_per_s"] / world
+    if meter.peak_tflops:
+        summary["mfu"] = summary["tokens_per_s_per_rank"] * meter.flops_per_token / (meter.peak_tflops * 1e12)
     if metrics is not None:
         _warn_if_mostly_forced(engine, counters["step"])
         metrics.close()

@@ -110,7 +110,7 @@ class Checkpoints:
         if not path.is_file():
             raise TrainError(f"--resume: {pointer} names {folder.name}, which has no {path.name}")
         try:
-            state = torch.load(path, weights_only=True)
+            state = torch.load(path, weights_only=True, map_location=engine.device)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
             raise TrainError(f"--resume: checkpoint {path} cannot be read (truncated, corrupt or not a "
                              f"gqc-train checkpoint): {str(error).splitlines()[0]}") from error

@@ -21,11 +21,14 @@ from typing import Any, Dict
 from ..algorithms.spec import get as algorithm_spec
 from ..config import parse_section
 from ..errors import GQCConfigError
+from .device import DEVICES, PRECISIONS
 
 ENGINES = ("single", "ddp", "fsdp2", "deepspeed")
 
 DEFAULT_CONFIG: Dict[str, Any] = {
     "engine": "single",
+    "device": "auto",
+    "precision": "fp32",
     "out_dir": "runs/gqc-train",
     "seed": 0,
     "model": {"seq_len": 128, "dim": 128, "layers": 3, "heads": 4, "mlp_ratio": 4,
@@ -39,7 +42,7 @@ DEFAULT_CONFIG: Dict[str, Any] = {
                          "warmup_multiplier": 3}},
     "train": {"tokens": None, "optimizer_steps": 300, "max_micro_steps": 5000, "eval_interval": 50,
               "eval_batches": 8, "checkpoint_interval": 100,
-              "collective_timeout_s": 300},
+              "collective_timeout_s": 300, "peak_tflops": None},
     "deepspeed": {"zero_optimization": {"stage": 2}},
 }
 
@@ -53,6 +56,8 @@ _TOKENS = ((int, type(None)), lambda v: v is None or v >= 1, "an integer >= 1 or
 
 SCHEMA = {
     "engine": ((str,), lambda v: v in ENGINES, f"one of {', '.join(ENGINES)}"),
+    "device": ((str,), lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
+    "precision": ((str,), lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
     "out_dir": ((str,), lambda v: bool(v), "a non-empty path"),
     "seed": _INT_NONNEG,
     "model": {"seq_len": _INT_POS, "dim": _INT_POS, "layers": _INT_POS, "heads": _INT_POS,
@@ -63,7 +68,8 @@ SCHEMA = {
                   "warmup_steps": _INT_NONNEG, "warmup_fraction": _BETA, "grad_clip": _NUM_NONNEG},
     "gqc": None,  # checked by gqc_dist.config.parse_section
     "train": {"tokens": _TOKENS, "optimizer_steps": _INT_POS, "max_micro_steps": _INT_POS, "eval_interval": _INT_POS,
-              "eval_batches": _INT_POS, "checkpoint_interval": _INT_POS, "collective_timeout_s": _NUM_POS},
+              "eval_batches": _INT_POS, "checkpoint_interval": _INT_POS, "collective_timeout_s": _NUM_POS,
+              "peak_tflops": ((int, float, type(None)), lambda v: v is None or v > 0, "> 0 or null")},
     "deepspeed": "any-object",  # a ds_config fragment, checked by gqc_dist.deepspeed
 }
 
