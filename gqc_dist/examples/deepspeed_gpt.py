@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 2 -m gqc_dist.examples.deepspeed_gpt --deepspeed_config configs/ds_zero2.json
     deepspeed --num_gpus 2 --module gqc_dist.examples.deepspeed_gpt --deepspeed_config configs/ds_zero2.json
 
-(On CPU machines set ``DS_ACCELERATOR=cpu``.) The ds_config's ``"gradient_quality_control"``
+(Without CUDA, DeepSpeed's CPU accelerator is chosen unless ``DS_ACCELERATOR`` says otherwise;
+``--device cpu`` forces it.) The ds_config's ``"gradient_quality_control"``
 section turns ``engine.step()`` into a GQC decision; rank 0 prints one line per optimizer step
 with the micro-batches it took.
 """
@@ -11,9 +12,13 @@ with the micro-batches it took.
 import argparse
 import os
 
+import sys
+
 import torch
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+_FORCED_CPU = "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1:][:1] == ["cpu"]
+if not torch.cuda.is_available() or _FORCED_CPU:
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator on import
 
 from gqc_dist.deepspeed import initialize  # was: from deepspeed import initialize  # noqa: E402
 from gqc_dist.train.corpus import ByteBatches, load_corpus  # noqa: E402
@@ -25,11 +30,16 @@ def main(argv=None):
     parser.add_argument("--deepspeed_config", required=True)
     parser.add_argument("--micro-steps", type=int, default=60)
     parser.add_argument("--local_rank", type=int, default=0)  # the deepspeed launcher passes it
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: the LOCAL_RANK GPU when CUDA is present (NCCL), else CPU (gloo)")
     args = parser.parse_args(argv)
 
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl")
+    from gqc_dist.train.device import resolve_device
+
+    device = resolve_device(args.device)
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     model = GPT(ModelConfig(seq_len=32, dim=32, layers=1, heads=2))
     engine, _, _, _ = initialize(model=model, model_parameters=model.parameters(),
@@ -38,7 +48,7 @@ def main(argv=None):
     batches = ByteBatches(train, 32, engine.train_micro_batch_size_per_gpu(), seed=0, rank=rank,
                           world_size=world)
     for micro_step in range(args.micro_steps):
-        x, y = batches.next()
+        x, y = (t.to(engine.device) for t in batches.next())
         loss = engine.module.loss(x, y)
         engine.backward(loss)
         if engine.step() and rank == 0:

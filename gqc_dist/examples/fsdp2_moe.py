@@ -17,6 +17,7 @@ from torch.distributed.fsdp import fully_shard
 
 import gqc_dist
 from gqc_dist.moe import ExpertParallelMoE, expert_param_groups, expert_parallel_groups, reduce_expert_grads
+from gqc_dist.train.device import DEVICES, resolve_device
 
 
 class Net(torch.nn.Module):
@@ -36,13 +37,16 @@ def main(argv=None):
     parser.add_argument("--ep-size", type=int, default=2)
     parser.add_argument("--micro-steps", type=int, default=60)
     parser.add_argument("--micro-batch", type=int, default=8, help="samples per rank per micro-step")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto: each rank on its LOCAL_RANK GPU when CUDA is present (NCCL), else CPU")
     args = parser.parse_args(argv)
 
-    dist.init_process_group("gloo")
+    device = resolve_device(args.device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     ep_group, edp_group = expert_parallel_groups(args.ep_size)
-    model = Net(ep_group)
-    mesh = init_device_mesh("cpu", (world,))
+    model = Net(ep_group).to(device)
+    mesh = init_device_mesh(device.type, (world,))
     for dense in (model.inp, model.moe.router, model.out):
         fully_shard(dense, mesh=mesh)
     reduce_expert_grads(model, edp_group, world)
@@ -56,6 +60,7 @@ def main(argv=None):
     for micro_step in range(args.micro_steps):
         x = torch.randn(args.micro_batch, 8, generator=generator)
         y = torch.sin(x @ target) + 0.1 * torch.randn(args.micro_batch, 1, generator=generator)
+        x, y = x.to(device), y.to(device)
         loss = torch.nn.functional.mse_loss(model(x), y)
         loss.backward()
         if gqc.step():
