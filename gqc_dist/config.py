@@ -10,6 +10,7 @@ Keys (``algorithm`` decides which others are allowed)::
      "verify": false,                # all-gather decisions and raise on rank divergence
      "noise_beta": 0.9,              # smoothing of the gradient-noise-scale estimate
      "timeout_s": 300,               # bound on the per-micro-step collective (default: none)
+     "local_accumulation": false,    # DDP under no_sync: decide from a predicted norm
      "threshold": 0.5,               # gnts: a constant threshold, or ...
      "schedule": {"num_training_steps": 1000, "num_warmup_steps": 100,
                   "initial_threshold": 0.95, "final_threshold": 0.25, "warmup_multiplier": 10}}
@@ -44,7 +45,8 @@ from .schedules import hidden_initial_lr, synchronous
 SECTION = "gradient_quality_control"
 
 # keys every algorithm takes: rank-divergence checks, the noise-scale estimate's smoothing
-_COMMON = {"verify": ("bool", False), "noise_beta": ("prob", 0.9), "timeout_s": ("num+", None)}
+_COMMON = {"verify": ("bool", False), "noise_beta": ("prob", 0.9), "timeout_s": ("num+", None),
+           "local_accumulation": ("bool", False)}
 _STEPS = {"num_training_steps": ("int+", REQUIRED), "num_warmup_steps": ("int0", REQUIRED)}
 _WANTED = {"num0": ">= 0", "num+": "> 0", "prob": "in (0, 1]"}
 
@@ -161,7 +163,8 @@ def build_controller(
     spec = algorithms()[section["algorithm"]]
     wrapper = spec.build(optimizer, section, {"physical_batch_size": physical_batch_size},
                          verify=section["verify"], noise_beta=section["noise_beta"],
-                         timeout_s=section.get("timeout_s"), **wrapper_kwargs)
+                         timeout_s=section.get("timeout_s"), local_accumulation=section["local_accumulation"],
+                         **wrapper_kwargs)
     for key, (_, group_key) in spec.values.items():
         if key in section:
             for group in wrapper.param_groups:

@@ -23,6 +23,7 @@ class MicroStepStats:
     """Global statistics of one micro-step, identical on every rank.
 
     Attributes:
+        num_draws: ``n``, the window's micro-batches so far, this one included.
         group_sq_norms: exact squared L2 norm of each param group's accumulated gradient
             ``G_n`` (sum over the ``n`` micro-batches, unscaled), counted once per element.
         total_sq_norm: ``sum(group_sq_norms)``, ``||G_n||^2``.
@@ -36,6 +37,7 @@ class MicroStepStats:
 
     def __init__(self, group_sq_norms, num_draws, nonfinite, settings, scale, fields):
         self.group_sq_norms = group_sq_norms
+        self.num_draws = num_draws
         self.total_sq_norm = sum(group_sq_norms)
         self.total_norm = math.sqrt(self.total_sq_norm)
         self.mean_grad_norm = self.total_norm / num_draws

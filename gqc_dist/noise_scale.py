@@ -22,7 +22,8 @@ from typing import Any, Dict, Optional
 
 
 class NoiseScaleEstimator:
-    """Smoothed ``|G|^2``, ``tr(Sigma)`` and ``B_simple`` from windows' first and last norms.
+    """Smoothed ``|G|^2``, ``tr(Sigma)`` and ``B_simple`` from windows' first and last norms
+    (or, with rank-local accumulation, from the ranks' local norms against the global one).
 
     Args:
         beta: EMA factor per informative window (0 < beta < 1); larger is smoother, slower.
@@ -47,12 +48,18 @@ class NoiseScaleEstimator:
         """The window ends in an optimizer step with ``num_draws`` micro-batches and
         ``||G_N||^2 = total_sq_norm``: fold its estimates into the averages (N >= 2)."""
         first, self._first_sq = self._first_sq, None
-        if num_draws < 2 or first is None or not math.isfinite(total_sq_norm):
+        if num_draws >= 2 and first is not None:
+            self.fold(first, 1, total_sq_norm / num_draws**2, num_draws)
+
+    def fold(self, small_sq: float, small_batch: float, large_sq: float, large_batch: float) -> None:
+        """Fold one pair of squared mean-gradient norms at two batch sizes (in micro-batches,
+        ``small_batch < large_batch``, same parameters) into the averages: with
+        ``E s_b = |G|^2 + T / b``, ``T = (s_small - s_large) / (1/small - 1/large)`` is
+        ``tr(Sigma)/B`` and ``|G|^2 = s_large - T / large``."""
+        if not (math.isfinite(small_sq) and math.isfinite(large_sq)) or not small_batch < large_batch:
             return
-        n = num_draws
-        mean_sq = total_sq_norm / (n * n)
-        noise = n * (first - mean_sq) / (n - 1)
-        signal = (n * mean_sq - first) / (n - 1)
+        noise = (small_sq - large_sq) / (1 / small_batch - 1 / large_batch)
+        signal = large_sq - noise / large_batch
         self._ema_noise = self.beta * self._ema_noise + (1 - self.beta) * noise
         self._ema_signal = self.beta * self._ema_signal + (1 - self.beta) * signal
         self._windows += 1

@@ -37,6 +37,7 @@ from .errors import CheckpointError, GQCConfigError
 from .engines import GradientAdapter, TorchOptimizerGradients
 from .grad_norms import WeightCache
 from .micro_step import MicroStepStats, collect, verify_agreement
+from .local_mode import LocalAccumulation
 from .noise_scale import NoiseScaleEstimator
 from .optimizer_lookalike import OptimizerLookalike
 from .packet import StatsPacket
@@ -66,6 +67,11 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         timeout_s: seconds the per-micro-step collective may take before every waiting rank
             raises :class:`gqc_dist.CollectiveTimeoutError` (a stalled or dead rank); ``None``:
             the process group's own timeout.
+        local_accumulation: gradients are rank-local sums (DDP under ``no_sync()`` every
+            micro-step): each micro-step reduces only a few scalars and decides from the
+            predicted global norm (``gqc_dist.local_mode``); the step averages the gradients over
+            the ranks (one full all-reduce) and recalibrates. ``statistics()`` counts
+            ``estimated_decisions`` and reports ``last_prediction_error``.
 
     The wrapper duck-types as the optimizer (``param_groups``, ``state``, ``add_param_group`` ...)
     but owns ``zero_grad``: calling it raises :class:`GQCUsageError`.
@@ -87,6 +93,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         micro_batch_size: Optional[int] = None,
         noise_beta: float = 0.9,
         timeout_s: Optional[float] = None,
+        local_accumulation: bool = False,
     ):
         check_wrapper_args(optimizer, max_batch_draws, distributed_mode, grad_scaler, verify, gradients,
                            micro_batch_size, noise_beta, timeout_s)
@@ -96,12 +103,18 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         self._distributed_mode = distributed_mode
         self._verify = verify
         self._gradients = gradients or TorchOptimizerGradients(optimizer, distributed_mode, grad_scaler)
+        self._local = LocalAccumulation(self._gradients) if local_accumulation else None
         self._weights = WeightCache()
         self._noise = NoiseScaleEstimator(noise_beta, micro_batch_size)
         self._counters: Dict[str, Any] = checkpoint_state.new_counters()
         self._extend_param_groups(optimizer.param_groups)
 
     # ------------------------------------------------------------------ counters
+    @property
+    def local_accumulation(self) -> bool:
+        """Whether gradients accumulate rank-locally (decisions from a predicted norm)."""
+        return self._local is not None
+
     @property
     def num_batches(self) -> int:
         """Micro-batches received since creation (``step()`` calls)."""
@@ -146,19 +159,29 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         counters["num_batches"] += 1
         counters["num_draws"] += 1
         stats = self._gather(inputs)
+        if self._local is not None:
+            stats = self._local.predict(stats, self._noise.signal_sq())
         counters["mean_grad_norm"] = stats.mean_grad_norm
         if stats.nonfinite:
             self._drop_window()
             decision = False
         else:
-            self._noise.observe(counters["num_draws"], stats.total_sq_norm)
+            if self._local is None:
+                self._noise.observe(counters["num_draws"], stats.total_sq_norm)
             self._record(stats)
             decision = bool(self._decide(stats))
         if self._verify:
             self._verify_agreement(decision)
         if decision:
+            if self._local is not None:  # average over the ranks, then the exact statistics
+                stats = self._local.at_step(stats, lambda: self._gather_exact(inputs), self._noise)
             self._take_step(stats)
         return decision
+
+    def _gather_exact(self, inputs: dict) -> MicroStepStats:
+        return collect(self._gradients, self._weights, len(self._optimizer.param_groups),
+                       self._counters["num_draws"], {"max_draws": self._max_draws, **self._settings()},
+                       lambda packet: None, self._validate_settings, lambda: self.device, self._timeout_s)
 
     def _gather(self, inputs: dict) -> MicroStepStats:
         """Local sums -> one collective -> global statistics (one host sync)."""
@@ -265,6 +288,8 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         out = {name: value for name, value in self._counters.items() if value is not None}
         out["max_draws"] = self._max_draws
         out.update(self._noise.statistics())
+        if self._local is not None:
+            out.update(self._local.statistics())
         out.update(self._algorithm_statistics())
         for name, values in self._scalar_group_values():
             if all(v == values[0] for v in values):

@@ -56,6 +56,12 @@ class GradientAdapter:
         engine's loss scale if it has one."""
         raise NotImplementedError
 
+    def reduce_local(self) -> None:
+        """Rank-local accumulation (``local_accumulation=True``): average the rank-local sums
+        over the data-parallel ranks now, in place (one full-size all-reduce, at a step), after
+        which ``local_pieces()`` reads them as replicated."""
+        raise NotImplementedError(f"{type(self).__name__} does not support rank-local accumulation")
+
     def save_accumulated(self) -> Any:
         """A copy of this rank's accumulated gradient (tensors in plain containers), for a
         checkpoint taken mid-window."""

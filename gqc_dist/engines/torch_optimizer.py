@@ -7,11 +7,12 @@ Gradients live in ``param.grad`` (DTensor under FSDP2). Pieces and their replica
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 from ..errors import CheckpointError, GQCUsageError
 from ..fsdp2_sync import check_gradient_sync, fsdp2_param_groups_owning
 from ..packet import world_rank_and_size
-from ..reduction import group_policy, resolve_piece
+from ..reduction import Piece, group_policy, resolve_piece
 from .base import GradientAdapter, clip_coefficient
 
 
@@ -27,6 +28,9 @@ class TorchOptimizerGradients(GradientAdapter):
     def __init__(self, optimizer: torch.optim.Optimizer, distributed_mode: Optional[str] = None,
                  grad_scaler: Optional[torch.amp.GradScaler] = None, clip: float = 0.0):
         self.optimizer = optimizer
+        # rank-local accumulation (DDP under no_sync): None in exact mode; else whether the
+        # window's sums have been averaged over the ranks yet (reduce_local)
+        self.local_reduced: Optional[bool] = None
         self.clip = clip  # max global norm of the mean gradient (0: no clipping)
         self.distributed_mode = distributed_mode
         self.grad_scaler = grad_scaler
@@ -47,8 +51,12 @@ class TorchOptimizerGradients(GradientAdapter):
         self._last_layout = None  # let freed gradients go
         self._pieces = []
         self.layout_version += 1
+        if self.local_reduced:
+            self.local_reduced = False  # the next window accumulates locally again
 
     def local_pieces(self):
+        if self.local_reduced is not None:
+            return self._local_mode_pieces()
         distributed = world_rank_and_size()[1] > 1
         if distributed:
             if self._fsdp2_groups is None:
@@ -78,6 +86,37 @@ class TorchOptimizerGradients(GradientAdapter):
                 "gradients appear on the sharded parameters only when gradient sync is on."
             )
         return pieces
+
+    def _local_mode_pieces(self):
+        """Rank-local sums count whole on their rank (rho 1) until reduce_local averages them,
+        after which every rank holds the same mean (rho = world)."""
+        world = world_rank_and_size()[1]
+        rho = world if self.local_reduced else 1
+        pieces = []
+        for index, group in enumerate(self.optimizer.param_groups):
+            for param in group["params"]:
+                if param.grad is not None:
+                    if type(param.grad) is not torch.Tensor:
+                        raise GQCUsageError("local_accumulation supports plain-tensor gradients (DDP under "
+                                            f"no_sync()); got a {type(param.grad).__name__} gradient")
+                    pieces.append((index, Piece(param.grad, rho, False)))
+        if not pieces:
+            raise GQCUsageError("step() was called but no parameter has a gradient: call backward() first")
+        self._pieces = pieces
+        self.layout_version += 1
+        return pieces
+
+    def reduce_local(self) -> None:
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        world = world_rank_and_size()[1]
+        for dtype in sorted({g.dtype for g in grads}, key=str):  # one bucket per dtype
+            same = [g for g in grads if g.dtype == dtype]
+            flat = torch.cat([g.reshape(-1) for g in same])
+            dist.all_reduce(flat)
+            flat.div_(world)
+            for grad, part in zip(same, flat.split([g.numel() for g in same])):
+                grad.copy_(part.view_as(grad))
+        self.local_reduced = True
 
     def _scaler_enabled(self) -> bool:
         return self.grad_scaler is not None and self.grad_scaler.is_enabled()

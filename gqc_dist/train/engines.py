@@ -80,6 +80,7 @@ class TrainEngine:
         self.device = device
         self.precision = precision
         self.scaler = scaler  # fp16 on the torch engines; the GQC wrapper updates it
+        self.local_accumulation = controller.local_accumulation
         self.spec = algorithm_spec(algorithm)
         self.module = module
         self.controller = controller
@@ -92,7 +93,10 @@ class TrainEngine:
     def loss(self, x, y):
         # FSDP2 and DeepSpeed cast parameters themselves; the others autocast the forward
         cast = self.name not in ("fsdp2", "deepspeed")
-        with autocast(self.device, self.precision) if cast else contextlib.nullcontext():
+        # local accumulation: DDP's backward skips its all-reduce (decided at forward time)
+        local = self.name == "ddp" and self.local_accumulation
+        with autocast(self.device, self.precision) if cast else contextlib.nullcontext(), \
+                self.forward_model.no_sync() if local else contextlib.nullcontext():
             return token_loss(self.forward_model(x), y)  # through DDP's wrapper, so its hooks run
 
     def backward(self, loss) -> None:

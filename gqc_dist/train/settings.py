@@ -126,6 +126,9 @@ def validate(config: Dict[str, Any]) -> Dict[str, Any]:
     if model["num_experts"] % model["ep_size"]:
         raise GQCConfigError("model.num_experts must be a multiple of model.ep_size")
     algorithm_spec(checked["gqc"]["algorithm"]).check_engine(checked["engine"], "gqc.algorithm")
+    if checked["gqc"]["local_accumulation"] and checked["engine"] != "ddp":
+        raise GQCConfigError(f"gqc.local_accumulation needs engine ddp (got {checked['engine']}): it runs DDP "
+                             "under no_sync() and reduces the gradients itself at each step")
     for key in ("optimizer", "scheduler", "gradient_quality_control", "train_micro_batch_size_per_gpu",
                 "train_batch_size", "gradient_accumulation_steps", "gradient_clipping"):
         if key in checked["deepspeed"]:
