@@ -1,6 +1,6 @@
 """The launch scripts across two hosts (network namespaces, see virtual_cluster.py): a real Slurm
-cluster running launch/slurm.sbatch on 2 nodes, and launch/torchrun.sh's static multi-node
-rendezvous. Each run's rank-0 metrics must match the single-process run on the same data."""
+cluster running launch/slurm.sbatch (srun torchrun) and launch/srun.sbatch (plain srun, ranks from
+SLURM_*) on 2 nodes, and launch/torchrun.sh's static multi-node rendezvous. Each run's rank-0 metrics must match the single-process run on the same data."""
 
 import contextlib
 import subprocess
@@ -61,4 +61,30 @@ def test_slurm_sbatch_on_two_nodes(tmp_path, hosts, quick_run):
     assert "validation loss" in job_output
     result = summary(out)
     assert result["world_size"] == 2 and result["engine"] == "fsdp2"
+    assert_same_run(quick_run[0], out)
+
+
+@pytest.mark.skipif(bool(missing("slurmctld", "slurmd", "sbatch", "srun", "munged")),
+                    reason=missing("slurmctld", "slurmd", "sbatch", "srun", "munged") or "runs")
+def test_plain_srun_on_two_nodes(tmp_path, hosts, quick_run):
+    """launch/srun.sbatch: Slurm starts both ranks (no torchrun); gqc-train takes its rank from
+    SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID and its rendezvous from the job's first node name
+    (gqchost0, resolved by each host's /etc/hosts) on port 15000 + job id mod 5000."""
+    cluster = SlurmCluster(hosts)
+    try:
+        cluster.start()
+        out = tmp_path / "run"
+        launcher_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+        env = {k: v for k, v in ENV.items()  # everything the ranks need must come from Slurm
+               if k not in launcher_keys and not k.startswith(("PMI_", "OMPI_", "SLURM_", "TORCHELASTIC_"))}
+        state, exit_code = cluster.run_batch(
+            ["--output", tmp_path / "job-%j.out", REPO / "launch" / "srun.sbatch",
+             "--quick", "--engine", "ddp", "--no-progress", "--out-dir", out], env=env, cwd=tmp_path)
+        job_output = "".join(p.read_text() for p in tmp_path.glob("job-*.out"))
+        assert (state, exit_code) == ("COMPLETED", 0), f"{job_output[-3000:]}\n{cluster.logs()}"
+    finally:
+        cluster.stop()
+    assert "validation loss" in job_output
+    result = summary(out)
+    assert result["world_size"] == 2 and result["engine"] == "ddp"
     assert_same_run(quick_run[0], out)

@@ -9,6 +9,7 @@
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 import torch.distributed as dist
@@ -153,6 +154,16 @@ def _peer_lost(error: RuntimeError) -> bool:
                                                                "connection reset"))
 
 
+def _collective_of(error: BaseException) -> str:
+    """Which collective failed and where gqc-train called it, read off the traceback: the last
+    torch.distributed frame names the collective, the last gqc_dist frame the call site."""
+    frames = traceback.extract_tb(error.__traceback__)
+    collective = next((f.name for f in reversed(frames) if "distributed_c10d" in f.filename), "a collective")
+    site = next((f for f in reversed(frames) if "/gqc_dist/" in f.filename.replace("\\", "/")), None)
+    where = f" in {Path(site.filename).name}:{site.name}" if site else ""
+    return f"the {collective}{where}"
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["compare"]:
@@ -177,9 +188,9 @@ def main(argv=None) -> int:
         if not _peer_lost(error):
             raise
         rank = dist.get_rank() if dist.is_initialized() else 0
-        print(f"gqc-train: a collective of gqc-train failed on rank {rank} (bound: train.collective_timeout_s="
-              f"{config['train']['collective_timeout_s']:g} s): another rank is stalled or gone "
-              f"({str(error).splitlines()[0]})", file=sys.stderr)
+        print(f"gqc-train: {_collective_of(error)} did not complete on rank {rank} (bound: "
+              f"train.collective_timeout_s={config['train']['collective_timeout_s']:g} s): another rank is "
+              f"stalled or gone ({str(error).splitlines()[0]})", file=sys.stderr)
         return 3
 
     if not dist.is_initialized() or dist.get_rank() == 0:
