@@ -312,19 +312,24 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         return []
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self, include_optimizer: bool = True) -> Dict[str, Any]:
         """A deep copy of the wrapper, optimizer and accumulated-gradient state.
+
+        ``include_optimizer=False`` leaves the optimizer's state out (``"optimizer": None``) for
+        callers whose engine checkpoints it (torch.distributed.checkpoint, DeepSpeed).
 
         Mid-window (``num_draws > 0``) it carries this rank's accumulated gradients (as the
         engine adapter keeps them), so that ``load_state_dict`` resumes exactly where the run
         stopped. Each rank saves its own (under FSDP2 and ZeRO, its own shards). Process-group
         policies are not saved. Format: :mod:`gqc_dist.checkpoint_state`.
         """
-        optimizer_state = self._optimizer.state_dict()
-        optimizer_state["param_groups"] = [
-            {k: v for k, v in group.items() if k != POLICY_KEY}
-            for group in optimizer_state["param_groups"]
-        ]
+        optimizer_state = None
+        if include_optimizer:
+            optimizer_state = self._optimizer.state_dict()
+            optimizer_state["param_groups"] = [
+                {k: v for k, v in group.items() if k != POLICY_KEY}
+                for group in optimizer_state["param_groups"]
+            ]
         return {
             "format": checkpoint_state.FORMAT,
             "algorithm": self.ALGORITHM,
@@ -345,14 +350,15 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         state_dict = checkpoint_state.upgrade_torch_gqc(state_dict, self.ALGORITHM, self._max_draws,
                                                         self._algorithm_state_from_torch_gqc)
         checkpoint_state.validate(state_dict, self.ALGORITHM, self._max_draws, self._gradients.check_accumulated)
-        policies = [group.get(POLICY_KEY) for group in self._optimizer.param_groups]
-        try:
-            self._optimizer.load_state_dict(copy.deepcopy(state_dict["optimizer"]))
-        except (ValueError, KeyError, RuntimeError) as error:
-            raise CheckpointError(f"optimizer state does not fit this optimizer: {error}") from error
-        for group, policy in zip(self._optimizer.param_groups, policies):
-            if policy is not None:
-                group[POLICY_KEY] = policy
+        if state_dict["optimizer"] is not None:  # None: the engine restores the optimizer itself
+            policies = [group.get(POLICY_KEY) for group in self._optimizer.param_groups]
+            try:
+                self._optimizer.load_state_dict(copy.deepcopy(state_dict["optimizer"]))
+            except (ValueError, KeyError, RuntimeError) as error:
+                raise CheckpointError(f"optimizer state does not fit this optimizer: {error}") from error
+            for group, policy in zip(self._optimizer.param_groups, policies):
+                if policy is not None:
+                    group[POLICY_KEY] = policy
         self._gradients.restore_accumulated(state_dict["accumulated_grads"])
         self._counters = dict(state_dict["counters"])
         if "noise_state" in state_dict:

@@ -155,3 +155,16 @@ def test_precision_on_every_device_present_trains_close_to_fp32(tmp_path, quick_
     step = records(out)[-1]
     assert step["tokens_per_s"] > 0 and step["micro_step_s"] > 0
     assert (step["mfu"] is None) == (device == "cpu")  # MFU only against a known GPU peak
+
+
+def test_fsdp2_checkpoint_resumes_on_another_world_size(tmp_path, quick_run):
+    """Dense FSDP2 saves with torch.distributed.checkpoint: a run saved on 2 ranks at step 6
+    resumes on 1 rank and ends as the single-process run does."""
+    out = tmp_path / "run"
+    args = ["--quick", "--engine", "fsdp2", "--no-progress", "--out-dir", str(out)]
+    gqc_train(*args, nproc=2)
+    assert (out / "checkpoints" / "step_000006" / "state.pt").is_file()
+    (out / "checkpoints" / "latest").write_text("step_000006\n")  # as if the run had stopped there
+    gqc_train(*args, "--resume", nproc=1)
+    assert summary(out)["world_size"] == 1
+    assert_same_run(quick_run[0], out)

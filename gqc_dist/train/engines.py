@@ -127,17 +127,39 @@ class TrainEngine:
         key = self.spec.logged_value
         return None if key is None else self.optimizer.param_groups[0].get(key)
 
+    @property
+    def resharding(self) -> bool:
+        """Whether checkpoints go through torch.distributed.checkpoint (dense FSDP2), so a run
+        saved on N ranks resumes on M; otherwise each rank saves its own state."""
+        return self.name == "fsdp2" and not expert_parameters(self.module)
+
     def state_dict(self) -> Dict[str, Any]:
-        """This rank's training state at a step boundary (model shards under FSDP2)."""
-        state = {"controller": self.controller.state_dict(), "lr_schedule": self.lr_schedule.state_dict()}
+        """This rank's training state at a step boundary (model shards under FSDP2). With
+        :attr:`resharding` the model and optimizer are left to :meth:`sharded_state_dict`."""
+        own = self.ds_engine is None and not self.resharding
+        state = {"controller": self.controller.state_dict(include_optimizer=own),
+                 "lr_schedule": self.lr_schedule.state_dict()}
         if self.value_schedule is not None:
             state["value_schedule"] = self.value_schedule.state_dict()
-        if self.ds_engine is None:
+        if own:
             state["model"] = self.module.state_dict()
         return state
 
+    def sharded_state_dict(self) -> Dict[str, Any]:
+        """Model and optimizer as DTensor state dicts for torch.distributed.checkpoint."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.module, self.optimizer)
+        return {"model": model, "optim": optim}
+
+    def load_sharded_state_dict(self, state: Dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if self.ds_engine is None:
+        if "model" in state:
             self.module.load_state_dict(state["model"])
         self.controller.load_state_dict(state["controller"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])

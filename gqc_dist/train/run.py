@@ -28,7 +28,7 @@ from .plots import plot_run
 from .device import flops_per_token, peak_tflops
 from .progress import Budget
 from .throughput import Throughput
-from .run_dir import Checkpoints, prepare, truncate_metrics
+from .run_dir import Checkpoints, prepare, truncate_metrics, write_atomic
 
 
 def _global_mean(values, device=torch.device("cpu")) -> list:
@@ -97,7 +97,7 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
         budget.steps_done, budget.micro_steps_done = counters["step"], counters["micro_step"]
     if rank == 0:  # the run's files change only now, after the checks and the checkpoint load
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_atomic(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
         if resume:
             truncate_metrics(metrics_path, counters["step"])
         else:
@@ -193,5 +193,5 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
         if counters["step"]:
             plot_run(metrics_path, out_dir / "training.png",
                      title=f"gqc-train {config['engine']} {config['gqc']['algorithm']}")
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

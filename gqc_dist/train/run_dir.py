@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from ..errors import GQCError, TrainError
 
@@ -91,22 +92,30 @@ class Checkpoints:
         if engine.ds_engine is not None:
             engine.ds_engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
         state["engine"] = engine.state_dict()
-        tmp = folder / f"rank{self.rank}.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, folder / f"rank{self.rank}.pt")
+        if engine.resharding:  # model and optimizer resharded by DCP; the rest is rank-independent
+            dcp.save(engine.sharded_state_dict(), checkpoint_id=str(folder / "dcp"))
+            name = "state.pt"
+        else:
+            name = f"rank{self.rank}.pt"
+        if self.rank == 0 or not engine.resharding:
+            tmp = folder / (name + ".tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, folder / name)
         if dist.is_initialized():
             dist.barrier()
         if self.rank == 0:  # after every rank's file is complete; atomic, so a kill never leaves half a name
-            pointer = self.root / "latest.tmp"
-            pointer.write_text(folder.name + "\n")
-            os.replace(pointer, self.root / "latest")
+            write_atomic(self.root / "latest", folder.name + "\n")
 
     def load_latest(self, engine) -> Optional[Dict[str, Any]]:
         pointer = self.root / "latest"
         if not pointer.exists():
             return None
         folder = self.root / pointer.read_text().strip()
-        path = folder / f"rank{self.rank}.pt"
+        resharded = (folder / "state.pt").is_file()
+        path = folder / ("state.pt" if resharded else f"rank{self.rank}.pt")
+        if resharded != engine.resharding:
+            raise TrainError(f"--resume: {folder} was saved {'with' if resharded else 'without'} "
+                             "torch.distributed.checkpoint, this engine saves the other way")
         if not path.is_file():
             raise TrainError(f"--resume: {pointer} names {folder.name}, which has no {path.name}")
         try:
@@ -116,12 +125,16 @@ class Checkpoints:
                              f"gqc-train checkpoint): {str(error).splitlines()[0]}") from error
         if not isinstance(state, dict) or not {"world_size", "extra", "engine"} <= set(state):
             raise TrainError(f"--resume: {path} is not a gqc-train checkpoint")
-        if state.get("world_size") != self.world:
-            raise TrainError(f"checkpoint {folder} was written by {state.get('world_size')} ranks, "
-                               f"this run has {self.world}")
+        if state.get("world_size") != self.world and not resharded:
+            raise TrainError(f"--resume: checkpoint {folder} was written by {state.get('world_size')} ranks, "
+                             f"this run has {self.world} (only dense FSDP2 checkpoints reshard)")
         try:
             if engine.ds_engine is not None:
                 engine.ds_engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
+            if resharded:
+                sharded = engine.sharded_state_dict()  # this world's layout, filled in place
+                dcp.load(sharded, checkpoint_id=str(folder / "dcp"))
+                engine.load_sharded_state_dict(sharded)
             engine.load_state_dict(state["engine"])
         except GQCError as error:
             raise TrainError(f"--resume: checkpoint {path} does not fit this run: {error}") from error
@@ -145,8 +158,13 @@ def truncate_metrics(path: Path, step: int) -> None:
             raise TrainError(f"--resume: {path} line {number} is not JSON: {line[:80]!r}") from None
         if record["step"] <= step:
             kept.append(line)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
+    write_atomic(path, "".join(line + "\n" for line in kept))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a kill leaves the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 
