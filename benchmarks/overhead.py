@@ -54,6 +54,7 @@ the instrumentation costs the timings nothing.
 import argparse
 import contextlib
 import gc
+import importlib.util
 import logging
 import os
 import pickle
@@ -511,11 +512,9 @@ def single_process(reps, device):
     torch.set_num_threads(1)
     batches = make_batches(K * WINDOWS_PER_REP, 0, device)
     variants = {"plain": TorchPlain(make_mlp(device)), "gqc": TorchGQC(make_mlp(device))}
-    try:
-        import gradient_quality_control  # noqa: F401
-
+    if importlib.util.find_spec("gradient_quality_control"):
         variants["torch-gqc"] = TorchGQCLegacy(make_mlp(device))
-    except ImportError:
+    else:
         print("torch-gqc (gradient_quality_control) is not installed: its column is skipped")
     return summarize(measure(variants, batches, device, reps), "1 process")
 
