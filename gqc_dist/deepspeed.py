@@ -32,21 +32,19 @@ micro-batches right before DeepSpeed's ``step()``, so clipping and the optimizer
 Options that cannot work are refused before training starts, naming the key.
 """
 
-import contextlib
 import copy
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
-import torch.distributed as dist
 
-from . import checkpoint_state
 from .algorithms.spec import get as algorithm_spec
 from .config import SECTION, build_controller, parse_section
+from .deepspeed_checkpoint import agreed, gqc_state, latest_tag, read_gqc_state, restore_gqc_state, write_gqc_state
 from .engines.deepspeed_zero import DeepSpeedGradients
-from .errors import CheckpointError, GQCConfigError, GQCUsageError
+from .errors import GQCConfigError, GQCUsageError
 
 
 def load_ds_config(config) -> Dict[str, Any]:
@@ -222,7 +220,7 @@ def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> Non
         if not save_dir:  # DeepSpeed's own refusal, before GQC writes anything
             return original_save(save_dir, tag, client_state, save_latest, **kwargs)
         tag = str(f"global_step{engine.global_steps}" if tag is None else tag)
-        _write_gqc_state(os.path.join(save_dir, tag), _gqc_state(engine, controller))
+        write_gqc_state(os.path.join(save_dir, tag), gqc_state(engine, controller))
         return original_save(save_dir, tag, client_state, save_latest, **kwargs)
 
     def load_checkpoint(load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
@@ -230,17 +228,17 @@ def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> Non
         ds_args = dict(load_module_strict=load_module_strict, load_optimizer_states=load_optimizer_states,
                        load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
                        custom_load_fn=custom_load_fn)
-        resolved = tag if tag is not None else _latest_tag(engine, load_dir)
+        resolved = tag if tag is not None else latest_tag(engine, load_dir)
         if load_module_only or resolved is None:
             # weights only (a warm start keeps this engine's controller), or no 'latest' file:
             # DeepSpeed's own answer (it warns and returns (None, None))
             return original_load(load_dir, tag, **ds_args)
         path = os.path.join(load_dir, str(resolved))
-        state = _agreed(lambda: _read_gqc_state(path, engine, controller, adapter))
+        state = agreed(lambda: read_gqc_state(path, engine, controller, adapter))
         result = original_load(load_dir, tag, **ds_args)
         if result[0] is None:
             return result
-        _restore_gqc_state(engine, controller, state)
+        restore_gqc_state(engine, controller, state)
         backwards["since_step"] = 0
         last_loss.clear()
         return result
@@ -254,174 +252,3 @@ def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> Non
     engine.gqc = controller
     engine.gqc_schedule = schedule
     engine.gqc_stepped = False
-
-
-# ---------------------------------------------------------------------- checkpoints
-#: format of the per-rank GQC file next to DeepSpeed's checkpoint files
-STATE_FORMAT = "gqc_dist.deepspeed/1"
-
-
-def state_file(checkpoint_dir: str, rank: int) -> str:
-    """This rank's GQC state file inside DeepSpeed's ``<save_dir>/<tag>`` directory."""
-    return os.path.join(checkpoint_dir, f"gqc_state_rank{rank}.pt")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@contextlib.contextmanager
-def _optimizer_left_to_deepspeed(controller):
-    """The wrapper's ``state_dict``/``load_state_dict`` without the torch optimizer, which
-    DeepSpeed saves and loads itself (per rank, with its own partitioning): the optimizer's
-    ``state_dict`` is an empty one and its ``load_state_dict`` does nothing for the duration.
-
-    Without this, the wrapper would save the flat partitions' state (ZeRO-3: it raises, the
-    optimizer's state holds sub-group tensors its param_groups lack) and load it over what
-    DeepSpeed restored."""
-    optimizer = controller.optimizer
-    instance = vars(optimizer)
-    saved = {name: instance[name] for name in ("state_dict", "load_state_dict") if name in instance}
-    optimizer.state_dict = lambda: {"state": {}, "param_groups": []}
-    optimizer.load_state_dict = lambda state_dict: None
-    try:
-        yield
-    finally:
-        for name in ("state_dict", "load_state_dict"):
-            instance.pop(name, None)
-        instance.update(saved)
-
-
-def _schedulable_values(controller):
-    return [{key: group[key] for key in controller.SCHEDULABLE if key in group}
-            for group in controller.param_groups]
-
-
-def _gqc_state(engine, controller) -> Dict[str, Any]:
-    with _optimizer_left_to_deepspeed(controller):
-        wrapper = controller.state_dict()
-    wrapper["optimizer"] = None  # DeepSpeed's
-    schedule = engine.gqc_schedule
-    return {
-        "format": STATE_FORMAT,
-        "algorithm": controller.ALGORITHM,
-        "rank": _rank(),
-        "world_size": _world(),
-        "zero_stage": int(engine.zero_optimization_stage()),
-        "wrapper": wrapper,
-        "schedule": None if schedule is None else copy.deepcopy(schedule.state_dict()),
-        "values": _schedulable_values(controller),
-        "stepped": bool(engine.gqc_stepped),
-    }
-
-
-def _write_gqc_state(checkpoint_dir: str, state: Dict[str, Any]) -> None:
-    os.makedirs(checkpoint_dir, exist_ok=True)
-    path = state_file(checkpoint_dir, state["rank"])
-    partial = path + ".partial"
-    torch.save(state, partial)
-    os.replace(partial, path)  # a reader never sees half a file
-
-
-def _latest_tag(engine, load_dir) -> Optional[str]:
-    """DeepSpeed's rule for ``tag=None``: the tag in ``latest`` (``latest_universal``)."""
-    name = "latest_universal" if engine.load_universal_checkpoint() else "latest"
-    try:
-        with open(os.path.join(load_dir, name)) as handle:
-            return handle.read().strip()
-    except OSError:
-        return None
-
-
-def _agreed(read):
-    """``read()`` on every rank; if any rank raises a :class:`CheckpointError`, every rank raises
-    one naming that rank's problem (a lone refusal would leave the others waiting in DeepSpeed's
-    collective load)."""
-    state, error = None, None
-    try:
-        state = read()
-    except CheckpointError as caught:
-        error = str(caught)
-    if _world() > 1:
-        errors = [None] * _world()
-        dist.all_gather_object(errors, error)
-        failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
-        if failed and error is None:
-            rank, message = failed[0]
-            raise CheckpointError(f"rank {rank} refused the checkpoint: {message}")
-    if error is not None:
-        raise CheckpointError(error)
-    return state
-
-
-def _read_gqc_state(checkpoint_dir, engine, controller, adapter) -> Dict[str, Any]:
-    """This rank's GQC state of the checkpoint in ``checkpoint_dir``, checked against this engine;
-    changes nothing."""
-    path = state_file(checkpoint_dir, _rank())
-    if not os.path.isfile(path):
-        others = sorted(name for name in os.listdir(checkpoint_dir)
-                        if name.startswith("gqc_state_rank")) if os.path.isdir(checkpoint_dir) else []
-        if not os.path.isdir(checkpoint_dir):
-            why = "the directory does not exist"
-        elif others:
-            why = f"it has {len(others)} GQC state files, saved by another number of ranks"
-        else:
-            why = ("it has no gradient_quality_control state: saved by plain DeepSpeed (or by "
-                   "deepspeed.initialize without a gradient_quality_control section)")
-        raise CheckpointError(f"cannot resume GQC from DeepSpeed checkpoint {checkpoint_dir}: no {os.path.basename(path)}, "
-                              f"{why}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a corrupt or foreign file
-        raise CheckpointError(f"cannot read GQC state {path}: {error}") from error
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path} is not GQC DeepSpeed state (format {found!r}, expected {STATE_FORMAT!r})")
-    if state.get("algorithm") != controller.ALGORITHM:
-        raise CheckpointError(
-            f"DeepSpeed checkpoint {checkpoint_dir} was saved by GQC algorithm {state.get('algorithm')!r}; "
-            f"this engine runs {controller.ALGORITHM!r}")
-    wrapper = state.get("wrapper")
-    if not isinstance(wrapper, dict):
-        raise CheckpointError(f"{path} has no wrapper state")
-    mid_window = bool((wrapper.get("counters") or {}).get("num_draws"))
-    if mid_window and state.get("world_size") != _world():
-        raise CheckpointError(
-            f"DeepSpeed checkpoint {checkpoint_dir} was saved mid-window by {state.get('world_size')} ranks; "
-            f"its accumulated gradient partitions cannot be resumed on {_world()}")
-    saved_schedule, schedule = state.get("schedule"), engine.gqc_schedule
-    if (saved_schedule is None) != (schedule is None):
-        raise CheckpointError(
-            f"DeepSpeed checkpoint {checkpoint_dir} was saved {'without' if saved_schedule is None else 'with'} "
-            f"a gradient_quality_control.schedule; this engine runs {'with' if schedule is not None else 'without'} one")
-    if schedule is not None and (not isinstance(saved_schedule, dict)
-                                 or set(saved_schedule) != set(schedule.schedules)):
-        raise CheckpointError(f"DeepSpeed checkpoint {checkpoint_dir} schedules "
-                              f"{sorted(saved_schedule) if isinstance(saved_schedule, dict) else saved_schedule}, "
-                              f"this engine's schedule {sorted(schedule.schedules)}")
-    values = state.get("values")
-    if not isinstance(values, list) or len(values) != len(controller.param_groups):
-        raise CheckpointError(f"{path} holds values for {len(values) if isinstance(values, list) else 'no'} "
-                              f"param groups, this optimizer has {len(controller.param_groups)}")
-    wrapper = {**wrapper, "optimizer": {"state": {}, "param_groups": []}}
-    state = {**state, "wrapper": wrapper}
-    checkpoint_state.validate(wrapper, controller.ALGORITHM, controller.max_draws, adapter.check_accumulated)
-    return state
-
-
-def _restore_gqc_state(engine, controller, state) -> None:
-    """After DeepSpeed loaded its own state: the controller, its schedule and values."""
-    with _optimizer_left_to_deepspeed(controller):
-        controller.load_state_dict(state["wrapper"])
-    if engine.gqc_schedule is not None:
-        engine.gqc_schedule.load_state_dict(state["schedule"])
-        # a torch scheduler's load_state_dict does not write its value back into the param
-        # groups, and DeepSpeed may not restore them (elastic checkpoints, load_optimizer_states
-        # False): the schedule's position is the values it last wrote
-        for group, values in zip(controller.param_groups, state["values"]):
-            group.update(values)
-    engine.gqc_stepped = bool(state["stepped"])

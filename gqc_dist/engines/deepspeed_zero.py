@@ -171,8 +171,11 @@ class DeepSpeedGradients(GradientAdapter):
 
     # ------------------------------------------------------------------ checkpoints
     def save_accumulated(self):
-        """This rank's accumulated partitions (ZeRO-2/3) or local sums (ZeRO-0/1), and DeepSpeed's
-        count of backwards since the last step (it sizes ``global_samples``)."""
+        """This rank's accumulated partitions (ZeRO-2/3) or local sums (ZeRO-0/1), DeepSpeed's
+        count of backwards since the last step (it sizes ``global_samples``) and, on ZeRO-3, the
+        optimizer's micro-step position (``micro_step_id`` 0 makes the next backward *copy* into
+        ``grad_partitions_flat_buffer`` instead of adding: a fresh engine resumed mid-window
+        would drop the window's earlier micro-batches)."""
         o = self.optimizer
         if self.stage == 3:
             tensors = [o.grad_partitions_flat_buffer.detach().clone()]
@@ -182,12 +185,25 @@ class DeepSpeedGradients(GradientAdapter):
         else:
             tensors = [[None if _local_grad(p) is None else _local_grad(p).detach().clone() for p in group]
                        for group in self._module_param_groups()]
+        micro_step = None
+        if self.stage == 3:
+            micro_step = [int(o.micro_step_id), bool(getattr(o, "_epilogue_ran_this_backward", False))]
         return {"stage": self.stage, "tensors": tensors,
-                "backward_count": int(self.engine._unmanaged_backward_count)}
+                "backward_count": int(self.engine._unmanaged_backward_count), "micro_step": micro_step}
 
     def check_accumulated(self, saved) -> None:
-        if not isinstance(saved, dict) or set(saved) != {"stage", "tensors", "backward_count"}:
+        required = {"stage", "tensors", "backward_count"}
+        if not isinstance(saved, dict) or not required <= set(saved) <= required | {"micro_step"}:
             raise CheckpointError("accumulated gradient state is not a DeepSpeed adapter's")
+        count, micro_step = saved["backward_count"], saved.get("micro_step")
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise CheckpointError(f"accumulated gradient state has backward_count {count!r}, expected an int >= 0")
+        if micro_step is not None and not (
+                isinstance(micro_step, (list, tuple)) and len(micro_step) == 2
+                and isinstance(micro_step[0], int) and not isinstance(micro_step[0], bool)
+                and micro_step[0] >= 0 and isinstance(micro_step[1], bool)):
+            raise CheckpointError(f"accumulated gradient state has micro_step {micro_step!r}, "
+                                  "expected [int >= 0, bool]")
         if saved["stage"] != self.stage:
             raise CheckpointError(f"accumulated gradients were saved on ZeRO stage {saved['stage']}, "
                                   f"this engine runs stage {self.stage}")
@@ -213,10 +229,17 @@ class DeepSpeedGradients(GradientAdapter):
             for tensor in self._accumulators():
                 tensor.zero_()
             self.engine._unmanaged_backward_count = 0
+            if self.stage == 3:  # as after DeepSpeed's own step
+                o.micro_step_id = 0
+                o._epilogue_ran_this_backward = False
             return
         tensors = saved["tensors"]
         if self.stage == 3:
             o.grad_partitions_flat_buffer.copy_(tensors[0])
+            # the next backward must add to the restored window (micro_step_id 0 copies)
+            micro_step_id, epilogue_ran = saved.get("micro_step") or (1, False)
+            o.micro_step_id = micro_step_id if micro_step_id or epilogue_ran else 1
+            o._epilogue_ran_this_backward = epilogue_ran
         elif self.stage == 2:
             # the next backward adds its gradients into these lists (DeepSpeed's ipg epilogue)
             for i, grads in tensors.items():

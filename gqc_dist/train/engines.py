@@ -135,8 +135,12 @@ class TrainEngine:
 
     def state_dict(self) -> Dict[str, Any]:
         """This rank's training state at a step boundary (model shards under FSDP2). With
-        :attr:`resharding` the model and optimizer are left to :meth:`sharded_state_dict`."""
-        own = self.ds_engine is None and not self.resharding
+        :attr:`resharding` the model and optimizer are left to :meth:`sharded_state_dict`; on
+        DeepSpeed everything is in DeepSpeed's checkpoint (model, optimizer, lr scheduler and,
+        through ``gqc_dist.deepspeed``, the GQC controller and its schedule)."""
+        if self.ds_engine is not None:
+            return {}
+        own = not self.resharding
         state = {"controller": self.controller.state_dict(include_optimizer=own),
                  "lr_schedule": self.lr_schedule.state_dict()}
         if self.value_schedule is not None:
@@ -159,6 +163,8 @@ class TrainEngine:
                        optim_state_dict=state["optim"])
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if self.ds_engine is not None:
+            return  # DeepSpeed's load_checkpoint restored it all
         if "model" in state:
             self.module.load_state_dict(state["model"])
         self.controller.load_state_dict(state["controller"])
