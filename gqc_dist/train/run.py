@@ -154,7 +154,8 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
                   "loss": _global_mean([window_loss / window_draws])[0], "draws": stats["last_num_draws"],
                   "threshold": threshold, "mean_grad_norm": stats["mean_grad_norm"],
                   "noise_scale": stats.get("gradient_noise_scale_micro_batches"),
-                  "forced_steps": stats["forced_steps"], "lr": lr, "wall_time": time.time() - start,
+                  "forced_steps": stats["forced_steps"], "prediction_error": stats.get("last_prediction_error"),
+                  "lr": lr, "wall_time": time.time() - start,
                   **meter.window()}
         write(record)
         window_loss, window_draws = 0.0, 0

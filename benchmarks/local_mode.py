@@ -1,0 +1,82 @@
+"""Communication-avoiding mode against exact mode on gqc-train's main job, DDP with 2 and 4 ranks.
+
+    python benchmarks/local_mode.py                  # ~20 min on 2 cores
+    python benchmarks/local_mode.py --tokens 400000  # shorter
+
+For each world size it runs gqc-train twice on the same data (``--engine ddp``, the default
+controller): exact mode (DDP all-reduces every micro-step) and ``gqc.local_accumulation`` (DDP
+under no_sync, one small all-reduce per micro-step, one full all-reduce per optimizer step). It
+prints the fraction of optimizer steps whose window has the same length in both runs (compared
+step by step while the runs agree on where windows start, and index by index over the whole
+run), the final validation losses and their
+relative difference, and the gradient bytes all-reduced per optimizer step by each mode
+(computed from the parameter count: exact mode moves the gradient once per micro-step, local
+mode once per step; the small statistics packet is the same in both and left out).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parent / "out" / "local_mode"
+
+
+def run(world: int, local: bool, tokens: int) -> Path:
+    out = OUT / f"w{world}-{'local' if local else 'exact'}"
+    if (out / "summary.json").exists():
+        return out
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
+               "--master_port", str(29600 + world * 2 + local), "-m", "gqc_dist.train", "--engine", "ddp",
+               "--no-progress", "--overwrite", "--out-dir", str(out), "--set", f"train.tokens={tokens}",
+               "--set", "train.checkpoint_interval=1000000", "--set", f"gqc.local_accumulation={str(local).lower()}"]
+    print(" ".join(command[3:]), flush=True)
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return out
+
+
+def _steps(out: Path):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+
+
+def _parameters() -> int:
+    from gqc_dist.train.model import GPT, ModelConfig
+    from gqc_dist.train.settings import DEFAULT_CONFIG
+
+    return sum(p.numel() for p in GPT(ModelConfig(**DEFAULT_CONFIG["model"])).parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--tokens", type=int, default=1_024_000)
+    args = parser.parse_args()
+    gradient_bytes = 4 * _parameters()
+    print(f"\n{'ranks':>5} {'aligned prefix':>15} {'same length, by index':>22} {'val exact':>10} {'val local':>10} {'diff':>7} "
+          f"{'exact MB/step':>14} {'local MB/step':>14} {'last pred. err':>15}")
+    for world in args.worlds:
+        exact, local = (_steps(run(world, mode, args.tokens)) for mode in (False, True))
+        same, start_exact, start_local = 0, 0, 0
+        for a, b in zip(exact, local):  # windows compared while they start on the same micro-step
+            if start_exact != start_local:
+                break
+            same += a["draws"] == b["draws"]
+            start_exact += a["draws"]
+            start_local += b["draws"]
+        compared = min(len(exact), len(local))
+        by_index = sum(a["draws"] == b["draws"] for a, b in zip(exact, local))
+        val = [json.loads((OUT / f"w{world}-{m}" / "summary.json").read_text())["val_loss"] for m in ("exact", "local")]
+        draws = [sum(r["draws"] for r in s) / len(s) for s in (exact, local)]
+        stats = local[-1]
+        error = stats.get("prediction_error")
+        print(f"{world:5d} {same:>6d} / {compared:<6d} {100 * by_index / compared:21.1f}% {val[0]:10.4f} {val[1]:10.4f} {100 * (val[1] / val[0] - 1):+6.2f}% "
+              f"{draws[0] * gradient_bytes / 1e6:14.2f} {gradient_bytes / 1e6:14.2f} "
+              f"{'n/a' if error is None else f'{error:+.3f}':>15}")
+    print("\nMB/step: gradient bytes all-reduced per optimizer step (fp32 gradient of "
+          f"{gradient_bytes / 4 / 1e6:.2f} M parameters), exact = once per micro-step, local = once per step")
+
+
+if __name__ == "__main__":
+    main()
