@@ -11,7 +11,6 @@
 
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -120,7 +119,7 @@ class Checkpoints:
             raise TrainError(f"--resume: {pointer} names {folder.name}, which has no {path.name}")
         try:
             state = torch.load(path, weights_only=True, map_location=engine.device)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        except Exception as error:  # noqa: BLE001 -- a corrupt file makes the unpickler raise anything
             raise TrainError(f"--resume: checkpoint {path} cannot be read (truncated, corrupt or not a "
                              f"gqc-train checkpoint): {str(error).splitlines()[0]}") from error
         if not isinstance(state, dict) or not {"world_size", "extra", "engine"} <= set(state):
