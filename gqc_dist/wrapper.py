@@ -1,5 +1,11 @@
 """The optimizer wrapper every GQC algorithm shares.
 
+(About 370 lines: the class is torch-gqc's public surface that every algorithm subclasses:
+counters, the micro-step, reporting, checkpoints. What can live apart does: the statistics
+collection in ``micro_step``, the checkpoint format in ``checkpoint_state``, the optimizer
+look-alike in ``optimizer_lookalike``, rank-local accumulation in ``local_mode``, argument checks
+in ``validation``.)
+
 Per micro-step (one ``step()`` call after one ``backward``) data flows one way:
 
     gradients -> rank-local fused sums (grad_norms) -> one all-reduce (packet) -> decision (rules)
