@@ -123,10 +123,11 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
             metrics.flush()
 
     pin = engine.device.type == "cuda"
-    meter = Throughput(global_batch * seq_len, world, flops_per_token(
-        sum(p.numel() for p in engine.module.parameters()) * (world if config["engine"] == "fsdp2" else 1),
-        model_cfg["layers"], model_cfg["dim"], seq_len), peak_tflops(engine.device, train_cfg["peak_tflops"]),
-        engine.device)
+    # the whole model's parameters: a DTensor's numel is global, ZeRO-3 keeps the full count in ds_numel
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    meter = Throughput(global_batch * seq_len, world, flops_per_token(num_params, model_cfg["layers"], model_cfg["dim"],
+                                                                      seq_len),
+                       peak_tflops(engine.device, train_cfg["peak_tflops"]), engine.device)
     while not budget.exhausted():
         x, y = (t.pin_memory().to(engine.device, non_blocking=True) if pin else t for t in batches.next())
         loss = engine.loss(x, y)
