@@ -75,17 +75,16 @@ class OptimizerWrapperCBC(GQCOptimizerWrapper):
         kappas = self._group_values("critical_batch_fraction")
         return {"critical_batch_fraction": sum(kappas) / len(kappas)}
 
-    def target_draws(self, max_draws: Optional[int] = None) -> int:
-        """Micro-batches the current window will take (every rank computes the same)."""
-        return target_draws(self._noise.noise_scale_micro_batches(),
-                            self._settings()["critical_batch_fraction"], self.num_steps,
+    def target_draws(self, kappa: Optional[float] = None, max_draws: Optional[int] = None) -> int:
+        """Micro-batches the current window will take (every rank computes the same); ``kappa``
+        and ``max_draws`` default to this rank's settings (decisions use rank 0's)."""
+        kappa = self._settings()["critical_batch_fraction"] if kappa is None else kappa
+        return target_draws(self._noise.noise_scale_micro_batches(), kappa, self.num_steps,
                             self._min_draws, max_draws or self.max_draws, self._probe_interval)
 
     def _decide(self, stats: MicroStepStats) -> bool:
-        wanted = target_draws(self._noise.noise_scale_micro_batches(),
-                              stats.settings["critical_batch_fraction"], self.num_steps,
-                              self._min_draws, int(stats.settings["max_draws"]), self._probe_interval)
-        return self.num_draws >= wanted
+        return self.num_draws >= self.target_draws(stats.settings["critical_batch_fraction"],
+                                                   int(stats.settings["max_draws"]))
 
     def _algorithm_statistics(self):
         return {"target_draws": self.target_draws(), "min_draws": self._min_draws}
