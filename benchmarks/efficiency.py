@@ -51,7 +51,7 @@ SETTINGS = {
                "tokens": 1000 * 8 * 128},
 }
 
-CBC = {"algorithm": "cbc", "kappa": 1, "max_draws": 16}
+CBC = {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16}  # gqc-train's default
 RUNS = {
     "fixed1": ["--baseline", "1"],
     "fixed2": ["--baseline", "2"],
@@ -99,6 +99,11 @@ def fixed_steps_for(loss: float, fixed: list) -> float:
     return math.nan
 
 
+def _show(value, spec: str) -> str:
+    """A number, or "-" where it does not apply (fixed runs, a loss outside the fixed range)."""
+    return "-" if value is None or value != value else format(value, spec)
+
+
 def report(settings) -> None:
     import matplotlib
 
@@ -117,9 +122,10 @@ def report(settings) -> None:
             s = r["summary"]
             need = fixed_steps_for(s["val_loss"], fixed) if name not in FIXED else math.nan
             ratio = s["optimizer_steps"] / need if need == need else math.nan
-            forced = r["steps"][-1].get("forced_steps", 0) if r["steps"] else 0
+            forced = r["steps"][-1].get("forced_steps", 0) if r["steps"] and name not in FIXED else None
             print(f"{name:10} {s['val_loss']:9.4f} {100 * (s['val_loss'] / best - 1):+12.2f}% "
-                  f"{s['optimizer_steps']:6d} {s['micro_steps']:13d} {need:26.0f} {ratio:6.2f} {forced:7d}")
+                  f"{s['optimizer_steps']:6d} {s['micro_steps']:13d} {_show(need, '.0f'):>26} "
+                  f"{_show(ratio, '.2f'):>6} {_show(forced, 'd'):>7}")
             style = "--" if name in FIXED else "-"
             axes[row][0].plot([v["tokens"] for v in r["val"]], [v["val_loss"] for v in r["val"]], style, label=name)
             axes[row][1].plot([v["step"] for v in r["val"]], [v["val_loss"] for v in r["val"]], style, label=name)

@@ -1,6 +1,6 @@
 """``gqc-train``: train a byte-level GPT with GQC; ``gqc-train compare``: overlay runs.
 
-    gqc-train                                  # the embedded default: one CPU process, ~3 min
+    gqc-train                                  # the embedded default: one CPU process, ~4 min
     gqc-train --config configs/train_fsdp2.json             # under torchrun for ddp/fsdp2
     gqc-train --baseline 4 --out-dir runs/fixed4             # fixed accumulation, same data
     gqc-train --set gqc.max_draws=32 --set train.optimizer_steps=300
@@ -56,7 +56,7 @@ QUICK = {"model": {"seq_len": 32, "dim": 32, "layers": 1, "heads": 2},
          "gqc": {"algorithm": "gnts", "max_draws": 16,
                  "schedule": {"num_training_steps": 12, "num_warmup_steps": 2, "initial_threshold": 1.0,
                               "final_threshold": 0.8, "warmup_multiplier": 3}},
-         "train": {"optimizer_steps": 12, "max_micro_steps": 300, "eval_interval": 6,
+         "train": {"tokens": None, "optimizer_steps": 12, "max_micro_steps": 300, "eval_interval": 6,
                    "eval_batches": 2, "checkpoint_interval": 6}}
 
 
