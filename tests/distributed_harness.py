@@ -82,6 +82,7 @@ import sys
 import time
 import traceback
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 __all__ = [
@@ -93,6 +94,7 @@ __all__ = [
     "torchrun_command",
     "launched",
     "run_launcher",
+    "children",
 ]
 
 MASTER_ADDR = "127.0.0.1"
@@ -415,6 +417,19 @@ def launched(command, **popen_kwargs):
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.communicate()
+
+
+def children(pid: int) -> list:
+    """The pids whose parent is ``pid`` (a launcher's ranks), read from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
 
 
 def run_launcher(command, env=None, timeout=300):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from distributed_harness import launched, torchrun_command
+from distributed_harness import children, launched, torchrun_command
 from train_runs import ENV
 
 TIMEOUT_S = 5
@@ -29,19 +29,6 @@ TIMEOUT_S = 5
 # Measured here (2 shared cores): 37-39 s from SIGSTOP to exit, of which 30 s is torchrun's grace;
 # 60 s leaves ~20 s for a more loaded machine.
 MARGIN_S = 60
-
-
-def _children(pid):
-    """The pids whose parent is ``pid`` (torchrun's ranks), read from /proc."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
 
 
 def _rank_of(pid) -> int:
@@ -80,7 +67,7 @@ def test_stalled_rank_ends_the_job_after_the_collective_timeout(tmp_path, stalle
             while not (latest.exists() and latest.read_text().strip() == "step_000006"):
                 assert launcher.poll() is None and time.monotonic() < deadline, log_path.read_text()
                 time.sleep(0.01)
-            ranks = {_rank_of(pid): pid for pid in _children(launcher.pid)}
+            ranks = {_rank_of(pid): pid for pid in children(launcher.pid)}
             assert sorted(ranks) == [0, 1], ranks
             stopped = ranks[stalled_rank]
             os.kill(stopped, signal.SIGSTOP)

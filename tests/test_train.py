@@ -5,13 +5,12 @@ import os
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import matplotlib.image
 import pytest
 import torch
 
-from distributed_harness import find_free_port, launched, run_launcher, torchrun_command
+from distributed_harness import children, find_free_port, launched, run_launcher, torchrun_command
 from train_runs import ENV, REPO, assert_same_run, gqc_train, records, summary
 
 from gqc_dist.train.cli import main
@@ -89,19 +88,6 @@ def test_two_rank_run_agrees_with_single_process(tmp_path, engine):
     assert_same_run(single, multi)
 
 
-def _children(pid):
-    """The pids whose parent is ``pid`` (torchrun's ranks), read from /proc."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
-
-
 def test_rank_killed_mid_run_resumes_to_the_uninterrupted_metrics(tmp_path, quick_run):
     """SIGKILL one of 2 FSDP2 ranks once the step-6 checkpoint exists: torchrun stops the job; a
     new torchrun with --resume finishes it, and the metrics equal the single-process run's."""
@@ -115,7 +101,7 @@ def test_rank_killed_mid_run_resumes_to_the_uninterrupted_metrics(tmp_path, quic
         while not (latest.exists() and latest.read_text().strip() == "step_000006"):
             assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
             time.sleep(0.01)
-        os.kill(_children(launcher.pid)[-1], signal.SIGKILL)
+        os.kill(children(launcher.pid)[-1], signal.SIGKILL)
         assert launcher.wait(timeout=120) != 0
     assert not (out / "summary.json").exists()  # the kill came before the end
     assert records(out)[-1]["step"] < 12
