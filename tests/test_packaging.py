@@ -163,7 +163,7 @@ def test_torch_version_agrees_with_setup_py_run_sh_and_readme():
     torch_version = global_args()["TORCH_VERSION"]
     assert Version(torch_version) in setup_requirements()["torch"], (torch_version, setup_requirements()["torch"])
     for pinned_in in ("tests/run.sh", "README.md"):
-        pins = set(re.findall(r"torch==([0-9][^\s'\"]*)", (REPO / pinned_in).read_text()))
+        pins = set(re.findall(r"torch==([0-9][^\s'\"`]*)", (REPO / pinned_in).read_text()))
         assert pins == {torch_version}, f"{pinned_in} pins torch {pins}, docker/Dockerfile {torch_version}"
 
 

@@ -60,7 +60,7 @@ def test_baseline_and_compare(tmp_path, quick_run):
 @pytest.mark.parametrize("args, message", [
     (["--set", "train.optimizer_step=5"], "unknown key train.optimizer_step"),
     (["--set", "model.dim=-4"], "model.dim must be >= 1"),
-    (["--set", "gqc.threshold=-1", "--set", "gqc.schedule=null"], "gqc.threshold must be >= 0"),
+    (["--set", 'gqc={"algorithm": "gnts", "threshold": -1}'], "gqc.threshold must be >= 0"),
     (["--engine", "single", "--set", "model.ep_size=2", "--set", "model.num_experts=4"], "model.ep_size > 1 needs engine fsdp2"),
     (["--set", "deepspeed.optimizer={}"], "deepspeed.optimizer is set by gqc-train"),
     (["--max-draws", "0"], "gqc.max_draws must be >= 1"),
