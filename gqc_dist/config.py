@@ -5,7 +5,7 @@ so we must be strict) and from gqc-train configs. Every error names the full key
 
 Keys (``algorithm`` decides which others are allowed)::
 
-    {"algorithm": "gnts",            # gnts | gns | gnr | sbc | mht
+    {"algorithm": "gnts",            # cbc | gnts | gns | gnr | sbc | mht | fixed
      "max_draws": 16,                # not for gnr (it steps every micro-batch)
      "verify": false,                # all-gather decisions and raise on rank divergence
      "noise_beta": 0.9,              # smoothing of the gradient-noise-scale estimate
@@ -15,17 +15,9 @@ Keys (``algorithm`` decides which others are allowed)::
      "schedule": {"num_training_steps": 1000, "num_warmup_steps": 100,
                   "initial_threshold": 0.95, "final_threshold": 0.25, "warmup_multiplier": 10}}
 
-Which keys each algorithm takes is its descriptor's (``gqc_dist.algorithms.spec``), next to
-its wrapper class:
-
-* gnts: ``threshold``; ``initial_threshold``, ``final_threshold``, ``warmup_multiplier``
-* gns: ``tolerance``; ``initial_tolerance``, ``final_tolerance``, ``warmup_multiplier``
-* gnr: ``target_norm``; ``initial_norm``, ``final_norm``
-* sbc: ``logical_batch_size`` (+ optional ``physical_batch_size``); ``initial_batch_size``,
-  ``final_batch_size``, ``polynomial_power``
-* mht: ``confidence_level`` and ``percent_error_threshold`` (+ optional ``update_beta``); a
-  schedule warms both up over ``num_warmup_steps``
-* fixed: ``accumulation_steps`` (the fixed-accumulation baseline; no schedule)
+Which other keys an algorithm takes (its constant value, its schedule's keys, its options) is
+said once, by its descriptor next to its wrapper class (``gqc_dist.algorithms.spec``); e.g. cbc
+takes ``kappa`` (or ``initial_kappa`` / ``final_kappa``), ``min_draws``, ``probe_interval``.
 
 Schedules here drive only the algorithm's value (one ``schedule.step()`` per optimizer step);
 the learning rate belongs to the engine's own scheduler.
