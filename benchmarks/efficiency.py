@@ -15,7 +15,8 @@ saves ``benchmarks/efficiency.png`` (val loss against tokens and against optimiz
 Settings: ``main`` is gqc-train's default job; ``second`` changes the corpus (the installed
 torch package's Python sources instead of the standard library's), the width (192) and the
 micro-batch (8 sequences) and shortens the budget, so a default tuned to the first cannot pass
-unseen.
+unseen. ``third`` (64-token sequences, width 64, 4 layers, 32-sequence micro-batches) was added
+after the default was chosen, as a setting it was not tuned on.
 """
 
 import argparse
@@ -49,6 +50,9 @@ SETTINGS = {
     "main": {"set": [], "tokens": 1500 * 16 * 128},
     "second": {"set": ["model.dim=192", "model.heads=6", "data.micro_batch_size=8", "data.path=@torch"],
                "tokens": 1000 * 8 * 128},
+    # chosen after the default was: shorter sequences, a narrower and deeper model, larger micro-batches
+    "third": {"set": ["model.seq_len=64", "model.dim=64", "model.heads=2", "model.layers=4",
+                      "data.micro_batch_size=32"], "tokens": 600 * 32 * 64},
 }
 
 CBC = {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16}  # gqc-train's default
