@@ -223,3 +223,18 @@ def _window_lengths(decisions):
             lengths.append(run)
             run = 0
     return lengths
+
+
+def test_cbc_factory_sets_kappa_and_anneals_the_learning_rate():
+    model = make_mlp()
+    wrapper, schedule = gqc_dist.make_cbc_with_cosine_annealing_schedule(
+        adamw(model.parameters()), num_training_steps=10, num_warmup_steps=2, kappa=0.25, max_batch_draws=4)
+    assert wrapper.param_groups[0]["critical_batch_fraction"] == 0.25 and wrapper.max_draws == 4
+    lrs = []
+    for _ in range(10):
+        lrs.append(wrapper.param_groups[0]["lr"])
+        schedule.step()
+    peak = 1e-2  # reference.adamw's lr
+    assert lrs[0] < lrs[2] == pytest.approx(peak) and wrapper.param_groups[0]["lr"] == pytest.approx(0, abs=1e-12)
+    with pytest.raises(gqc_dist.GQCConfigError, match="kappa"):
+        gqc_dist.make_cbc_with_cosine_annealing_schedule(adamw(make_mlp().parameters()), 10, 2, kappa=-1)
