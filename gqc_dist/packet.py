@@ -139,9 +139,11 @@ class StatsPacket:
 
 
 def _all_reduce(vector: torch.Tensor, timeout_s: Optional[float], rank: int, world: int) -> None:
-    work = dist.all_reduce(vector, op=dist.ReduceOp.SUM, async_op=True)
     try:
-        work.wait(timedelta(seconds=timeout_s)) if timeout_s else work.wait()
+        if timeout_s:  # an async op waited on with its own bound
+            dist.all_reduce(vector, op=dist.ReduceOp.SUM, async_op=True).wait(timedelta(seconds=timeout_s))
+        else:  # bounded by the process group's timeout
+            dist.all_reduce(vector, op=dist.ReduceOp.SUM)
     except RuntimeError as error:
         bound = f"within {timeout_s:g} s" if timeout_s else "within the process group's timeout"
         raise CollectiveTimeoutError(
