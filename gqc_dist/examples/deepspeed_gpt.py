@@ -57,10 +57,6 @@ def main(argv=None):
                   f"loss {loss.item():.3f} mean_grad_norm {stats['mean_grad_norm']:.4f} "
                   f"threshold {stats['gradient_norm_threshold']:.3f} lr {engine.get_lr()[0]:.2e} "
                   f"samples {engine.global_samples}", flush=True)
-    # tear down together: a gloo group left to interpreter exit can abort ("terminate called
-    # without an active exception") while a peer's last collective is in flight
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -69,7 +69,6 @@ def main(argv=None):
             print(f"[rank {rank}] micro-step {micro_step:3d} optimizer step {stats['num_steps']:3d} "
                   f"draws {stats['last_num_draws']:2d} mean_grad_norm {stats['mean_grad_norm']:.6f} "
                   f"threshold {stats['gradient_norm_threshold']:.4f}", flush=True)
-    dist.barrier()  # tear down together (see examples/deepspeed_gpt.py)
     dist.destroy_process_group()
 
 
