@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from . import checkpoint_state
 from .errors import CheckpointError
-from .packet import world_rank_and_size
 
 #: format of the per-rank GQC file next to DeepSpeed's checkpoint files
 STATE_FORMAT = "gqc_dist.deepspeed/1"
@@ -31,11 +30,11 @@ def state_file(checkpoint_dir: str, rank: int) -> str:
 
 
 def _rank() -> int:
-    return world_rank_and_size()[0]
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _world() -> int:
-    return world_rank_and_size()[1]
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _schedulable_values(controller):

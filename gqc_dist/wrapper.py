@@ -164,7 +164,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         counters = self._counters
         counters["num_batches"] += 1
         counters["num_draws"] += 1
-        stats = self._gather(lambda packet: self._add_fields(packet, inputs))
+        stats = self._gather(inputs)
         if self._local is not None:
             stats = self._local.predict(stats, self._noise.signal_sq())
         counters["mean_grad_norm"] = stats.mean_grad_norm
@@ -180,16 +180,21 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             self._verify_agreement(decision)
         if decision:
             if self._local is not None:  # average over the ranks, then the exact statistics
-                stats = self._local.at_step(stats, lambda: self._gather(lambda packet: None), self._noise)
+                stats = self._local.at_step(stats, lambda: self._gather_exact(inputs), self._noise)
             self._take_step(stats)
         return decision
 
-    def _gather(self, add_fields) -> MicroStepStats:
-        """Local sums -> one collective -> global statistics (one host sync); ``add_fields``
-        puts the algorithm's own fields in the packet."""
+    def _gather_exact(self, inputs: dict) -> MicroStepStats:
         return collect(self._gradients, self._weights, len(self._optimizer.param_groups),
                        self._counters["num_draws"], {"max_draws": self._max_draws, **self._settings()},
-                       add_fields, self._validate_settings, lambda: self.device, self._timeout_s)
+                       lambda packet: None, self._validate_settings, lambda: self.device, self._timeout_s)
+
+    def _gather(self, inputs: dict) -> MicroStepStats:
+        """Local sums -> one collective -> global statistics (one host sync)."""
+        return collect(self._gradients, self._weights, len(self._optimizer.param_groups),
+                       self._counters["num_draws"], {"max_draws": self._max_draws, **self._settings()},
+                       lambda packet: self._add_fields(packet, inputs), self._validate_settings, lambda: self.device,
+                       self._timeout_s)
 
     def _validate_settings(self, settings: Dict[str, float]) -> None:
         for name, value in settings.items():

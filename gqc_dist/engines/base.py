@@ -26,9 +26,6 @@ class GradientAdapter:
     """
 
     layout_version: Optional[int] = None
-    #: rank-local accumulation: ``None`` in exact mode; else whether the window's local sums have
-    #: been averaged over the ranks yet (``reduce_local``). Set to False to turn the mode on.
-    local_reduced: Optional[bool] = None
 
     def local_pieces(self) -> List[Tuple[int, Piece]]:
         """This rank's gradient pieces as ``(param group index, Piece)`` with their ``rho``.

@@ -28,6 +28,9 @@ class TorchOptimizerGradients(GradientAdapter):
     def __init__(self, optimizer: torch.optim.Optimizer, distributed_mode: Optional[str] = None,
                  grad_scaler: Optional[torch.amp.GradScaler] = None, clip: float = 0.0):
         self.optimizer = optimizer
+        # rank-local accumulation (DDP under no_sync): None in exact mode; else whether the
+        # window's sums have been averaged over the ranks yet (reduce_local)
+        self.local_reduced: Optional[bool] = None
         self.clip = clip  # max global norm of the mean gradient (0: no clipping)
         self.distributed_mode = distributed_mode
         self.grad_scaler = grad_scaler
