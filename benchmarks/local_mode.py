@@ -1,11 +1,14 @@
-"""Communication-avoiding mode against exact mode on gqc-train's main job, DDP with 2 and 4 ranks.
+"""Communication-avoiding mode against exact mode on gqc-train's main job: DDP with 2 and 4 ranks,
+FSDP2 and DeepSpeed ZeRO-1 with 2 ranks.
 
-    python benchmarks/local_mode.py                  # ~20 min on 2 cores
+    python benchmarks/local_mode.py                  # the main job's token budget
     python benchmarks/local_mode.py --tokens 400000  # shorter
 
-For each world size it runs gqc-train twice on the same data (``--engine ddp``, the default
-controller): exact mode (DDP all-reduces every micro-step) and ``gqc.local_accumulation`` (DDP
-under no_sync, one small all-reduce per micro-step, one full all-reduce per optimizer step). It
+For each engine and world size it runs gqc-train twice on the same data (the default
+controller): exact mode (DDP all-reduces every micro-step, FSDP2 reduce-scatters every
+micro-step, ZeRO-1 all-reduces a copy every micro-step) and ``gqc.local_accumulation`` (DDP
+under no_sync, FSDP2 with gradient sync off, ZeRO-1 accumulating locally: one small all-reduce
+per micro-step, one full reduction per optimizer step). It
 prints the fraction of optimizer steps whose window has the same length in both runs (compared
 step by step while the runs agree on where windows start, and index by index over the whole
 run), the final validation losses and their
@@ -24,16 +27,27 @@ from pathlib import Path
 OUT = Path(__file__).resolve().parent / "out" / "local_mode"
 
 
-def run(world: int, local: bool, tokens: int) -> Path:
-    out = OUT / f"w{world}-{'local' if local else 'exact'}"
+RUNS = [("ddp", 2), ("ddp", 4), ("fsdp2", 2), ("deepspeed", 2)]  # (engine, ranks)
+
+
+def _out(engine: str, world: int, local: bool, tokens) -> Path:
+    return OUT / f"{engine}-w{world}-{'local' if local else 'exact'}-{tokens or 'default'}"
+
+
+def run(engine: str, world: int, local: bool, tokens) -> Path:
+    out = _out(engine, world, local, tokens)
     if (out / "summary.json").exists():
         return out
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
-               "--master_port", str(29600 + world * 2 + local), "-m", "gqc_dist.train", "--engine", "ddp",
-               "--no-progress", "--overwrite", "--out-dir", str(out), "--set", f"train.tokens={tokens}",
-               "--set", "train.checkpoint_interval=1000000", "--set", f"gqc.local_accumulation={str(local).lower()}"]
+               "--master_port", str(29600 + world * 2 + local), "-m", "gqc_dist.train", "--engine", engine,
+               "--no-progress", "--overwrite", "--out-dir", str(out), "--set", "train.checkpoint_interval=1000000",
+               "--set", f"gqc.local_accumulation={str(local).lower()}"]
+    if tokens:
+        command += ["--set", f"train.tokens={tokens}"]
+    if engine == "deepspeed":  # ZeRO-1: gradients stay rank-local until the step
+        command += ["--set", "deepspeed.zero_optimization.stage=1"]
     print(" ".join(command[3:]), flush=True)
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
     return out
 
 
@@ -50,14 +64,13 @@ def _parameters() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--tokens", type=int, default=1_024_000)
+    parser.add_argument("--tokens", type=int, default=None, help="default: the main job's own budget")
     args = parser.parse_args()
     gradient_bytes = 4 * _parameters()
-    print(f"\n{'ranks':>5} {'aligned prefix':>15} {'same length, by index':>22} {'val exact':>10} {'val local':>10} {'diff':>7} "
+    print(f"\n{'engine':>9} {'ranks':>5} {'aligned prefix':>15} {'same length, by index':>22} {'val exact':>10} {'val local':>10} {'diff':>7} "
           f"{'exact MB/step':>14} {'local MB/step':>14} {'last pred. err':>15}")
-    for world in args.worlds:
-        exact, local = (_steps(run(world, mode, args.tokens)) for mode in (False, True))
+    for engine, world in RUNS:
+        exact, local = (_steps(run(engine, world, mode, args.tokens)) for mode in (False, True))
         same, start_exact, start_local = 0, 0, 0
         for a, b in zip(exact, local):  # windows compared while they start on the same micro-step
             if start_exact != start_local:
@@ -67,15 +80,17 @@ def main() -> None:
             start_local += b["draws"]
         compared = min(len(exact), len(local))
         by_index = sum(a["draws"] == b["draws"] for a, b in zip(exact, local))
-        val = [json.loads((OUT / f"w{world}-{m}" / "summary.json").read_text())["val_loss"] for m in ("exact", "local")]
+        val = [json.loads((_out(engine, world, mode, args.tokens) / "summary.json").read_text())["val_loss"]
+               for mode in (False, True)]
         draws = [sum(r["draws"] for r in s) / len(s) for s in (exact, local)]
         stats = local[-1]
         error = stats.get("prediction_error")
-        print(f"{world:5d} {same:>6d} / {compared:<6d} {100 * by_index / compared:21.1f}% {val[0]:10.4f} {val[1]:10.4f} {100 * (val[1] / val[0] - 1):+6.2f}% "
-              f"{draws[0] * gradient_bytes / 1e6:14.2f} {gradient_bytes / 1e6:14.2f} "
+        print(f"{engine:>9} {world:5d} {same:>6d} / {compared:<6d} {100 * by_index / compared:21.1f}% {val[0]:10.4f} {val[1]:10.4f} {100 * (val[1] / val[0] - 1):+6.2f}% "
+              f"{(draws[0] + (engine == 'deepspeed')) * gradient_bytes / 1e6:14.2f} {gradient_bytes / 1e6:14.2f} "
               f"{'n/a' if error is None else f'{error:+.3f}':>15}")
-    print("\nMB/step: gradient bytes all-reduced per optimizer step (fp32 gradient of "
-          f"{gradient_bytes / 4 / 1e6:.2f} M parameters), exact = once per micro-step, local = once per step")
+    print("\nMB/step: gradient bytes reduced per optimizer step (fp32 gradient of "
+          f"{gradient_bytes / 4 / 1e6:.2f} M parameters), exact = once per micro-step, local = once per step "
+          "(ZeRO-1 exact: the copy every micro-step plus DeepSpeed's own at the step)")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,14 @@ variant rotates too) so that the shared machine's noise hits all of them alike:
 * one process only: ``torch-gqc`` 0.10.4's ``OptimizerWrapperGNTS`` (threshold 0, so it steps
   every K = max_draws micro-steps; clip 1.0 added in front of its optimizer step);
 * DDP only: ``plain-nosync``, plain accumulation under ``no_sync()`` for the K-1 non-boundary
-  micro-steps, the usual way DDP accumulates and one GQC cannot use (it needs every micro-step's
-  gradient synchronised for an exact norm).
+  micro-steps, the usual way DDP accumulates and one GQC's exact mode cannot use (it needs every
+  micro-step's gradient synchronised for an exact norm).
+
+``*-local`` engines measure the communication-avoiding mode (``local_accumulation``) against
+plain accumulation that also reduces once per window: ``ddp-local`` (plain under ``no_sync()``
+for K-1 micro-steps; gqc under ``no_sync()`` always), ``fsdp2-local`` (plain with gradient sync
+off for K-1 micro-steps; gqc with it off always) and ``zero1-local`` (plain ZeRO-1 reduces at its
+step anyway).
 
 Engines: one process; then 2 ranks (gloo on CPU, NCCL when 2+ GPUs) with DDP, FSDP2 and
 DeepSpeed ZeRO-1, ZeRO-2, ZeRO-3. Model: an MLP of ~2.1 M parameters (8 x Linear(512, 512)), fp32.
@@ -71,7 +77,7 @@ K = 4
 WINDOWS_PER_REP = 2
 WIDTH, LAYERS, BATCH = 512, 8, 32
 CLIP = 1.0
-DIST_ENGINES = ["ddp", "fsdp2", "zero1", "zero2", "zero3"]
+DIST_ENGINES = ["ddp", "fsdp2", "zero1", "zero2", "zero3", "ddp-local", "fsdp2-local", "zero1-local"]
 
 if torch.cuda.device_count() < 2:  # the 2 ranks run on CPU (gloo) unless 2+ GPUs
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -229,7 +235,11 @@ class TorchPlain(Variant):
 
     def forward_backward(self, x, y):
         boundary = (self.count + 1) % K == 0
-        context = self.model.no_sync() if self.nosync and not boundary else contextlib.nullcontext()
+        context = contextlib.nullcontext()
+        if self.nosync and hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2
+            self.model.set_requires_gradient_sync(boundary)
+        elif self.nosync and not boundary:
+            context = self.model.no_sync()
         with context:
             (torch.nn.functional.mse_loss(self.model(x), y) / K).backward()
 
@@ -241,23 +251,34 @@ class TorchPlain(Variant):
             self.optimizer.zero_grad(set_to_none=True)
 
     def local_grads(self):
+        if self.nosync and hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2, sync off
+            from gqc_dist.fsdp2_sync import fsdp2_param_groups_owning, unsharded_local_sums
+
+            sums = unsharded_local_sums(fsdp2_param_groups_owning(self.model.parameters()))
+            if sums:  # between boundaries: the unsharded sums, what local mode reads
+                return [grad for _, grad in sums]
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         return [g.to_local() if hasattr(g, "to_local") else g for g in grads]
 
 
 class TorchGQC(Variant):
-    def __init__(self, model):
+    def __init__(self, model, local=False):
         import gqc_dist
         from gqc_dist.engines import TorchOptimizerGradients
 
         super().__init__()
-        self.model = model
+        self.model, self.local = model, local
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         self.wrapper = gqc_dist.OptimizerWrapperFixed(
-            optimizer, K, gradients=TorchOptimizerGradients(optimizer, None, None, clip=CLIP))
+            optimizer, K, gradients=TorchOptimizerGradients(optimizer, None, None, clip=CLIP),
+            local_accumulation=local)
+        if local and hasattr(model, "set_requires_gradient_sync"):  # FSDP2: sync off for good
+            model.set_requires_gradient_sync(False)
 
     def forward_backward(self, x, y):
-        torch.nn.functional.mse_loss(self.model(x), y).backward()
+        local_ddp = self.local and hasattr(self.model, "no_sync")
+        with self.model.no_sync() if local_ddp else contextlib.nullcontext():
+            torch.nn.functional.mse_loss(self.model(x), y).backward()
 
     def call(self):
         self.count += 1
@@ -293,18 +314,19 @@ class TorchGQCLegacy(Variant):
         assert stepped == (self.count % K == 0), "torch-gqc must step on the same micro-steps as plain"
 
 
-def ds_config(stage, gqc):
+def ds_config(stage, gqc, local=False):
     config = {"train_micro_batch_size_per_gpu": BATCH, "gradient_clipping": CLIP,
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
               "managed_gradient_accumulation": False, "gradient_accumulation_steps": 1,
               "steps_per_print": 10**9, "wall_clock_breakdown": False}
     if gqc:
-        config["gradient_quality_control"] = {"algorithm": "fixed", "accumulation_steps": K}
+        config["gradient_quality_control"] = {"algorithm": "fixed", "accumulation_steps": K,
+                                              "local_accumulation": local}
     return config
 
 
 class DeepSpeedVariant(Variant):
-    def __init__(self, stage, gqc, device):
+    def __init__(self, stage, gqc, device, local=False):
         import deepspeed
         import gqc_dist.deepspeed as gqc_deepspeed
         from gqc_dist.engines.deepspeed_zero import DeepSpeedGradients
@@ -314,7 +336,7 @@ class DeepSpeedVariant(Variant):
         model = make_mlp(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         initialize = gqc_deepspeed.initialize if gqc else deepspeed.initialize
-        self.engine, _, _, _ = initialize(model=model, optimizer=optimizer, config=ds_config(stage, gqc))
+        self.engine, _, _, _ = initialize(model=model, optimizer=optimizer, config=ds_config(stage, gqc, local))
         if gqc:
             adapter = self.engine.gqc._gradients
             self.timers = {"copy_allreduce": 0.0}
@@ -520,6 +542,7 @@ def single_process(reps, device):
 
 
 def build_engine(engine, device, rank):
+    local = engine.endswith("-local")  # plain reduces once per window; gqc accumulates rank-locally
     if engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -527,7 +550,13 @@ def build_engine(engine, device, rank):
         return {"plain": TorchPlain(DDP(make_mlp(device), device_ids=ids)),
                 "gqc": TorchGQC(DDP(make_mlp(device), device_ids=ids)),
                 "plain-nosync": TorchPlain(DDP(make_mlp(device), device_ids=ids), nosync=True)}
-    if engine == "fsdp2":
+    if engine == "ddp-local":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [device.index] if device.type == "cuda" else None
+        return {"plain": TorchPlain(DDP(make_mlp(device), device_ids=ids), nosync=True),
+                "gqc": TorchGQC(DDP(make_mlp(device), device_ids=ids), local=True)}
+    if engine.startswith("fsdp2"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -539,9 +568,9 @@ def build_engine(engine, device, rank):
                 if isinstance(layer, torch.nn.Linear):
                     fully_shard(layer, mesh=mesh)
             return fully_shard(model, mesh=mesh)
-        return {"plain": TorchPlain(sharded()), "gqc": TorchGQC(sharded())}
-    stage = int(engine[-1])
-    return {"plain": DeepSpeedVariant(stage, False, device), "gqc": DeepSpeedVariant(stage, True, device)}
+        return {"plain": TorchPlain(sharded(), nosync=local), "gqc": TorchGQC(sharded(), local=local)}
+    stage = int(engine.split("-")[0][-1])
+    return {"plain": DeepSpeedVariant(stage, False, device), "gqc": DeepSpeedVariant(stage, True, device, local)}
 
 
 def worker(rank, world, port, engines, reps, out_dir, use_cuda):

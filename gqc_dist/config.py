@@ -10,7 +10,7 @@ Keys (``algorithm`` decides which others are allowed)::
      "verify": false,                # all-gather decisions and raise on rank divergence
      "noise_beta": 0.9,              # smoothing of the gradient-noise-scale estimate
      "timeout_s": 300,               # bound on the per-micro-step collective (default: none)
-     "local_accumulation": false,    # DDP under no_sync: decide from a predicted norm
+     "local_accumulation": false,    # ZeRO-0/1 (or DDP no_sync, FSDP2 sync off): predicted norm
      "threshold": 0.5,               # gnts: a constant threshold, or ...
      "schedule": {"num_training_steps": 1000, "num_warmup_steps": 100,
                   "initial_threshold": 0.95, "final_threshold": 0.25, "warmup_multiplier": 10}}

@@ -30,6 +30,11 @@ DeepSpeed runs with ``"managed_gradient_accumulation": false`` and ``gradient_ac
 1 (set here when absent); the accumulated sum is rescaled to the mean of the window's
 micro-batches right before DeepSpeed's ``step()``, so clipping and the optimizer see the mean.
 Options that cannot work are refused before training starts, naming the key.
+
+``"local_accumulation": true`` (ZeRO-0/1, dense models) keeps the gradients rank-local between
+steps: each micro-step all-reduces a few floats and decides from a predicted norm
+(``gqc_dist.local_mode``), and DeepSpeed's own boundary reduction runs once per step, instead of
+the exact mode's full-size copy all-reduce every micro-step.
 """
 
 import copy
@@ -117,6 +122,20 @@ def check_ds_options(ds_config: Dict[str, Any], model=None) -> Tuple[Dict[str, A
     return out, float(clip)
 
 
+def check_local_accumulation(ds_config: Dict[str, Any], model=None) -> None:
+    """Refuse ``local_accumulation`` where it cannot save anything or cannot predict: it is for
+    ZeRO-0/1 (gradients stay rank-local until the step) on dense models."""
+    stage = int((ds_config.get("zero_optimization", {}) or {}).get("stage", 0))
+    if stage not in (0, 1):
+        raise GQCConfigError(
+            f"{SECTION}.local_accumulation needs zero_optimization.stage 0 or 1 (got {stage}): ZeRO-2/3 "
+            "reduce-scatter every backward anyway, so there is no traffic to avoid; set it false")
+    if _has_native_moe(model):
+        raise GQCConfigError(
+            f"{SECTION}.local_accumulation does not support deepspeed.moe.layer.MoE: experts are averaged over "
+            "their expert-data-parallel group, so the dense-model noise prediction does not hold; set it false")
+
+
 def _is_pipeline(model) -> bool:
     try:
         from deepspeed.pipe import PipelineModule
@@ -161,11 +180,9 @@ def initialize(*args, config=None, config_params=None, **kwargs):
         return deepspeed.initialize(*args, config=ds_config, **kwargs)
     section = parse_section(ds_config[SECTION])
     algorithm_spec(section["algorithm"]).check_engine("deepspeed")
-    if section["local_accumulation"]:
-        raise GQCConfigError(
-            f"{SECTION}.local_accumulation is not supported on DeepSpeed yet: ZeRO-2/3 reduce every "
-            "micro-step anyway, and ZeRO-0/1 all-reduce a copy of the gradient for exact norms")
     ds_config, clip = check_ds_options(ds_config, kwargs.get("model"))
+    if section["local_accumulation"]:
+        check_local_accumulation(ds_config, kwargs.get("model"))
     engine, optimizer, loader, scheduler = deepspeed.initialize(*args, config=ds_config, **kwargs)
     if engine.managed_gradient_accumulation() or engine.gradient_accumulation_steps() != 1:
         raise GQCConfigError("DeepSpeed did not take managed_gradient_accumulation false and "

@@ -1,6 +1,8 @@
 """Communication-avoiding mode: decide from a predicted global norm while gradients stay local.
 
-With DDP under ``no_sync()`` each rank holds ``G_n^r``, the sum of its own ``n`` micro-batch
+With DDP under ``no_sync()``, FSDP2 with gradient sync off or DeepSpeed ZeRO-0/1 (whichever
+the engine adapter reads: ``param.grad``, FSDP2's unsharded sums, ZeRO's local sums) each rank
+holds ``G_n^r``, the sum of its own ``n`` micro-batch
 gradients (``B/W`` samples each). The one small all-reduce of the micro-step then gives
 ``m = mean_r ||G_n^r / n||^2``, a squared mean gradient at a batch ``W`` times smaller than the
 global one, and ``E m = |G|^2 + W tr(Sigma)/(nB)`` while the global
@@ -9,8 +11,8 @@ global one, and ``E m = |G|^2 + W tr(Sigma)/(nB)`` while the global
     ||G_n/n||^2  ~  S + (m - S) / W,          S = |G|^2 from the noise-scale estimate
 
 (before an estimate exists, ``S = m``: the prediction then errs high, towards drawing more). When
-the rule steps, the gradients are averaged over the ranks (one full-size all-reduce, what DDP
-does once per step anyway), the exact statistics are taken, the step uses them (clipping, GNR),
+the rule steps, the adapter reduces the gradients over the ranks (``reduce_local``: one
+full-size reduction, what the engine does once per step anyway), the exact statistics are taken, the step uses them (clipping, GNR),
 and the pair (local ``m`` at ``n/W`` micro-batches, exact global at ``n``) refreshes the noise
 estimate and measures the prediction's error. Every input is delivered by a collective, so
 every rank predicts, decides and steps alike.

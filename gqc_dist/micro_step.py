@@ -122,7 +122,8 @@ def check_replicated(total: float, total_sq: float, first: float, world: int) ->
             f"{first!r}, mean over ranks {total / world!r}, spread {spread!r}). "
             "They are rank-local partial sums, e.g. DDP under no_sync(), or sharded/expert "
             "parameters without a policy. Synchronise gradients every micro-step (no "
-            "no_sync()), or set the param-group key 'gqc_reduction' to "
+            "no_sync()), pass local_accumulation=True to accumulate rank-locally on purpose, "
+            "or set the param-group key 'gqc_reduction' to "
             "gqc_dist.Sharded(group) / gqc_dist.Replicated(group) for such parameters."
         )
 

@@ -74,10 +74,11 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             raises :class:`gqc_dist.CollectiveTimeoutError` (a stalled or dead rank); ``None``:
             the process group's own timeout.
         local_accumulation: gradients are rank-local sums (DDP under ``no_sync()`` every
-            micro-step): each micro-step reduces only a few scalars and decides from the
-            predicted global norm (``gqc_dist.local_mode``); the step averages the gradients over
-            the ranks (one full all-reduce) and recalibrates. ``statistics()`` counts
-            ``estimated_decisions`` and reports ``last_prediction_error``.
+            micro-step, FSDP2 with ``set_requires_gradient_sync(False)``, DeepSpeed ZeRO-0/1):
+            each micro-step reduces only a few scalars and decides from the predicted global
+            norm (``gqc_dist.local_mode``); the step reduces the gradients over the ranks (one
+            full all-reduce, or FSDP2's reduce-scatter) and recalibrates. ``statistics()``
+            counts ``estimated_decisions`` and reports ``last_prediction_error``.
 
     The wrapper duck-types as the optimizer (``param_groups``, ``state``, ``add_param_group`` ...)
     but owns ``zero_grad``: calling it raises :class:`GQCUsageError`.

@@ -26,6 +26,9 @@ class GradientAdapter:
     """
 
     layout_version: Optional[int] = None
+    #: rank-local accumulation (``gqc_dist.local_mode``): ``None`` in exact mode; otherwise
+    #: whether the window's rank-local sums have been averaged over the ranks (``reduce_local``)
+    local_reduced: Optional[bool] = None
 
     def local_pieces(self) -> List[Tuple[int, Piece]]:
         """This rank's gradient pieces as ``(param group index, Piece)`` with their ``rho``.

@@ -17,6 +17,13 @@ accumulated gradient lives after each backward (DeepSpeed 0.19.x internals, pinn
   group). This costs one full-size all-reduce of the gradient per micro-step (what DDP pays
   without ``no_sync``) plus a temporary copy; DeepSpeed's boundary reduction is untouched, so
   the step is bit-for-bit DeepSpeed's own.
+* ZeRO-0/1 with ``local_accumulation`` (``gqc_dist.local_mode``): between steps the pieces are
+  the rank-local sums themselves (no copy, no collective); at a step ``reduce_local`` runs
+  DeepSpeed's own boundary reduction early (``allreduce_gradients`` under its unmanaged-mode
+  boundary flag) so the exact norm can be read from what the optimizer will step with (ZeRO-0:
+  ``param.grad``, replicated; ZeRO-1: this rank's ``averaged_gradients`` partitions), and the
+  step then skips DeepSpeed's reduction (``enable_backward_allreduce`` off for that call). One
+  full-size all-reduce per optimizer step, DeepSpeed's.
 
 Stepping scales the accumulated sum by ``multiplier / n`` and by the clip coefficient in place,
 then calls DeepSpeed's own ``step()`` (which unscales fp16, steps the optimizer and the lr
@@ -65,7 +72,9 @@ class DeepSpeedGradients(GradientAdapter):
             return self._stage3_pieces()
         if self.stage == 2:
             return self._stage2_pieces()
-        return self._reduced_copies()
+        if self.local_reduced is None:
+            return self._reduced_copies()
+        return self._boundary_pieces() if self.local_reduced else self._local_sums()
 
     def _stage2_pieces(self):
         o = self.optimizer
@@ -115,6 +124,31 @@ class DeepSpeedGradients(GradientAdapter):
             pieces.append((index, Piece(flat, rho, False)))
         return pieces
 
+    def _local_sums(self):
+        """Local mode, between steps: this rank's own sums, each counted once (``rho`` 1)."""
+        return [(index, Piece(grad, 1, False)) for index, params in enumerate(self._module_param_groups())
+                for grad in map(_local_grad, params) if grad is not None]
+
+    def _boundary_pieces(self):
+        """Local mode, after ``reduce_local``: what DeepSpeed's reduction left for its step."""
+        if self.stage == 1:  # this rank's partition of each group (padding views are zeros)
+            return [(i, Piece(t, 1, False)) for i, tensors in self.optimizer.averaged_gradients.items()
+                    if tensors is not None for t in tensors]
+        from deepspeed.utils import groups
+
+        dp_size = dist.get_world_size(groups._get_data_parallel_group())
+        return [(index, Piece(grad, dp_size, False)) for index, params in enumerate(self._module_param_groups())
+                for grad in map(_local_grad, params) if grad is not None]
+
+    def reduce_local(self) -> None:
+        engine = self.engine
+        engine._running_engine_step = True  # DeepSpeed's unmanaged-mode boundary flag
+        try:
+            engine.allreduce_gradients()
+        finally:
+            engine._running_engine_step = False
+        self.local_reduced = True
+
     def _module_param_groups(self) -> List[List[torch.nn.Parameter]]:
         """The model's parameters per optimizer param group (ZeRO keeps flat copies in the
         optimizer's own groups)."""
@@ -140,6 +174,8 @@ class DeepSpeedGradients(GradientAdapter):
             return [o.grad_partitions_flat_buffer]
         if self.stage == 2:
             return [t for tensors in o.all_grad_tensors.values() if tensors is not None for t in tensors]
+        if self.stage == 1 and self.local_reduced:
+            return [t for tensors in o.averaged_gradients.values() if tensors is not None for t in tensors]
         grads = [_local_grad(p) for group in self._module_param_groups() for p in group]
         return [g for g in grads if g is not None]
 
@@ -148,8 +184,21 @@ class DeepSpeedGradients(GradientAdapter):
         factor *= clip_coefficient(self.clip, mean_norm)
         if factor != 1.0:
             torch._foreach_mul_(self._accumulators(), factor)
-        self.original_step()
+        if self.local_reduced:
+            self._step_without_reduction()
+        else:
+            self.original_step()
         self._clear_stage3_partitions()
+
+    def _step_without_reduction(self):
+        """DeepSpeed's step, minus the boundary reduction ``reduce_local`` already ran."""
+        engine, enabled = self.engine, self.engine.enable_backward_allreduce
+        engine.enable_backward_allreduce = False
+        try:
+            self.original_step()
+        finally:
+            engine.enable_backward_allreduce = enabled
+            self.local_reduced = False
 
     def _clear_stage3_partitions(self):
         # DeepSpeed 0.19's ZeRO-3 step() leaves grad_partitions_flat_buffer as it was; a

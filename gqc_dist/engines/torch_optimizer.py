@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 
 from ..errors import CheckpointError, GQCUsageError
-from ..fsdp2_sync import check_gradient_sync, fsdp2_param_groups_owning
+from ..fsdp2_sync import (check_gradient_sync, check_local_layout, fsdp2_param_groups_owning,
+                          reduce_scatter_local_sums, unsharded_local_sums)
 from ..packet import world_rank_and_size
 from ..reduction import Piece, group_policy, resolve_piece
 from .base import GradientAdapter, clip_coefficient
@@ -28,9 +29,6 @@ class TorchOptimizerGradients(GradientAdapter):
     def __init__(self, optimizer: torch.optim.Optimizer, distributed_mode: Optional[str] = None,
                  grad_scaler: Optional[torch.amp.GradScaler] = None, clip: float = 0.0):
         self.optimizer = optimizer
-        # rank-local accumulation (DDP under no_sync): None in exact mode; else whether the
-        # window's sums have been averaged over the ranks yet (reduce_local)
-        self.local_reduced: Optional[bool] = None
         self.clip = clip  # max global norm of the mean gradient (0: no clipping)
         self.distributed_mode = distributed_mode
         self.grad_scaler = grad_scaler
@@ -54,15 +52,18 @@ class TorchOptimizerGradients(GradientAdapter):
         if self.local_reduced:
             self.local_reduced = False  # the next window accumulates locally again
 
+    def _fsdp2_owning(self):
+        if self._fsdp2_groups is None:
+            self._fsdp2_groups = fsdp2_param_groups_owning(
+                p for group in self.optimizer.param_groups for p in group["params"])
+        return self._fsdp2_groups
+
     def local_pieces(self):
-        if self.local_reduced is not None:
-            return self._local_mode_pieces()
+        if self.local_reduced is False:
+            return self._rank_local_pieces()
         distributed = world_rank_and_size()[1] > 1
-        if distributed:
-            if self._fsdp2_groups is None:
-                self._fsdp2_groups = fsdp2_param_groups_owning(
-                    p for group in self.optimizer.param_groups for p in group["params"])
-            check_gradient_sync(self._fsdp2_groups)
+        if distributed and self.local_reduced is None:  # local mode runs with FSDP2 sync off on purpose
+            check_gradient_sync(self._fsdp2_owning())
         groups = self.optimizer.param_groups
         policies = (distributed, *(group_policy(group, self.distributed_mode) for group in groups))
         grads = [param.grad for group in groups for param in group["params"]]
@@ -87,19 +88,27 @@ class TorchOptimizerGradients(GradientAdapter):
             )
         return pieces
 
-    def _local_mode_pieces(self):
-        """Rank-local sums count whole on their rank (rho 1) until reduce_local averages them,
-        after which every rank holds the same mean (rho = world)."""
+    def _rank_local_pieces(self):
+        """Local mode between steps: each rank's own unreduced sums, counted once (``rho`` 1):
+        ``param.grad`` under DDP's ``no_sync()``, the unsharded sums FSDP2 keeps with gradient
+        sync off."""
         world = world_rank_and_size()[1]
-        rho = world if self.local_reduced else 1
-        pieces = []
-        for index, group in enumerate(self.optimizer.param_groups):
-            for param in group["params"]:
-                if param.grad is not None:
-                    if type(param.grad) is not torch.Tensor:
-                        raise GQCUsageError("local_accumulation supports plain-tensor gradients (DDP under "
-                                            f"no_sync()); got a {type(param.grad).__name__} gradient")
-                    pieces.append((index, Piece(param.grad, rho, False)))
+        fsdp2_groups = self._fsdp2_owning() if world > 1 else []
+        if fsdp2_groups:
+            check_local_layout(fsdp2_groups, world)
+            index = {id(p): i for i, group in enumerate(self.optimizer.param_groups) for p in group["params"]}
+            pieces = [(index[id(param)], Piece(grad, 1, False))
+                      for param, grad in unsharded_local_sums(fsdp2_groups) if id(param) in index]
+        else:
+            pieces = []
+            for index, group in enumerate(self.optimizer.param_groups):
+                for param in group["params"]:
+                    if param.grad is not None:
+                        if type(param.grad) is not torch.Tensor:
+                            raise GQCUsageError(
+                                "local_accumulation supports DDP under no_sync() and FSDP2 with gradient sync "
+                                f"off; got a {type(param.grad).__name__} gradient")
+                        pieces.append((index, Piece(param.grad, 1, False)))
         if not pieces:
             raise GQCUsageError("step() was called but no parameter has a gradient: call backward() first")
         self._pieces = pieces
@@ -107,15 +116,19 @@ class TorchOptimizerGradients(GradientAdapter):
         return pieces
 
     def reduce_local(self) -> None:
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         world = world_rank_and_size()[1]
-        for dtype in sorted({g.dtype for g in grads}, key=str):  # one bucket per dtype
-            same = [g for g in grads if g.dtype == dtype]
-            flat = torch.cat([g.reshape(-1) for g in same])
-            dist.all_reduce(flat)
-            flat.div_(world)
-            for grad, part in zip(same, flat.split([g.numel() for g in same])):
-                grad.copy_(part.view_as(grad))
+        fsdp2_groups = self._fsdp2_owning() if world > 1 else []
+        if fsdp2_groups:
+            reduce_scatter_local_sums(fsdp2_groups)
+        else:
+            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            for dtype in sorted({g.dtype for g in grads}, key=str):  # one bucket per dtype
+                same = [g for g in grads if g.dtype == dtype]
+                flat = torch.cat([g.reshape(-1) for g in same])
+                dist.all_reduce(flat)
+                flat.div_(world)
+                for grad, part in zip(same, flat.split([g.numel() for g in same])):
+                    grad.copy_(part.view_as(grad))
         self.local_reduced = True
 
     def _scaler_enabled(self) -> bool:
@@ -148,6 +161,9 @@ class TorchOptimizerGradients(GradientAdapter):
 
     def save_accumulated(self):
         """Per param group, per parameter: a detached copy of ``param.grad`` (or ``None``)."""
+        if self.local_reduced is False and world_rank_and_size()[1] > 1 and self._fsdp2_owning():
+            raise GQCUsageError("state_dict() mid-window is not supported with FSDP2 local_accumulation (the sums "
+                                "live on FSDP2's unsharded parameters); save after a step (num_draws == 0)")
         return [[None if p.grad is None else p.grad.detach().clone() for p in params]
                 for params in self._params()]
 

@@ -200,6 +200,8 @@ def build_engine(config: Dict[str, Any], budget: Budget, device: torch.device) -
         for part in block_modules(module):
             fully_shard(part, mesh=mesh, mp_policy=policy)
         fully_shard(module, mesh=mesh, ignored_params=set(expert_parameters(module)), mp_policy=policy)
+        if config["gqc"]["local_accumulation"]:  # the wrapper reduces at its steps
+            module.set_requires_gradient_sync(False)
     elif engine == "ddp":
         forward_model = torch.nn.parallel.DistributedDataParallel(
             module, device_ids=[device.index] if device.type == "cuda" else None)
