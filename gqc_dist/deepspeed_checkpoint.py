@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from . import checkpoint_state
 from .errors import CheckpointError
+from .packet import world_rank_and_size
 
 #: format of the per-rank GQC file next to DeepSpeed's checkpoint files
 STATE_FORMAT = "gqc_dist.deepspeed/1"
@@ -27,14 +28,6 @@ STATE_FORMAT = "gqc_dist.deepspeed/1"
 def state_file(checkpoint_dir: str, rank: int) -> str:
     """This rank's GQC state file inside DeepSpeed's ``<save_dir>/<tag>`` directory."""
     return os.path.join(checkpoint_dir, f"gqc_state_rank{rank}.pt")
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _schedulable_values(controller):
@@ -51,8 +44,8 @@ def gqc_state(engine, controller) -> Dict[str, Any]:
     return {
         "format": STATE_FORMAT,
         "algorithm": controller.ALGORITHM,
-        "rank": _rank(),
-        "world_size": _world(),
+        "rank": world_rank_and_size()[0],
+        "world_size": world_rank_and_size()[1],
         "zero_stage": int(engine.zero_optimization_stage()),
         "wrapper": wrapper,
         "schedule": None if schedule is None else copy.deepcopy(schedule.state_dict()),
@@ -90,8 +83,9 @@ def agreed(read):
         error = str(caught)
     except Exception as caught:  # noqa: BLE001 -- any failure must reach the other ranks too
         error = f"{type(caught).__name__}: {caught}"
-    if _world() > 1:
-        errors = [None] * _world()
+    world = world_rank_and_size()[1]
+    if world > 1:
+        errors = [None] * world
         dist.all_gather_object(errors, error)
         failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
         if failed and error is None:
@@ -105,7 +99,7 @@ def agreed(read):
 def read_gqc_state(checkpoint_dir, engine, controller, adapter) -> Dict[str, Any]:
     """This rank's GQC state of the checkpoint in ``checkpoint_dir``, checked against this engine;
     changes nothing."""
-    path = state_file(checkpoint_dir, _rank())
+    path = state_file(checkpoint_dir, world_rank_and_size()[0])
     if not os.path.isfile(path):
         others = sorted(name for name in os.listdir(checkpoint_dir)
                         if name.startswith("gqc_state_rank")) if os.path.isdir(checkpoint_dir) else []
@@ -133,10 +127,10 @@ def read_gqc_state(checkpoint_dir, engine, controller, adapter) -> Dict[str, Any
     if not isinstance(wrapper, dict):
         raise CheckpointError(f"{path} has no wrapper state")
     mid_window = bool((wrapper.get("counters") or {}).get("num_draws"))
-    if mid_window and state.get("world_size") != _world():
+    if mid_window and state.get("world_size") != world_rank_and_size()[1]:
         raise CheckpointError(
             f"DeepSpeed checkpoint {checkpoint_dir} was saved mid-window by {state.get('world_size')} ranks; "
-            f"its accumulated gradient partitions cannot be resumed on {_world()}")
+            f"its accumulated gradient partitions cannot be resumed on {world_rank_and_size()[1]}")
     saved_schedule, schedule = state.get("schedule"), engine.gqc_schedule
     if (saved_schedule is None) != (schedule is None):
         raise CheckpointError(

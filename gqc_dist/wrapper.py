@@ -181,21 +181,17 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             self._verify_agreement(decision)
         if decision:
             if self._local is not None:  # average over the ranks, then the exact statistics
-                stats = self._local.at_step(stats, lambda: self._gather_exact(inputs), self._noise)
+                stats = self._local.at_step(stats, lambda: self._gather(inputs, add_fields=False), self._noise)
             self._take_step(stats)
         return decision
 
-    def _gather_exact(self, inputs: dict) -> MicroStepStats:
+    def _gather(self, inputs: dict, add_fields: bool = True) -> MicroStepStats:
+        """Local sums -> one collective -> global statistics (one host sync); ``add_fields``:
+        the algorithm's own packet fields too (local mode's exact re-read at a step needs none)."""
+        fields = (lambda packet: self._add_fields(packet, inputs)) if add_fields else (lambda packet: None)
         return collect(self._gradients, self._weights, len(self._optimizer.param_groups),
                        self._counters["num_draws"], {"max_draws": self._max_draws, **self._settings()},
-                       lambda packet: None, self._validate_settings, lambda: self.device, self._timeout_s)
-
-    def _gather(self, inputs: dict) -> MicroStepStats:
-        """Local sums -> one collective -> global statistics (one host sync)."""
-        return collect(self._gradients, self._weights, len(self._optimizer.param_groups),
-                       self._counters["num_draws"], {"max_draws": self._max_draws, **self._settings()},
-                       lambda packet: self._add_fields(packet, inputs), self._validate_settings, lambda: self.device,
-                       self._timeout_s)
+                       fields, self._validate_settings, lambda: self.device, self._timeout_s)
 
     def _validate_settings(self, settings: Dict[str, float]) -> None:
         for name, value in settings.items():
