@@ -217,3 +217,12 @@ def test_local_accumulation_is_refused_where_it_saves_nothing():
               "gradient_quality_control": {"algorithm": "gnts", "threshold": 1, "local_accumulation": True}}
     with pytest.raises(gqc_dist.GQCConfigError, match="local_accumulation needs zero_optimization.stage 0 or 1"):
         initialize(model=make_mlp(), config=config)
+
+
+def test_local_accumulation_refuses_parameters_with_a_reduction_policy():
+    model = make_mlp()
+    optimizer = adamw([{"params": list(model.parameters()), "gqc_reduction": gqc_dist.Sharded()}])
+    wrapper = gqc_dist.OptimizerWrapperGNTS(optimizer, MAX_DRAWS, local_accumulation=True)
+    loss_of(model, micro_batches(1)[0]).backward()
+    with pytest.raises(gqc_dist.GQCUsageError, match="param group 0 has a 'gqc_reduction' policy"):
+        wrapper.step()

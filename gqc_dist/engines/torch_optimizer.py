@@ -13,7 +13,7 @@ from ..errors import CheckpointError, GQCUsageError
 from ..fsdp2_sync import (check_gradient_sync, check_local_layout, fsdp2_param_groups_owning,
                           reduce_scatter_local_sums, unsharded_local_sums)
 from ..packet import world_rank_and_size
-from ..reduction import Piece, group_policy, resolve_piece
+from ..reduction import POLICY_KEY, Piece, group_policy, resolve_piece
 from .base import GradientAdapter, clip_coefficient
 
 
@@ -102,6 +102,9 @@ class TorchOptimizerGradients(GradientAdapter):
         else:
             pieces = []
             for index, group in enumerate(self.optimizer.param_groups):
+                if group.get(POLICY_KEY) is not None:  # experts etc.: not averaged over the world
+                    raise GQCUsageError(f"local_accumulation supports data-parallel parameters only; param group "
+                                        f"{index} has a '{POLICY_KEY}' policy")
                 for param in group["params"]:
                     if param.grad is not None:
                         if type(param.grad) is not torch.Tensor:
