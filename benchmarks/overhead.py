@@ -23,7 +23,10 @@ variant rotates too) so that the shared machine's noise hits all of them alike:
 plain accumulation that also reduces once per window: ``ddp-local`` (plain under ``no_sync()``
 for K-1 micro-steps; gqc under ``no_sync()`` always), ``fsdp2-local`` (plain with gradient sync
 off for K-1 micro-steps; gqc with it off always) and ``zero1-local`` (plain ZeRO-1 reduces at its
-step anyway).
+step anyway). Their added time (a) compares whole micro-steps (plain reduces inside its last
+backward, gqc inside ``step()``), and in (c) the wrapper's once-per-window reduction of
+ddp-local and fsdp2-local shows (gradient / K per micro-step) while plain's identical one (DDP's
+C++ reducer, FSDP2's internal reduce-scatter) is not seen.
 
 Engines: one process; then 2 ranks (gloo on CPU, NCCL when 2+ GPUs) with DDP, FSDP2 and
 DeepSpeed ZeRO-1, ZeRO-2, ZeRO-3. Model: an MLP of ~2.1 M parameters (8 x Linear(512, 512)), fp32.
@@ -501,8 +504,13 @@ def summarize(result, engine):
     for name in records:
         if name.startswith("plain"):
             continue
-        added_wall = statistics.median(g["call_wall"] - p["call_wall"] for g, p in zip(records[name], plain))
-        added_cpu = statistics.median(g["call_cpu"] - p["call_cpu"] for g, p in zip(records[name], plain))
+        # local engines: plain reduces inside its boundary backward, gqc inside step(), so the
+        # whole micro-steps are compared
+        parts = ("fb_", "call_") if engine.endswith("-local") else ("call_",)
+        added_wall = statistics.median(sum(g[k + "wall"] - p[k + "wall"] for k in parts)
+                                       for g, p in zip(records[name], plain))
+        added_cpu = statistics.median(sum(g[k + "cpu"] - p[k + "cpu"] for k in parts)
+                                      for g, p in zip(records[name], plain))
         c, cp = counts[name], counts["plain"]
         rows.append({
             "engine": engine if name == "gqc" else f"{engine}:{name}",
