@@ -61,3 +61,11 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    # Exit without interpreter finalization. Gloo worker threads of groups that stay referenced
+    # (DeepSpeed's own groups; torch's WORLD as a default argument) outlive the script, and one
+    # that drops the last reference to a collective's tensor after Py_Finalize began must take
+    # the GIL: CPython ends it with pthread_exit, whose unwind through a noexcept C++ destructor
+    # aborts the rank ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
