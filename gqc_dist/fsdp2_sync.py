@@ -86,7 +86,7 @@ def check_local_layout(groups: List, world_size: int) -> None:
 
 
 def unsharded_local_sums(groups: List) -> List[Tuple[torch.nn.Parameter, torch.Tensor]]:
-    """``(sharded parameter, this rank's unreduced gradient sum, full shape)`` for every
+    """``(sharded parameter, this rank's unreduced full-shape gradient sum)`` for every
     parameter with a gradient, while gradient sync is off."""
     out = []
     for group in groups:

@@ -74,7 +74,7 @@ class DeepSpeedGradients(GradientAdapter):
             return self._stage2_pieces()
         if self.local_reduced is None:
             return self._reduced_copies()
-        return self._boundary_pieces() if self.local_reduced else self._local_sums()
+        return self._boundary_pieces() if self.local_reduced else self._param_grads(rho=1)
 
     def _stage2_pieces(self):
         o = self.optimizer
@@ -124,9 +124,10 @@ class DeepSpeedGradients(GradientAdapter):
             pieces.append((index, Piece(flat, rho, False)))
         return pieces
 
-    def _local_sums(self):
-        """Local mode, between steps: this rank's own sums, each counted once (``rho`` 1)."""
-        return [(index, Piece(grad, 1, False)) for index, params in enumerate(self._module_param_groups())
+    def _param_grads(self, rho: int):
+        """ZeRO-0/1's per-parameter gradients as pieces held by ``rho`` ranks each (local mode:
+        1 for the rank-local sums between steps, the data-parallel size once ZeRO-0 reduced)."""
+        return [(index, Piece(grad, rho, False)) for index, params in enumerate(self._module_param_groups())
                 for grad in map(_local_grad, params) if grad is not None]
 
     def _boundary_pieces(self):
@@ -136,9 +137,7 @@ class DeepSpeedGradients(GradientAdapter):
                     if tensors is not None for t in tensors]
         from deepspeed.utils import groups
 
-        dp_size = dist.get_world_size(groups._get_data_parallel_group())
-        return [(index, Piece(grad, dp_size, False)) for index, params in enumerate(self._module_param_groups())
-                for grad in map(_local_grad, params) if grad is not None]
+        return self._param_grads(rho=dist.get_world_size(groups._get_data_parallel_group()))
 
     def reduce_local(self) -> None:
         engine = self.engine
