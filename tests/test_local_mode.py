@@ -21,11 +21,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 STEPS, THRESHOLD, MAX_DRAWS = 30, 0.6, 5
 
 
-def _local_run(rank, world_size):
-    model = make_mlp()
-    ddp = DDP(model)
-    wrapper = gqc_dist.OptimizerWrapperGNTS(adamw(model.parameters()), MAX_DRAWS, local_accumulation=True)
-    wrapper.param_groups[0]["gradient_norm_threshold"] = THRESHOLD
+def _counting_all_reduces(rank, world_size, backward, step):
+    """Per micro-step: ``backward(this rank's rows)``, then ``step()`` with the element count of
+    every ``dist.all_reduce`` it issues recorded. Returns (decisions, counts per micro-step)."""
     sizes, decisions, original = [], [], dist.all_reduce
 
     def counting(tensor, *args, **kwargs):
@@ -33,14 +31,27 @@ def _local_run(rank, world_size):
         return original(tensor, *args, **kwargs)
 
     for x, y in micro_batches(STEPS, batch=LOCAL_BATCH * world_size):
-        with ddp.no_sync():  # gradients stay rank-local every micro-step
-            loss_of(ddp, (x.chunk(world_size)[rank], y.chunk(world_size)[rank])).backward()
+        backward((x.chunk(world_size)[rank], y.chunk(world_size)[rank]))
         sizes.append([])
         dist.all_reduce = counting
         try:
-            decisions.append(wrapper.step())
+            decisions.append(step())
         finally:
             dist.all_reduce = original
+    return decisions, sizes
+
+
+def _local_run(rank, world_size):
+    model = make_mlp()
+    ddp = DDP(model)
+    wrapper = gqc_dist.OptimizerWrapperGNTS(adamw(model.parameters()), MAX_DRAWS, local_accumulation=True)
+    wrapper.param_groups[0]["gradient_norm_threshold"] = THRESHOLD
+
+    def backward(batch):
+        with ddp.no_sync():  # gradients stay rank-local every micro-step
+            loss_of(ddp, batch).backward()
+
+    decisions, sizes = _counting_all_reduces(rank, world_size, backward, wrapper.step)
     return {"decisions": decisions, "sizes": sizes, "stats": wrapper.statistics(),
             "params": [p.detach().clone() for p in model.parameters()]}
 
@@ -170,20 +181,8 @@ def _ds_local_run(rank, world_size, stage, clip):
               "gradient_quality_control": {"algorithm": "gnts", "threshold": THRESHOLD, "max_draws": MAX_DRAWS,
                                            "local_accumulation": True}}
     engine, _, _, _ = initialize(model=model, optimizer=adamw(model.parameters()), config=config)
-    sizes, decisions, original = [], [], dist.all_reduce
-
-    def counting(tensor, *args, **kwargs):
-        sizes[-1].append(tensor.numel())
-        return original(tensor, *args, **kwargs)
-
-    for x, y in micro_batches(STEPS, batch=LOCAL_BATCH * world_size):
-        engine.backward(loss_of(engine, (x.chunk(world_size)[rank], y.chunk(world_size)[rank])))
-        sizes.append([])
-        dist.all_reduce = counting
-        try:
-            decisions.append(engine.step())
-        finally:
-            dist.all_reduce = original
+    decisions, sizes = _counting_all_reduces(rank, world_size, lambda batch: engine.backward(loss_of(engine, batch)),
+                                             engine.step)
     return {"decisions": decisions, "sizes": sizes, "stats": engine.gqc.statistics(),
             "global_steps": engine.global_steps,
             "params": [p.detach().clone() for p in engine.module.parameters()]}
