@@ -142,11 +142,13 @@ class TorchOptimizerGradients(GradientAdapter):
 
     def apply_step(self, multiplier: float, num_draws: int, scale: float, mean_norm: float) -> None:
         pieces = [piece.tensor for _, piece in self._pieces]
+        # average, unscale, rescale (GNR) and clip in one pass over the gradient; a plain average
+        # divides (bit-for-bit the mean a hand-written loop takes)
         multiplier *= clip_coefficient(self.clip, mean_norm)
+        divisor = float(num_draws) * scale
         if multiplier != 1.0:
-            torch._foreach_mul_(pieces, multiplier)
-        divisor = float(num_draws) * scale  # average and unscale in one pass
-        if divisor != 1.0:
+            torch._foreach_mul_(pieces, multiplier / divisor)
+        elif divisor != 1.0:
             torch._foreach_div_(pieces, divisor)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
