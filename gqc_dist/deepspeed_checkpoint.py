@@ -41,11 +41,12 @@ def gqc_state(engine, controller) -> Dict[str, Any]:
     # optimizer's own state_dict() raises: its state holds sub-group tensors its groups lack)
     wrapper = controller.state_dict(include_optimizer=False)
     schedule = engine.gqc_schedule
+    rank, world = world_rank_and_size()
     return {
         "format": STATE_FORMAT,
         "algorithm": controller.ALGORITHM,
-        "rank": world_rank_and_size()[0],
-        "world_size": world_rank_and_size()[1],
+        "rank": rank,
+        "world_size": world,
         "zero_stage": int(engine.zero_optimization_stage()),
         "wrapper": wrapper,
         "schedule": None if schedule is None else copy.deepcopy(schedule.state_dict()),
@@ -99,7 +100,8 @@ def agreed(read):
 def read_gqc_state(checkpoint_dir, engine, controller, adapter) -> Dict[str, Any]:
     """This rank's GQC state of the checkpoint in ``checkpoint_dir``, checked against this engine;
     changes nothing."""
-    path = state_file(checkpoint_dir, world_rank_and_size()[0])
+    rank, world = world_rank_and_size()
+    path = state_file(checkpoint_dir, rank)
     if not os.path.isfile(path):
         others = sorted(name for name in os.listdir(checkpoint_dir)
                         if name.startswith("gqc_state_rank")) if os.path.isdir(checkpoint_dir) else []
@@ -127,10 +129,10 @@ def read_gqc_state(checkpoint_dir, engine, controller, adapter) -> Dict[str, Any
     if not isinstance(wrapper, dict):
         raise CheckpointError(f"{path} has no wrapper state")
     mid_window = bool((wrapper.get("counters") or {}).get("num_draws"))
-    if mid_window and state.get("world_size") != world_rank_and_size()[1]:
+    if mid_window and state.get("world_size") != world:
         raise CheckpointError(
             f"DeepSpeed checkpoint {checkpoint_dir} was saved mid-window by {state.get('world_size')} ranks; "
-            f"its accumulated gradient partitions cannot be resumed on {world_rank_and_size()[1]}")
+            f"its accumulated gradient partitions cannot be resumed on {world}")
     saved_schedule, schedule = state.get("schedule"), engine.gqc_schedule
     if (saved_schedule is None) != (schedule is None):
         raise CheckpointError(

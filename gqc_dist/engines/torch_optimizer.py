@@ -58,6 +58,16 @@ class TorchOptimizerGradients(GradientAdapter):
                 p for group in self.optimizer.param_groups for p in group["params"])
         return self._fsdp2_groups
 
+    def _local_fsdp2_groups(self):
+        """Local mode: the FSDP2 groups holding the rank-local sums (``[]``: DDP or one process),
+        their layout checked once, when they are found."""
+        world = world_rank_and_size()[1]
+        if world == 1:
+            return []
+        if self._fsdp2_groups is None:
+            check_local_layout(self._fsdp2_owning(), world)
+        return self._fsdp2_groups
+
     def local_pieces(self):
         if self.local_reduced is False:
             return self._rank_local_pieces()
@@ -92,10 +102,8 @@ class TorchOptimizerGradients(GradientAdapter):
         """Local mode between steps: each rank's own unreduced sums, counted once (``rho`` 1):
         ``param.grad`` under DDP's ``no_sync()``, the unsharded sums FSDP2 keeps with gradient
         sync off."""
-        world = world_rank_and_size()[1]
-        fsdp2_groups = self._fsdp2_owning() if world > 1 else []
+        fsdp2_groups = self._local_fsdp2_groups()
         if fsdp2_groups:
-            check_local_layout(fsdp2_groups, world)
             index = {id(p): i for i, group in enumerate(self.optimizer.param_groups) for p in group["params"]}
             pieces = [(index[id(param)], Piece(grad, 1, False))
                       for param, grad in unsharded_local_sums(fsdp2_groups) if id(param) in index]
@@ -119,8 +127,7 @@ class TorchOptimizerGradients(GradientAdapter):
         return pieces
 
     def reduce_local(self) -> None:
-        world = world_rank_and_size()[1]
-        fsdp2_groups = self._fsdp2_owning() if world > 1 else []
+        fsdp2_groups = self._local_fsdp2_groups()
         if fsdp2_groups:
             reduce_scatter_local_sums(fsdp2_groups)
         else:
@@ -129,7 +136,7 @@ class TorchOptimizerGradients(GradientAdapter):
                 same = [g for g in grads if g.dtype == dtype]
                 flat = torch.cat([g.reshape(-1) for g in same])
                 dist.all_reduce(flat)
-                flat.div_(world)
+                flat.div_(world_rank_and_size()[1])
                 for grad, part in zip(same, flat.split([g.numel() for g in same])):
                     grad.copy_(part.view_as(grad))
         self.local_reduced = True
@@ -166,7 +173,7 @@ class TorchOptimizerGradients(GradientAdapter):
 
     def save_accumulated(self):
         """Per param group, per parameter: a detached copy of ``param.grad`` (or ``None``)."""
-        if self.local_reduced is False and world_rank_and_size()[1] > 1 and self._fsdp2_owning():
+        if self.local_reduced is False and self._local_fsdp2_groups():
             raise GQCUsageError("state_dict() mid-window is not supported with FSDP2 local_accumulation (the sums "
                                 "live on FSDP2's unsharded parameters); save after a step (num_draws == 0)")
         return [[None if p.grad is None else p.grad.detach().clone() for p in params]

@@ -125,13 +125,14 @@ def validate(config: Dict[str, Any]) -> Dict[str, Any]:
         raise GQCConfigError("model.num_experts must be a multiple of model.ep_size")
     algorithm_spec(checked["gqc"]["algorithm"]).check_engine(checked["engine"], "gqc.algorithm")
     if checked["gqc"]["local_accumulation"]:
-        engine, stage = checked["engine"], (checked["deepspeed"].get("zero_optimization") or {}).get("stage", 0)
-        where = {"single": "engine single", "deepspeed": f"engine deepspeed with zero_optimization.stage {stage}",
-                 "fsdp2": "engine fsdp2 with model.num_experts > 0"}.get(engine)
-        if engine == "single" or engine == "deepspeed" and stage not in (0, 1) or \
-                engine == "fsdp2" and model["num_experts"]:
+        stage = (checked["deepspeed"].get("zero_optimization") or {}).get("stage", 0)
+        refused = {"single": "engine single",
+                   "fsdp2": "engine fsdp2 with model.num_experts > 0" if model["num_experts"] else None,
+                   "deepspeed": None if stage in (0, 1) else f"engine deepspeed with zero_optimization.stage {stage}",
+                   }.get(checked["engine"])
+        if refused:
             raise GQCConfigError(f"gqc.local_accumulation needs engine ddp, fsdp2 (dense) or deepspeed with ZeRO "
-                                 f"stage 0 or 1 (got {where}): only there do gradients stay rank-local between steps")
+                                 f"stage 0 or 1 (got {refused}): only there do gradients stay rank-local between steps")
     for key in ("optimizer", "scheduler", "gradient_quality_control", "train_micro_batch_size_per_gpu",
                 "train_batch_size", "gradient_accumulation_steps", "gradient_clipping"):
         if key in checked["deepspeed"]:
