@@ -10,6 +10,7 @@ before anything is changed, and every refusal is a :class:`CheckpointError` nami
 from typing import Any, Callable, Dict
 
 from .errors import CheckpointError
+from .noise_scale import STATE_KEYS, state_keys_valid
 
 FORMAT = "gqc_dist.wrapper/1"
 
@@ -26,7 +27,6 @@ COUNTERS = (
     "forced_steps",
 )
 _OPTIONAL_COUNTERS = ("last_num_draws", "last_grad_norm", "mean_grad_norm")  # None until known
-_NOISE_KEYS = ("first_sq", "ema_noise", "ema_signal", "windows")
 _REQUIRED_KEYS = ("format", "algorithm", "max_draws", "counters", "algorithm_state", "optimizer",
                   "accumulated_grads")
 
@@ -62,9 +62,8 @@ def validate(sd: Dict[str, Any], algorithm: str, max_draws: int,
     if counters["num_draws"] >= max_draws:
         raise CheckpointError(
             f"state dict has num_draws={counters['num_draws']} but this wrapper's max_draws is {max_draws}")
-    noise = sd.get("noise_state", {})
-    if not isinstance(noise, dict) or (noise and set(noise) != set(_NOISE_KEYS)):
-        raise CheckpointError(f"state dict 'noise_state' must have exactly the keys {list(_NOISE_KEYS)}")
+    if not state_keys_valid(sd.get("noise_state", {})):
+        raise CheckpointError(f"state dict 'noise_state' must have exactly the keys {list(STATE_KEYS)}")
     grads = sd["accumulated_grads"]
     if (counters["num_draws"] > 0) != (grads is not None):
         raise CheckpointError(

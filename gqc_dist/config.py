@@ -8,9 +8,10 @@ Keys (``algorithm`` decides which others are allowed)::
     {"algorithm": "gnts",            # cbc | gnts | gns | gnr | sbc | mht | fixed
      "max_draws": 16,                # not for gnr (it steps every micro-batch)
      "verify": false,                # all-gather decisions and raise on rank divergence
-     "noise_beta": 0.9,              # smoothing of the gradient-noise-scale estimate
+     "noise_beta": 0.99,              # optional: a fixed EMA per window for the noise-scale estimate
      "timeout_s": 300,               # bound on the per-micro-step collective (default: none)
      "local_accumulation": false,    # ZeRO-0/1 (or DDP no_sync, FSDP2 sync off): predicted norm
+     "lr_coupling": "sqrt",          # each step's lr (and weight decay) x sqrt(window / 1): none | sqrt | linear
      "threshold": 0.5,               # gnts: a constant threshold, or ...
      "schedule": {"num_training_steps": 1000, "num_warmup_steps": 100,
                   "initial_threshold": 0.95, "final_threshold": 0.25, "warmup_multiplier": 10}}
@@ -33,14 +34,15 @@ import torch_schedule_anything as tsa
 from .algorithms.spec import REQUIRED, AlgorithmSpec, algorithms
 from .errors import GQCConfigError
 from .schedules import hidden_initial_lr, synchronous
+from .window import RULES, LRCoupling
 
 SECTION = "gradient_quality_control"
 
 # keys every algorithm takes: rank-divergence checks, the noise-scale estimate's smoothing
-_COMMON = {"verify": ("bool", False), "noise_beta": ("prob", 0.9), "timeout_s": ("num+", None),
-           "local_accumulation": ("bool", False)}
+_COMMON = {"verify": ("bool", False), "noise_beta": ("prob", None), "timeout_s": ("num+", None),
+           "local_accumulation": ("bool", False), "lr_coupling": ("rule", "none")}
 _STEPS = {"num_training_steps": ("int+", REQUIRED), "num_warmup_steps": ("int0", REQUIRED)}
-_WANTED = {"num0": ">= 0", "num+": "> 0", "prob": "in (0, 1]"}
+_WANTED = {"num0": ">= 0", "num+": "> 0", "num1": ">= 1", "prob": "in (0, 1]"}
 
 
 def _check_value(path: str, value: Any, kind: str):
@@ -51,16 +53,20 @@ def _check_value(path: str, value: Any, kind: str):
         if value < (1 if kind == "int+" else 0):
             raise GQCConfigError(f"{path} must be {'>= 1' if kind == 'int+' else '>= 0'}, got {value}")
         return value
+    if kind == "rule":
+        if value not in RULES:
+            raise GQCConfigError(f"{path} must be one of {', '.join(RULES)}, got {value!r}")
+        return value
     if kind == "bool":
         if not is_bool:
             raise GQCConfigError(f"{path} must be true or false, got {value!r}")
         return value
     if is_bool or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise GQCConfigError(f"{path} must be a finite number, got {value!r}")
-    bad = {"num0": value < 0, "num+": value <= 0, "prob": not 0 < value <= 1}[kind]
+    bad = {"num0": value < 0, "num+": value <= 0, "num1": value < 1, "prob": not 0 < value <= 1}[kind]
     if bad:
         raise GQCConfigError(f"{path} must be {_WANTED[kind]}, got {value!r}")
-    return float(value)
+    return value if kind == "num1" and isinstance(value, int) else float(value)  # fixed k: 4 stays 4
 
 
 def _check_keys(path: str, given: dict, allowed) -> None:
@@ -104,7 +110,7 @@ def parse_section(section: Any, path: str = SECTION) -> Dict[str, Any]:
     _check_keys(path, section, {"algorithm", *_COMMON, *spec.options, *spec.values,
                                 *(["schedule"] if schedulable else [])})
     out: Dict[str, Any] = {"algorithm": algorithm, **_parse_keys(path, section, _COMMON)}
-    if not out["noise_beta"] < 1:
+    if out.get("noise_beta", 0) >= 1:
         raise GQCConfigError(f"{path}.noise_beta must be < 1, got {out['noise_beta']!r}")
     out.update(_parse_keys(path, section, spec.options))
     for key, (kind, _) in spec.values.items():
@@ -154,9 +160,9 @@ def build_controller(
     section = copy.deepcopy(section)
     spec = algorithms()[section["algorithm"]]
     wrapper = spec.build(optimizer, section, {"physical_batch_size": physical_batch_size},
-                         verify=section["verify"], noise_beta=section["noise_beta"],
+                         verify=section["verify"], noise_beta=section.get("noise_beta"),
                          timeout_s=section.get("timeout_s"), local_accumulation=section["local_accumulation"],
-                         **wrapper_kwargs)
+                         **{"window_hook": _coupling(section["lr_coupling"]), **wrapper_kwargs})
     for key, (_, group_key) in spec.values.items():
         if key in section:
             for group in wrapper.param_groups:
@@ -166,3 +172,8 @@ def build_controller(
         with hidden_initial_lr(optimizer):
             schedule = synchronous(spec.make_schedules(wrapper, section["schedule"]))
     return wrapper, schedule
+
+
+def _coupling(rule: str):
+    """The section's ``lr_coupling`` as a window hook over the engine's own lr (``None``: none)."""
+    return None if rule == "none" else LRCoupling(rule)

@@ -52,8 +52,9 @@ class LocalAccumulation:
                               stats.scale, stats.fields)
 
     def at_step(self, predicted: MicroStepStats, gather_exact: Callable[[], MicroStepStats],
-                noise) -> MicroStepStats:
-        """Average the gradients over the ranks, take the exact statistics, recalibrate."""
+                noise, position: int) -> MicroStepStats:
+        """Average the gradients over the ranks, take the exact statistics, recalibrate the noise
+        estimate (``position``: micro-batches into the run)."""
         self.gradients.reduce_local()
         exact = gather_exact()
         n = exact.num_draws
@@ -61,7 +62,7 @@ class LocalAccumulation:
         if exact_mean_sq > 0:
             self.last_prediction_error = math.sqrt(self.predicted_mean_sq / exact_mean_sq) - 1
         if self.world > 1:
-            noise.fold(self.local_mean_sq, n / self.world, exact_mean_sq, n)
+            noise.fold(self.local_mean_sq, n / self.world, exact_mean_sq, n, position)
         return exact
 
     def statistics(self) -> Dict[str, Any]:

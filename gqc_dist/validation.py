@@ -53,9 +53,10 @@ def check_wrapper_args(optimizer, max_draws, distributed_mode, grad_scaler, veri
         raise GQCTypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
     if micro_batch_size is not None:
         check_number("micro_batch_size", micro_batch_size, minimum=1, integer=True)
-    check_number("noise_beta", noise_beta, minimum=0)
-    if not noise_beta < 1:
-        raise GQCConfigError(f"noise_beta must be in [0, 1), got {noise_beta!r}")
+    if noise_beta is not None:
+        check_number("noise_beta", noise_beta, minimum=0)
+        if not noise_beta < 1:
+            raise GQCConfigError(f"noise_beta must be None or in [0, 1), got {noise_beta!r}")
     if timeout_s is not None:
         check_number("timeout_s", timeout_s, minimum=0, allow_equal=False)
     if not isinstance(verify, bool):

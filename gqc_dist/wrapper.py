@@ -33,6 +33,7 @@ Policies this wrapper implements (documented in README.md):
 """
 
 import copy
+import dataclasses
 import zlib
 from typing import Any, Dict, List, Optional
 
@@ -49,6 +50,7 @@ from .optimizer_lookalike import OptimizerLookalike
 from .packet import StatsPacket
 from .reduction import POLICY_KEY
 from .validation import check_number, check_wrapper_args
+from .window import StepValues, Window, WindowHook
 
 
 class GQCOptimizerWrapper(OptimizerLookalike):
@@ -68,7 +70,8 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             ``optimizer``, see :class:`gqc_dist.engines.TorchOptimizerGradients`).
         micro_batch_size: global samples per micro-step (all data-parallel ranks together), if
             known: ``statistics()`` then reports the gradient noise scale in samples too.
-        noise_beta: smoothing of the noise-scale estimate per informative window
+        noise_beta: ``None`` (default): the noise-scale estimate remembers about the last half of
+            the run; a number in [0, 1): a fixed EMA factor per informative window instead
             (:class:`gqc_dist.noise_scale.NoiseScaleEstimator`).
         timeout_s: seconds the per-micro-step collective may take before every waiting rank
             raises :class:`gqc_dist.CollectiveTimeoutError` (a stalled or dead rank); ``None``:
@@ -79,6 +82,10 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             norm (``gqc_dist.local_mode``); the step reduces the gradients over the ranks (one
             full all-reduce, or FSDP2's reduce-scatter) and recalibrates. ``statistics()``
             counts ``estimated_decisions`` and reports ``last_prediction_error``.
+        window_hook: ``hook(window, param_groups)`` called before every optimizer step with the
+            :class:`gqc_dist.window.Window` it is taken on; what it writes to ``lr`` and
+            ``weight_decay`` holds for that step only (e.g. :class:`gqc_dist.LRCoupling`, the
+            square-root rule). Also settable later as the ``window_hook`` attribute.
 
     The wrapper duck-types as the optimizer (``param_groups``, ``state``, ``add_param_group`` ...)
     but owns ``zero_grad``: calling it raises :class:`GQCUsageError`.
@@ -98,9 +105,10 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         verify: bool = False,
         gradients: Optional[GradientAdapter] = None,
         micro_batch_size: Optional[int] = None,
-        noise_beta: float = 0.9,
+        noise_beta: Optional[float] = None,
         timeout_s: Optional[float] = None,
         local_accumulation: bool = False,
+        window_hook: Optional[WindowHook] = None,
     ):
         check_wrapper_args(optimizer, max_batch_draws, distributed_mode, grad_scaler, verify, gradients,
                            micro_batch_size, noise_beta, timeout_s)
@@ -115,6 +123,11 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         self._noise = NoiseScaleEstimator(noise_beta, micro_batch_size)
         self._counters: Dict[str, Any] = checkpoint_state.new_counters()
         self._extend_param_groups(optimizer.param_groups)
+        if window_hook is not None and not callable(window_hook):
+            raise GQCConfigError(f"window_hook must be callable, got {type(window_hook).__name__}")
+        self.window_hook: Optional[WindowHook] = window_hook
+        #: the window of the most recent optimizer step (its ``lr`` as applied); ``None`` before
+        self.last_window: Optional[Window] = None
 
     # ------------------------------------------------------------------ counters
     @property
@@ -181,7 +194,8 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             self._verify_agreement(decision)
         if decision:
             if self._local is not None:  # average over the ranks, then the exact statistics
-                stats = self._local.at_step(stats, lambda: self._gather(inputs, add_fields=False), self._noise)
+                stats = self._local.at_step(stats, lambda: self._gather(inputs, add_fields=False), self._noise,
+                                            counters["num_batches"])
             self._take_step(stats)
         return decision
 
@@ -202,14 +216,24 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         """Hook for algorithms that keep history; runs before the decision on finite data."""
 
     def _take_step(self, stats: MicroStepStats) -> None:
-        """Average (and unscale) the accumulated gradient, step, zero, advance counters."""
-        num_draws = self._counters["num_draws"]
+        """Window hook, then average (and unscale) the accumulated gradient, step, zero, advance
+        counters."""
+        counters = self._counters
+        num_draws = counters["num_draws"]
+        forced = num_draws >= stats.settings["max_draws"]
+        window = Window(counters["num_steps"], num_draws, counters["num_batches"], self._noise.micro_batch_size,
+                        self._noise.noise_scale_micro_batches(), forced)
+        groups = self._optimizer.param_groups
+        values = StepValues(self.window_hook, window, groups)
+        self.last_window = dataclasses.replace(window, lr=groups[0].get("lr"))
         multiplier = self._rescale_factor(stats)
         step_norm = stats.mean_grad_norm * abs(multiplier)
-        self._gradients.apply_step(multiplier, num_draws, stats.scale, step_norm)
-        self._noise.close_window(num_draws, stats.total_sq_norm)
-        counters = self._counters
-        counters["forced_steps"] += num_draws >= stats.settings["max_draws"]
+        try:
+            self._gradients.apply_step(multiplier, num_draws, stats.scale, step_norm)
+        finally:
+            values.restore()
+        self._noise.close_window(num_draws, stats.total_sq_norm, counters["num_batches"])
+        counters["forced_steps"] += forced
         counters["last_num_draws"] = num_draws
         counters["last_grad_norm"] = step_norm
         counters["num_steps"] += 1

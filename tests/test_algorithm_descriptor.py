@@ -63,7 +63,7 @@ def registered_toy():
 
 
 # ---------------------------------------------------------------- built-in specs
-_SAMPLE = {"int+": 3, "int0": 2, "num+": 0.75, "num0": 0.5, "prob": 0.5, "bool": True}
+_SAMPLE = {"int+": 3, "int0": 2, "num+": 0.75, "num0": 0.5, "num1": 1.5, "prob": 0.5, "bool": True}
 
 
 def _minimal_section(spec):

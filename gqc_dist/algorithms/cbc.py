@@ -8,9 +8,19 @@ communication) and steps once ``n >= ceil(kappa * B_simple)`` micro-batches, wit
 ``[min_draws, max_draws]``. ``kappa`` is a plain ratio (1: the paper's efficient point), not a
 gradient norm: nothing to tune per model.
 
-Keeping the estimate fresh: before the first estimate every window takes 2 micro-batches, and
-while the target is 1 micro-batch every ``probe_interval``-th window takes 2 (a window of one
-micro-batch says nothing about the noise).
+* **Windows of one where the noise is small.** A window of one micro-batch says nothing about
+  the noise, so while the target is one micro-batch every ``probe_interval``-th window (default
+  24: 96% of windows stay at one) takes two; before the first estimate every window takes two.
+* **No bursts.** A window takes at most ``growth`` times the previous one (at least 2), so a
+  transient swing of the estimate (the signal estimate crossing zero) cannot throw the run to
+  ``max_draws``; a real rise in the noise scale is followed within a few steps.
+* **No runaway.** The measured noise scale depends on the run itself: near equilibrium
+  ``|G|^2`` scales with ``lr / B``, so with a constant learning rate a larger batch measures a
+  larger ``B_simple`` and ``kappa * B_simple`` can feed on itself. With the learning rate
+  coupled to the window by the square-root rule (:class:`gqc_dist.LRCoupling`, gqc-train's
+  default) the measured value grows only as ``sqrt(n)`` and the loop has a stable fixed point.
+* ``min_draws`` is also a param-group key (rank 0's value decides): a schedule or a window hook
+  (Seesaw) may raise the floor during the run.
 """
 
 import math
@@ -27,16 +37,23 @@ from .spec import REQUIRED, AlgorithmSpec
 
 
 def target_draws(noise_scale: Optional[float], kappa: float, windows: int, min_draws: int,
-                 max_draws: int, probe_interval: int) -> int:
-    """Micro-batches the window should take: ``ceil(kappa * noise_scale)`` (``noise_scale`` in
-    micro-batches; ``None`` before an estimate) clamped to ``[min_draws, max_draws]``, at least 2
-    without an estimate and on every ``probe_interval``-th window (``windows``: steps so far)."""
+                 max_draws: int, probe_interval: int, last_draws: Optional[int] = None,
+                 growth: float = 2.0) -> int:
+    """Micro-batches the window should take.
+
+    ``ceil(kappa * noise_scale)`` (``noise_scale`` in micro-batches; ``None`` before an
+    estimate: 2), at most ``max(2, ceil(growth * last_draws))`` after a window of
+    ``last_draws``, clamped to ``[min_draws, max_draws]``; at least 2 on every
+    ``probe_interval``-th window (``windows``: steps so far) while that is 1.
+    """
     if noise_scale is None:
         wanted = 2
     elif math.isinf(noise_scale):
         wanted = max_draws
     else:
         wanted = math.ceil(kappa * noise_scale - 1e-9)
+    if last_draws is not None:
+        wanted = min(wanted, max(2, math.ceil(growth * last_draws - 1e-9)))
     wanted = min(max(wanted, min_draws), max_draws)
     if wanted < 2 and windows % probe_interval == 0:
         wanted = 2
@@ -48,46 +65,64 @@ class OptimizerWrapperCBC(GQCOptimizerWrapper):
 
     Args:
         optimizer: the optimizer to drive; its param groups gain ``critical_batch_fraction``
-            (``kappa``, mean over groups, rank 0's value; schedulable).
+            (``kappa``, mean over groups, rank 0's value; schedulable) and ``min_draws``
+            (largest over groups, rank 0's value; schedulable).
         max_batch_draws: most micro-batches per step (>= 1).
         distributed_mode: ``None`` (detect), ``"replicated"`` or ``"sharded"``.
-        min_draws: fewest micro-batches per step (1 <= min_draws <= max_batch_draws).
+        min_draws: fewest micro-batches per step (1 <= min_draws <= max_batch_draws), the
+            param groups' initial ``min_draws``.
         probe_interval: while the target is 1, every ``probe_interval``-th window takes 2.
+        growth: a window takes at most ``growth`` times the previous one's micro-batches (and
+            at least 2 may always be taken); ``>= 1``.
         **kwargs: see :class:`gqc_dist.wrapper.GQCOptimizerWrapper` (``micro_batch_size``,
-            ``noise_beta``, ``grad_scaler``, ``verify``, ``gradients``).
+            ``noise_beta``, ``window_hook``, ``grad_scaler``, ``verify``, ``gradients``).
     """
 
     ALGORITHM = "cbc"
-    SCHEDULABLE = {"critical_batch_fraction": 1.0}
+    SCHEDULABLE = {"critical_batch_fraction": 1.0, "min_draws": 1.0}
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_batch_draws: int = 64,
-                 distributed_mode: Optional[str] = None, *, min_draws: int = 1, probe_interval: int = 4,
-                 **kwargs):
+                 distributed_mode: Optional[str] = None, *, min_draws: int = 1, probe_interval: int = 24,
+                 growth: float = 2.0, **kwargs):
         check_number("min_draws", min_draws, minimum=1, integer=True)
         check_number("probe_interval", probe_interval, minimum=1, integer=True)
+        check_number("growth", growth, minimum=1)
+        if isinstance(max_batch_draws, int) and min_draws > max_batch_draws:
+            raise GQCConfigError(f"min_draws ({min_draws}) must not exceed max_draws ({max_batch_draws})")
+        if isinstance(optimizer, torch.optim.Optimizer):
+            for group in optimizer.param_groups:
+                group.setdefault("min_draws", float(min_draws))
         super().__init__(optimizer, max_batch_draws, distributed_mode, **kwargs)
-        if min_draws > self.max_draws:
-            raise GQCConfigError(f"min_draws ({min_draws}) must not exceed max_draws ({self.max_draws})")
-        self._min_draws = min_draws
         self._probe_interval = probe_interval
+        self._growth = growth
 
     def _settings(self):
         kappas = self._group_values("critical_batch_fraction")
-        return {"critical_batch_fraction": sum(kappas) / len(kappas)}
+        return {"critical_batch_fraction": sum(kappas) / len(kappas),
+                "min_draws": max(self._group_values("min_draws"))}
 
-    def target_draws(self, kappa: Optional[float] = None, max_draws: Optional[int] = None) -> int:
-        """Micro-batches the current window will take (every rank computes the same); ``kappa``
-        and ``max_draws`` default to this rank's settings (decisions use rank 0's)."""
-        kappa = self._settings()["critical_batch_fraction"] if kappa is None else kappa
+    def target_draws(self, kappa: Optional[float] = None, max_draws: Optional[int] = None,
+                     min_draws: Optional[float] = None) -> int:
+        """Micro-batches the current window will take (every rank computes the same); ``kappa``,
+        ``max_draws`` and ``min_draws`` default to this rank's settings (decisions use rank 0's)."""
+        settings = self._settings()
+        kappa = settings["critical_batch_fraction"] if kappa is None else kappa
+        min_draws = settings["min_draws"] if min_draws is None else min_draws
         return target_draws(self._noise.noise_scale_micro_batches(), kappa, self.num_steps,
-                            self._min_draws, max_draws or self.max_draws, self._probe_interval)
+                            max(1, int(round(min_draws))), max_draws or self.max_draws, self._probe_interval,
+                            self.last_num_draws, self._growth)
 
     def _decide(self, stats: MicroStepStats) -> bool:
         return self.num_draws >= self.target_draws(stats.settings["critical_batch_fraction"],
-                                                   int(stats.settings["max_draws"]))
+                                                   int(stats.settings["max_draws"]), stats.settings["min_draws"])
 
     def _algorithm_statistics(self):
-        return {"target_draws": self.target_draws(), "min_draws": self._min_draws}
+        return {"target_draws": self.target_draws(), "kappa_noise_scale": self._kappa_noise_scale()}
+
+    def _kappa_noise_scale(self):
+        """``kappa * B_simple`` in micro-batches (what the windows follow), ``None`` before an estimate."""
+        noise_scale = self._noise.noise_scale_micro_batches()
+        return None if noise_scale is None else self._settings()["critical_batch_fraction"] * noise_scale
 
     def _verbose_only_statistics(self):
         return ["min_draws"]
@@ -120,13 +155,14 @@ def make_cbc_with_cosine_annealing_schedule(
 
 def _build(optimizer, section, context, **kwargs):
     return OptimizerWrapperCBC(optimizer, section["max_draws"], min_draws=section["min_draws"],
-                               probe_interval=section["probe_interval"], **kwargs)
+                               probe_interval=section["probe_interval"], growth=section["growth"], **kwargs)
 
 
 SPEC = AlgorithmSpec(
     name="cbc",
     build=_build,
-    options={"max_draws": ("int+", 64), "min_draws": ("int+", 1), "probe_interval": ("int+", 4)},
+    options={"max_draws": ("int+", 64), "min_draws": ("int+", 1), "probe_interval": ("int+", 24),
+             "growth": ("num1", 2.0)},
     values={"kappa": ("num+", "critical_batch_fraction")},
     schedule={"initial_kappa": ("num+", REQUIRED), "final_kappa": ("num+", REQUIRED)},
     make_schedules=lambda wrapper, s: [_kappa_schedule(wrapper, s["initial_kappa"], s["final_kappa"],

@@ -7,7 +7,7 @@ how a schedule drives that value, whether its ``step()`` needs the loss, and whi
 runs on. Adding an algorithm is its own module plus one :func:`register` call.
 
 Key kinds (checked by ``gqc_dist.config``): ``int+`` (integer >= 1), ``int0`` (integer >= 0),
-``num+`` (> 0), ``num0`` (>= 0), ``prob`` (in (0, 1]), ``bool``.
+``num+`` (> 0), ``num0`` (>= 0), ``num1`` (>= 1), ``prob`` (in (0, 1]), ``bool``.
 """
 
 import importlib

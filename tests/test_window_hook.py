@@ -1,0 +1,166 @@
+"""The window hook: the learning rate (and weight decay) applied at a step that used ``n``
+micro-batches is the rule's value, identical on every rank, on DDP, FSDP2 and DeepSpeed ZeRO-2,
+while the engine's own scheduler keeps its values; the Seesaw floor; gqc-train's schedule.
+
+Oracle: a single-process replay on the same global micro-batches that averages each window's
+gradients and takes SGD's step by hand with ``lr = base * schedule(step) * sqrt(n)`` and weight
+decay ``wd * sqrt(n)``.
+"""
+
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import gqc_dist  # noqa: E402
+import gqc_dist.deepspeed as gqc_deepspeed  # noqa: E402
+from distributed_harness import run_distributed  # noqa: E402
+from gqc_dist.window import LRCoupling, Window  # noqa: E402
+from reference import loss_of, make_mlp, micro_batches  # noqa: E402
+
+LR, WD, K, MICRO_STEPS, ROWS = 0.1, 0.01, 1.5, 12, 4  # K 1.5: windows of 1, 2, 1, 2, ...
+
+
+def schedule(step):
+    return 1.0 / (1.0 + 0.5 * step)
+
+
+def oracle(world_size):
+    """Parameters after the replay, and the (n, lr) of every step."""
+    model = make_mlp()
+    batches = micro_batches(MICRO_STEPS, batch=ROWS * world_size)
+    steps, index, step = [], 0, 0
+    while index < len(batches):
+        n = 1 if step % 2 == 0 else 2
+        window = batches[index:index + n]
+        model.zero_grad()
+        for batch in window:
+            loss_of(model, batch).backward()
+        lr, wd = LR * schedule(step) * math.sqrt(n), WD * math.sqrt(n)
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= lr * (p.grad / len(window) + wd * p)
+        steps.append((n, lr))
+        index, step = index + n, step + 1
+    return [p.detach().clone() for p in model.parameters()], steps
+
+
+def _torch_run(rank, world_size, layout):
+    model = make_mlp()
+    forward = model
+    if layout == "ddp":
+        forward = torch.nn.parallel.DistributedDataParallel(model)
+    elif layout == "fsdp2":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, weight_decay=WD)
+    wrapper = gqc_dist.OptimizerWrapperFixed(optimizer, K, window_hook=LRCoupling("sqrt"))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    steps = []
+    for x, y in micro_batches(MICRO_STEPS, batch=ROWS * world_size):
+        loss_of(forward, (x.chunk(world_size)[rank], y.chunk(world_size)[rank])).backward()
+        if wrapper.step():
+            scheduler.step()
+            window = wrapper.last_window
+            steps.append((window.num_draws, window.lr, optimizer.param_groups[0]["lr"],
+                          optimizer.param_groups[0]["weight_decay"]))
+    params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach().clone() for p in model.parameters()]
+    return params, steps
+
+
+def _zero2_run(rank, world_size):
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, weight_decay=WD)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    config = {"train_micro_batch_size_per_gpu": ROWS, "gradient_clipping": 0.0, "steps_per_print": 10**9,
+              "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+              "gradient_quality_control": {"algorithm": "fixed", "accumulation_steps": K, "lr_coupling": "sqrt"}}
+    engine, _, _, _ = gqc_deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=config)
+    steps = []
+    for x, y in micro_batches(MICRO_STEPS, batch=ROWS * world_size):
+        engine.backward(loss_of(engine, (x.chunk(world_size)[rank], y.chunk(world_size)[rank])))
+        if engine.step():  # DeepSpeed steps the scheduler inside
+            window = engine.gqc.last_window
+            group = engine.gqc.param_groups[0]
+            steps.append((window.num_draws, window.lr, group["lr"], group["weight_decay"]))
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return [safe_get_full_fp32_param(p).detach().clone() for p in engine.module.parameters()], steps
+
+
+def _check(results, world_size):
+    want_params, want_steps = oracle(world_size)
+    assert results[0][1] == results[1][1]  # every rank applied the same values
+    params, steps = results[0]
+    assert [n for n, _, _, _ in steps] == [n for n, _ in want_steps]
+    assert [lr for _, lr, _, _ in steps] == pytest.approx([lr for _, lr in want_steps], rel=1e-12)
+    for step, (_, _, group_lr, group_wd) in enumerate(steps):
+        assert group_lr == pytest.approx(LR * schedule(step + 1), rel=1e-12)  # the scheduler's own value
+        assert group_wd == WD  # coupled for the step only
+    for got, want in zip(params, want_params):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
+def test_the_hook_sets_each_steps_learning_rate_on_torch_engines(layout):
+    _check(run_distributed(_torch_run, 2, layout, timeout=240), 2)
+
+
+def test_the_hook_sets_each_steps_learning_rate_on_zero2():
+    _check(run_distributed(_zero2_run, 2, timeout=300), 2)
+
+
+def test_the_hook_on_one_process_matches_the_replay():
+    _check([_torch_run(0, 1, "single")] * 2, 1)
+
+
+def _window(step=0, n=1, seen=1):
+    return Window(step=step, num_draws=n, micro_batches_seen=seen, micro_batch_size=8, noise_scale=None,
+                  forced=False)
+
+
+def test_lr_coupling_rules_and_seesaw_floor():
+    groups = [{"lr": 1.0, "weight_decay": 0.1}]
+    LRCoupling("linear", weight_decay=False)(_window(n=4), groups)
+    assert groups == [{"lr": 4.0, "weight_decay": 0.1}]
+    groups = [{"lr": 1.0, "weight_decay": 0.1, "min_draws": 1.0}]
+    decay = {0: 1.0, 1: 0.5, 2: 0.1}
+    hook = LRCoupling("sqrt", schedule=lambda w: decay[w.step], warmup=lambda w: 1.0, seesaw=True)
+    hook(_window(step=2, n=9), groups)
+    # where the schedule decayed 10x: floor 10; with sqrt, 9 micro-batches: lr 0.1 * 3
+    assert groups[0]["min_draws"] == 10.0 and groups[0]["lr"] == pytest.approx(0.3)
+    assert groups[0]["weight_decay"] == pytest.approx(0.3)
+    with pytest.raises(gqc_dist.GQCConfigError, match="rule"):
+        LRCoupling("cubic")
+    with pytest.raises(gqc_dist.GQCConfigError, match="seesaw needs a schedule"):
+        LRCoupling(seesaw=True)
+    with pytest.raises(gqc_dist.GQCConfigError, match="window_hook must be callable"):
+        gqc_dist.OptimizerWrapperFixed(torch.optim.SGD(make_mlp().parameters(), lr=0.1), 2, window_hook=3)
+
+
+def test_seesaw_raises_cbcs_floor_as_the_schedule_decays():
+    """CBC with a noise scale far below one micro-batch takes windows of one; with Seesaw on a
+    schedule that halves every 10 steps its windows grow 1, 2, 4 as the learning rate falls by
+    sqrt(2) per halving (the coupled lr is base * decay * sqrt(n))."""
+    param = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.SGD([param], lr=1.0)
+    hook = LRCoupling("sqrt", schedule=lambda w: 0.5 ** (w.step // 10), seesaw=True)
+    wrapper = gqc_dist.OptimizerWrapperCBC(optimizer, 16, probe_interval=1000, window_hook=hook)
+    n, lengths, lrs = 0, [], []
+    generator = torch.Generator().manual_seed(0)
+    while len(lengths) < 31:
+        g = torch.ones(4) + 0.01 * torch.randn(4, generator=generator)  # B_simple far below 1
+        param.grad = g if param.grad is None else param.grad + g
+        n += 1
+        if wrapper.step():
+            lengths.append(n)
+            lrs.append(wrapper.last_window.lr)
+            n = 0
+    assert lengths[2:10] == [1] * 8 and lengths[11:20] == [2] * 9 and lengths[21:30] == [4] * 9
+    assert lrs[15] == pytest.approx(0.5 * math.sqrt(2)) and lrs[25] == pytest.approx(0.25 * 2)
