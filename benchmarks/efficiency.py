@@ -1,33 +1,49 @@
-"""Sample efficiency: each controller against fixed accumulation at the same token budget.
+"""Sample efficiency, fairly: the default controller against fixed accumulation whose learning
+rate is tuned per batch size, across settings it was not tuned on.
 
-    python benchmarks/efficiency.py                      # both settings, every run (~1 h on 2 cores)
-    python benchmarks/efficiency.py --settings main --runs fixed1 cbc
-    python benchmarks/efficiency.py --report-only        # table and PNG from runs already made
+    python benchmarks/efficiency.py                          # every setting and arm (hours on 2 cores)
+    python benchmarks/efficiency.py --settings mb2 --arms cbc fixed1@1
+    python benchmarks/efficiency.py --jobs 2                 # two runs side by side
+    python benchmarks/efficiency.py --report-only            # tables, verdicts, PNG from results/
 
-Every run is a real ``gqc-train`` (one CPU process) on the same data order and the same
-evaluation batches, with the learning-rate schedule keyed on tokens so that it spans the whole
-budget for every run (``train.tokens``). Runs land in ``benchmarks/out/<setting>/<run>``; a run
-whose ``summary.json`` exists is not repeated. It prints one table per setting (final val loss,
-optimizer steps, micro-batches, and for each controller the optimizer steps fixed accumulation
-needs for the same loss, interpolated in log-steps along the fixed runs, with the ratio) and
-saves ``benchmarks/efficiency.png`` (val loss against tokens and against optimizer steps).
+Every run is a real ``gqc-train`` (one CPU process) with the same data order per seed, the same
+evaluation batches and the learning-rate schedule keyed on tokens, so it spans the whole budget
+for every arm. Per setting (``SETTINGS``):
 
-Settings: ``main`` is gqc-train's default job; ``second`` changes the corpus (the installed
-torch package's Python sources instead of the standard library's), the width (192) and the
-micro-batch (8 sequences) and shortens the budget, so a default tuned to the first cannot pass
-unseen. ``third`` (64-token sequences, width 64, 4 layers, 32-sequence micro-batches) was added
-after the default was chosen, as a setting it was not tuned on.
+* fixed accumulation of k = 1, 2, 4, 8 micro-batches per step, each at 0.5x, 1x and 2x the
+  setting's base learning rate times ``sqrt(k)`` (gqc-train's ``optimizer.lr_coupling`` sqrt;
+  weight decay coupled alike), so every k gets the same three-point tuning budget;
+* fractional fixed patterns of 1.25 and 1.5 micro-batches per step (1,1,1,2 and 1,2), so the
+  fixed frontier between k = 1 and 2 is measured, not interpolated;
+* ``untuned``: fixed k = 2, 4, 8 at the base learning rate, no coupling (a user who does not
+  retune; k = 1 at the base rate is ``fixed1@1``);
+* controllers (``CONTROLLERS``), at the base learning rate: the default and variants that show
+  why it is the default;
+* seeds 1 and 2 (paired: same initialisation and data order per seed) for the arms that decide:
+  the best fixed arm of the setting and the default controller.
+
+Each run's outcome is kept as one small JSON under ``benchmarks/results/<setting>/<arm>@s<seed>.json``
+(final loss on 64 evaluation batches, steps, the histogram of windows taken, the noise scale's
+quantiles, how the windows followed ``kappa * B_simple``, the validation curve), so the README's
+tables rebuild from them without rerunning; the full run directories stay in ``benchmarks/out``
+(not kept). The tables and verdicts come from ``efficiency_table.py``.
 """
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "out"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from efficiency_table import best_fixed, by_arm, table_text, verdicts  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+RESULTS = HERE / "results"
+BASE_LR = 3e-3  # gqc-train's default: the one learning rate controllers and untuned runs use
 
 
 def _torch_sources() -> str:
@@ -47,116 +63,187 @@ def _torch_sources() -> str:
 
 
 SETTINGS = {
-    "main": {"set": [], "tokens": 1500 * 16 * 128},
+    "main": {"set": [], "tokens": 1500 * 16 * 128,
+             "about": "gqc-train's default job (Python stdlib corpus, width 128, 16-sequence micro-batches)"},
+    "main-2x": {"set": [], "tokens": 2 * 1500 * 16 * 128, "about": "the main job at twice its budget"},
+    "mb2": {"set": ["data.micro_batch_size=2"], "tokens": 6000 * 2 * 128,
+            "about": "2-sequence micro-batches, as memory-bound users have"},
     "second": {"set": ["model.dim=192", "model.heads=6", "data.micro_batch_size=8", "data.path=@torch"],
-               "tokens": 1000 * 8 * 128},
-    # chosen after the default was: shorter sequences, a narrower and deeper model, larger micro-batches
+               "tokens": 1000 * 8 * 128, "about": "torch's own sources, width 192, 8-sequence micro-batches"},
     "third": {"set": ["model.seq_len=64", "model.dim=64", "model.heads=2", "model.layers=4",
-                      "data.micro_batch_size=32"], "tokens": 600 * 32 * 64},
+                      "data.micro_batch_size=32"], "tokens": 600 * 32 * 64,
+              "about": "64-token sequences, width 64, 4 layers, 32-sequence micro-batches"},
 }
 
-CBC = {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16}  # gqc-train's default
-RUNS = {
-    "fixed1": ["--baseline", "1"],
-    "fixed2": ["--baseline", "2"],
-    "fixed4": ["--baseline", "4"],
-    "fixed8": ["--baseline", "8"],
-    "gnts": ["--set", 'gqc={"algorithm": "gnts", "max_draws": 16, "schedule": {"num_training_steps": 300, '
-             '"num_warmup_steps": 20, "initial_threshold": 1.0, "final_threshold": 0.45, "warmup_multiplier": 3}}'],
-    "cbc": ["--set", "gqc=" + json.dumps(CBC)],
-    "cbc_k0.5": ["--set", "gqc=" + json.dumps({**CBC, "kappa": 0.5})],
+DEFAULT = "cbc"
+_CBC = {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16}  # gqc-train's default
+CONTROLLERS = {
+    "cbc": ["--set", "gqc=" + json.dumps(_CBC)],
+    "cbc-k0.125": ["--set", "gqc=" + json.dumps({**_CBC, "kappa": 0.125})],
+    "cbc-k0.5": ["--set", "gqc=" + json.dumps({**_CBC, "kappa": 0.5})],
+    "cbc-seesaw": ["--set", "gqc=" + json.dumps(_CBC), "--set", "optimizer.seesaw=true"],
+    "cbc-flat": ["--set", "gqc=" + json.dumps(_CBC), "--set", "optimizer.lr_coupling=none"],  # no coupling
 }
-FIXED = ["fixed1", "fixed2", "fixed4", "fixed8"]
+KS = (1, 2, 4, 8)
+MULTIPLIERS = (0.5, 1, 2)
+SEEDS = (0, 1, 2)
 
 
-def run(setting: str, name: str) -> Path:
-    """Make one run (unless already made); returns its directory."""
-    out = OUT / setting / name
-    if (out / "summary.json").exists():
-        return out
-    spec = SETTINGS[setting]
-    overrides = [s.replace("@torch", _torch_sources()) for s in spec["set"]]
-    command = [sys.executable, "-m", "gqc_dist.train", "--no-progress", "--out-dir", str(out),
-               "--set", f"train.tokens={spec['tokens']}", "--set", "train.optimizer_steps=1000000",
-               "--set", "train.max_micro_steps=1000000", "--set", "train.checkpoint_interval=1000000",
-               "--set", "train.eval_interval=25", *sum((["--set", s] for s in overrides), []), *RUNS[name]]
-    print(f"[{setting}] {name}: {' '.join(command[3:])}", flush=True)
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+def arms():
+    """Every arm: ``{name: (record fields, gqc-train arguments)}``."""
+    out = {}
+    for k in KS:
+        for m in MULTIPLIERS:
+            out[f"fixed{k}@{m:g}"] = ({"kind": "fixed", "k": k, "lr_multiplier": m},
+                                      ["--baseline", str(k), "--set", f"optimizer.lr={BASE_LR * m!r}"])
+    for k in (1.25, 1.5):
+        out[f"fixed{k:g}@1"] = ({"kind": "fixed", "k": k, "lr_multiplier": 1}, ["--baseline", str(k)])
+    for k in KS[1:]:
+        out[f"fixed{k}@flat"] = ({"kind": "untuned", "k": k, "lr_multiplier": None},
+                                 ["--baseline", str(k), "--set", "optimizer.lr_coupling=none"])
+    for name, args in CONTROLLERS.items():
+        out[name] = ({"kind": "controller", "k": None, "lr_multiplier": None}, args)
     return out
 
 
-def load(out: Path) -> dict:
+ARMS = arms()
+
+
+def run_dir(setting: str, arm: str, seed: int) -> Path:
+    return OUT / setting / f"{arm}@s{seed}"
+
+
+def result_path(setting: str, arm: str, seed: int) -> Path:
+    return RESULTS / setting / f"{arm}@s{seed}.json"
+
+
+def run(setting: str, arm: str, seed: int) -> Path:
+    """Make one run (unless its result exists) and keep its compact result; returns its path."""
+    path = result_path(setting, arm, seed)
+    if path.exists():
+        return path
+    out = run_dir(setting, arm, seed)
+    spec = SETTINGS[setting]
+    overrides = [s.replace("@torch", _torch_sources()) for s in spec["set"]]
+    command = [sys.executable, "-m", "gqc_dist.train", "--no-progress", "--overwrite", "--out-dir", str(out),
+               "--seed", str(seed), "--set", f"train.tokens={spec['tokens']}", "--set", "train.optimizer_steps=10000000",
+               "--set", "train.max_micro_steps=10000000", "--set", "train.checkpoint_interval=10000000",
+               "--set", "train.eval_interval=50", *sum((["--set", s] for s in overrides), []), *ARMS[arm][1]]
+    print(f"[{setting}] {arm} seed {seed}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    record = record_of(out, setting, arm, seed, command)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, separators=(",", ":")) + "\n")
+    return path
+
+
+def _quantiles(values, qs=(0.1, 0.5, 0.9)):
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    return [values[min(len(values) - 1, int(q * len(values)))] for q in qs]
+
+
+def record_of(out: Path, setting: str, arm: str, seed: int, command) -> dict:
+    """The compact result of one run directory."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    steps = [r for r in records if r["kind"] == "step"]
+    vals = [r for r in records if r["kind"] == "val"]
     summary = json.loads((out / "summary.json").read_text())
-    return {"summary": summary, "val": [r for r in records if r["kind"] == "val"],
-            "steps": [r for r in records if r["kind"] == "step"]}
+    half = steps[len(steps) // 2:]
+    windows = {}
+    for r in steps:
+        windows[str(r["draws"])] = windows.get(str(r["draws"]), 0) + 1
+    noise = [r.get("noise_scale") for r in steps]
+    target = [r.get("target_draws") for r in half]
+    follow = None
+    if all(t is not None for t in target) and target:
+        wanted = sum(max(1.0, min(16.0, t)) for t in target)  # what the clamped target asks for
+        follow = sum(r["draws"] for r in half) / wanted
+    fields = ARMS[arm][0]
+    return {"setting": setting, "arm": arm, "seed": seed, **fields,
+            "command": " ".join(str(c) for c in command[3:]).replace(str(OUT), "benchmarks/out"),
+            "val_loss": summary["val_loss"], "optimizer_steps": summary["optimizer_steps"],
+            "micro_steps": summary["micro_steps"], "tokens": summary["tokens"],
+            "wall_time": round(summary["wall_time"], 1), "windows": windows,
+            "mean_window": {"all": summary["mean_micro_batches_per_step"],
+                            "second_half": sum(r["draws"] for r in half) / max(1, len(half))},
+            "noise_scale": {"all": _quantiles(noise), "second_half": _quantiles(r.get("noise_scale") for r in half)},
+            "target": {"second_half_mean": (sum(target) / len(target)) if follow is not None else None,
+                       "follow_second_half": follow},
+            "val_curve": [[v["tokens"], v["step"], round(v["val_loss"], 5)] for v in vals]}
 
 
-def fixed_steps_for(loss: float, fixed: list) -> float:
-    """Optimizer steps fixed accumulation needs to end at ``loss``: interpolation in log-steps
-    between fixed runs' (steps, final loss); ``nan`` outside their range."""
-    points = sorted((r["summary"]["optimizer_steps"], r["summary"]["val_loss"]) for r in fixed)
-    for (s0, l0), (s1, l1) in zip(points, points[1:]):
-        if min(l0, l1) <= loss <= max(l0, l1) and l0 != l1:
-            t = (loss - l0) / (l1 - l0)
-            return math.exp(math.log(s0) + t * (math.log(s1) - math.log(s0)))
-    return math.nan
+def load_results(setting: str):
+    folder = RESULTS / setting
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
 
 
-def _show(value, spec: str) -> str:
-    """A number, or "-" where it does not apply (fixed runs, a loss outside the fixed range)."""
-    return "-" if value is None or value != value else format(value, spec)
+def plan(settings, names, seeds):
+    """The runs to make, in order: seed 0 of every arm, then the other seeds of the best fixed
+    arm (known once seed 0 of the grid is in) and of the default controller."""
+    first = [(s, a, 0) for s in settings for a in names]
+    return first, lambda: [(s, a, seed) for s in settings for seed in seeds if seed
+                           for a in sorted({best_fixed(by_arm(load_results(s))), DEFAULT} & set(names) - {None})]
 
 
-def report(settings) -> None:
+def plot(settings) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(settings), 2, figsize=(13, 4.5 * len(settings)), squeeze=False)
+    fig, axes = plt.subplots(len(settings), 2, figsize=(13, 4.2 * len(settings)), squeeze=False)
     for row, setting in enumerate(settings):
-        runs = {name: load(OUT / setting / name) for name in RUNS if (OUT / setting / name / "summary.json").exists()}
-        fixed = [runs[name] for name in FIXED if name in runs]
-        best = min((r["summary"]["val_loss"] for r in fixed), default=math.nan)
-        print(f"\n{setting}: {SETTINGS[setting]['tokens']:,} tokens per run")
-        print(f"{'run':10} {'val loss':>9} {'vs best fixed':>13} {'steps':>6} {'micro-batches':>13} "
-              f"{'fixed steps for this loss':>26} {'ratio':>6} {'forced':>7}")
-        for name, r in runs.items():
-            s = r["summary"]
-            need = fixed_steps_for(s["val_loss"], fixed) if name not in FIXED else math.nan
-            ratio = s["optimizer_steps"] / need if need == need else math.nan
-            forced = r["steps"][-1].get("forced_steps", 0) if r["steps"] and name not in FIXED else None
-            print(f"{name:10} {s['val_loss']:9.4f} {100 * (s['val_loss'] / best - 1):+12.2f}% "
-                  f"{s['optimizer_steps']:6d} {s['micro_steps']:13d} {_show(need, '.0f'):>26} "
-                  f"{_show(ratio, '.2f'):>6} {_show(forced, 'd'):>7}")
-            style = "--" if name in FIXED else "-"
-            axes[row][0].plot([v["tokens"] for v in r["val"]], [v["val_loss"] for v in r["val"]], style, label=name)
-            axes[row][1].plot([v["step"] for v in r["val"]], [v["val_loss"] for v in r["val"]], style, label=name)
+        arms_ = by_arm(load_results(setting))
+        best = best_fixed(arms_)
+        shown = [a for a in arms_ if a in (best, DEFAULT) or (arms_[a][0]["kind"] == "fixed" and a.endswith("@1"))]
+        for arm in shown:
+            curve = arms_[arm][0]["val_curve"]
+            style = "-" if arms_[arm][0]["kind"] == "controller" else "--"
+            label = arm + (" (best fixed)" if arm == best else "")
+            axes[row][0].plot([c[0] for c in curve], [c[2] for c in curve], style, label=label)
+            axes[row][1].plot([c[1] for c in curve], [c[2] for c in curve], style, label=label)
         for ax, unit in zip(axes[row], ("tokens", "optimizer steps")):
-            ax.set_xlabel(unit)
-            ax.set_ylabel("val loss (nats/token)")
-            ax.set_title(f"{setting}: val loss vs {unit}")
-            ax.set_ylim(top=min(3.5, ax.get_ylim()[1]))
+            ax.set(xlabel=unit, ylabel="val loss (nats/token)", title=f"{setting}: val loss vs {unit} (seed 0)")
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.lines:
+                low = min(min(line.get_ydata()) for line in ax.lines)
+                ax.set_ylim(low - 0.05, low + 1.0)
+                ax.legend(fontsize=7)
         axes[row][1].set_xscale("log")
     fig.tight_layout()
-    path = OUT.parent / "efficiency.png"
-    fig.savefig(path, dpi=110)
-    print(f"\nwrote {path}")
+    path = HERE / "efficiency.png"
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def report(settings) -> None:
+    for setting in settings:
+        records = load_results(setting)
+        if records:
+            spec = SETTINGS[setting]
+            print("\n" + table_text(setting, spec["about"], spec["tokens"], records))
+    print("\nTargets:")
+    for line in verdicts({s: load_results(s) for s in settings}, DEFAULT):
+        print("  " + line)
+    print(f"\nwrote {plot(settings)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one core each)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     if not args.report_only:
-        for setting in args.settings:
-            for name in args.runs:
-                run(setting, name)
+        first, later = plan(args.settings, args.arms, args.seeds)
+        with ThreadPoolExecutor(args.jobs) as pool:
+            list(pool.map(lambda job: run(*job), first))
+            list(pool.map(lambda job: run(*job), later()))
     report(args.settings)
 
 

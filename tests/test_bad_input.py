@@ -101,7 +101,11 @@ CASES = [
      "zero_optimization.stage 2"),
     ("local on one process", lambda t, r: [*QUICK, "--set", "gqc.local_accumulation=true"],
      "gqc.local_accumulation needs engine ddp, fsdp2"),
-    ("warmup too long", lambda t, r: [*QUICK, *_set(gqc__schedule__num_warmup_steps=50)], "num_warmup_steps"),
+    ("warmup too long", lambda t, r: [*QUICK, "--set", 'gqc={"algorithm": "gnts", "max_draws": 16, "schedule": '
+                                      '{"num_training_steps": 12, "num_warmup_steps": 50, "initial_threshold": 1.0, '
+                                      '"final_threshold": 0.8}}'], "num_warmup_steps"),
+    ("lr coupling in gqc", lambda t, r: [*QUICK, *_set(gqc__lr_coupling="sqrt")], "optimizer.lr_coupling"),
+    ("lr coupling unknown", lambda t, r: [*QUICK, *_set(optimizer__lr_coupling="cubic")], "optimizer.lr_coupling"),
     ("baseline 0", lambda t, r: [*QUICK, "--baseline", "0"], "accumulation_steps"),
     ("tokens 0", lambda t, r: [*QUICK, *_set(train__tokens=0)], "train.tokens"),
     ("negative timeout", lambda t, r: [*QUICK, "--collective-timeout", "-5"], "collective_timeout_s"),

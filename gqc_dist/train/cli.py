@@ -19,6 +19,15 @@ from ..errors import GQCConfigError, GQCError
 from .settings import DEFAULT_CONFIG, apply_override, load_config, merge, validate
 
 
+def _accumulation(text: str):
+    """--baseline's K: an integer, or a number >= 1 such as 1.25 (a fixed pattern)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}") from None
+    return int(value) if value.is_integer() else value
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog="gqc-train", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -34,8 +43,9 @@ def _parser():
     parser.add_argument("--max-micro-steps", type=int, help="stop after this many micro-batches")
     parser.add_argument("--micro-batch-size", type=int, help="global sequences per micro-batch")
     parser.add_argument("--max-draws", type=int, help="GQC max micro-batches per step")
-    parser.add_argument("--baseline", type=int, metavar="K",
-                        help="fixed accumulation of K micro-batches per step instead of GQC")
+    parser.add_argument("--baseline", type=_accumulation, metavar="K",
+                        help="fixed accumulation of K micro-batches per step instead of GQC (a fraction such as "
+                             "1.25 is a fixed pattern with that mean)")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny model and a few steps (smoke test, ~20 s)")
     parser.add_argument("--resume", action="store_true",
@@ -54,11 +64,8 @@ def _parser():
 QUICK = {"model": {"seq_len": 32, "dim": 32, "layers": 1, "heads": 2},
          "data": {"max_bytes": 300_000, "micro_batch_size": 8},
          "optimizer": {"warmup_steps": 2},
-         "gqc": {"algorithm": "gnts", "max_draws": 16,
-                 "schedule": {"num_training_steps": 12, "num_warmup_steps": 2, "initial_threshold": 1.0,
-                              "final_threshold": 0.8, "warmup_multiplier": 3}},
          "train": {"tokens": None, "optimizer_steps": 12, "max_micro_steps": 300, "eval_interval": 6,
-                   "eval_batches": 2, "checkpoint_interval": 6}}
+                   "eval_batches": 2, "final_eval_batches": 4, "checkpoint_interval": 6}}
 
 
 # What a resumed run may not change: it would no longer be the run its checkpoints belong to.

@@ -2,7 +2,9 @@
 
 Every engine returns a :class:`TrainEngine` with the same small surface, so the training loop
 does not know which engine it drives: ``loss(x, y)``, ``backward(loss)``, ``step() -> bool``,
-``controller`` (the GQC wrapper, for statistics), ``lr()``, and checkpoint state.
+``controller`` (the GQC wrapper, for statistics), ``lr()``, and checkpoint state. The learning
+rate of every step is set by a window hook on the controller (``progress.lr_hook``), the same on
+every engine.
 """
 
 import contextlib
@@ -20,7 +22,7 @@ from ..engines import TorchOptimizerGradients
 from ..moe import expert_param_groups, expert_parallel_groups, reduce_expert_grads
 from ..packet import world_rank_and_size
 from .device import autocast, grad_scaler, resolve_device
-from .progress import Budget, TokenKeyedSchedule
+from .progress import Budget, TokenKeyedSchedule, lr_hook
 from .slurm_env import first_host
 from .model import GPT, ModelConfig, block_modules, expert_parameters, token_loss
 
@@ -73,7 +75,7 @@ class TrainEngine:
     """What the loop drives. ``forward_model`` is what forward runs through (DDP/FSDP2 wrappers
     included); ``module`` is the GPT itself."""
 
-    def __init__(self, name, module, controller, value_schedule, lr_schedule, optimizer,
+    def __init__(self, name, module, controller, value_schedule, optimizer,
                  forward_model=None, ds_engine=None, algorithm="gnts", device=torch.device("cpu"),
                  precision="fp32", scaler=None):
         self.name = name
@@ -85,7 +87,6 @@ class TrainEngine:
         self.module = module
         self.controller = controller
         self.value_schedule = value_schedule
-        self.lr_schedule = lr_schedule
         self.optimizer = optimizer
         self.forward_model = forward_model or module
         self.ds_engine = ds_engine
@@ -109,18 +110,17 @@ class TrainEngine:
 
     def step(self, loss) -> bool:
         """One GQC decision after the backward of ``loss`` (this rank's micro-batch loss); on a
-        step the lr and threshold schedules advance once."""
+        step the threshold schedule advances once (the learning rate is the window hook's)."""
         if self.ds_engine is not None:
-            return self.ds_engine.step()  # DeepSpeed steps its lr scheduler and the value schedule
+            return self.ds_engine.step()  # DeepSpeed's wrapper steps the value schedule
         stepped = self.spec.step(self.controller, loss)
-        if stepped:
-            self.lr_schedule.step()
-            if self.value_schedule is not None:
-                self.value_schedule.step()
+        if stepped and self.value_schedule is not None:
+            self.value_schedule.step()
         return stepped
 
     def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        """The learning rate the last optimizer step was taken with."""
+        return self.controller.last_window.lr
 
     def threshold(self):
         """The algorithm's threshold-like value (its descriptor's ``logged_value``), or ``None``."""
@@ -141,8 +141,7 @@ class TrainEngine:
         if self.ds_engine is not None:
             return {}
         own = not self.resharding
-        state = {"controller": self.controller.state_dict(include_optimizer=own),
-                 "lr_schedule": self.lr_schedule.state_dict()}
+        state = {"controller": self.controller.state_dict(include_optimizer=own)}
         if self.value_schedule is not None:
             state["value_schedule"] = self.value_schedule.state_dict()
         if own:
@@ -168,7 +167,6 @@ class TrainEngine:
         if "model" in state:
             self.module.load_state_dict(state["model"])
         self.controller.load_state_dict(state["controller"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
         if self.value_schedule is not None:
             self.value_schedule.load_state_dict(state["value_schedule"])
 
@@ -212,28 +210,28 @@ def build_engine(config: Dict[str, Any], budget: Budget, device: torch.device) -
         groups = [{"params": list(module.parameters())}]
     optimizer = torch.optim.AdamW(groups, lr=opt["lr"], betas=(opt["beta1"], opt["beta2"]),
                                   weight_decay=opt["weight_decay"])
-    lr_schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, budget.lr_multiplier)
     micro_batch = config["data"]["micro_batch_size"] // world
     if engine == "deepspeed":
-        return _deepspeed_engine(config, module, optimizer, lr_schedule, micro_batch, budget)
+        return _deepspeed_engine(config, module, optimizer, micro_batch, budget)
     scaler = grad_scaler(device, precision)
     gradients = TorchOptimizerGradients(optimizer, grad_scaler=scaler, clip=opt["grad_clip"])
     controller, value_schedule = build_controller(config["gqc"], optimizer, physical_batch_size=micro_batch,
                                                   micro_batch_size=config["data"]["micro_batch_size"],
-                                                  gradients=gradients)
-    value_schedule = _keyed(value_schedule, config, budget)
-    return TrainEngine(engine, module, controller, value_schedule, lr_schedule, optimizer, forward_model,
+                                                  gradients=gradients,
+                                                  window_hook=lr_hook(budget, config["optimizer"]))
+    value_schedule = _keyed(value_schedule, config, budget, controller)
+    return TrainEngine(engine, module, controller, value_schedule, optimizer, forward_model,
                        algorithm=config["gqc"]["algorithm"], device=device, precision=precision, scaler=scaler)
 
 
-def _keyed(value_schedule, config, budget):
+def _keyed(value_schedule, config, budget, controller):
     """The controller's value schedule, placed by tokens when the run has a token budget."""
     if value_schedule is None or budget.tokens is None:
         return value_schedule
-    return TokenKeyedSchedule(value_schedule, config["gqc"]["schedule"]["num_training_steps"], budget)
+    return TokenKeyedSchedule(value_schedule, config["gqc"]["schedule"]["num_training_steps"], budget, controller)
 
 
-def _deepspeed_engine(config, module, optimizer, lr_schedule, micro_batch, budget) -> TrainEngine:
+def _deepspeed_engine(config, module, optimizer, micro_batch, budget) -> TrainEngine:
     from .. import deepspeed as gqc_deepspeed
 
     precision = config["precision"]
@@ -242,9 +240,9 @@ def _deepspeed_engine(config, module, optimizer, lr_schedule, micro_batch, budge
                  **({"fp16": {"enabled": True}} if precision == "fp16" else {}),
                  "gradient_clipping": config["optimizer"]["grad_clip"], "steps_per_print": 10**9,
                  "zero_allow_untested_optimizer": True, "gradient_quality_control": config["gqc"]}
-    ds_engine, _, _, _ = gqc_deepspeed.initialize(model=module, optimizer=optimizer,
-                                                  lr_scheduler=lr_schedule, config=ds_config)
-    ds_engine.gqc_schedule = _keyed(ds_engine.gqc_schedule, config, budget)
+    ds_engine, _, _, _ = gqc_deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
+    ds_engine.gqc.window_hook = lr_hook(budget, config["optimizer"])
+    ds_engine.gqc_schedule = _keyed(ds_engine.gqc_schedule, config, budget, ds_engine.gqc)
     return TrainEngine("deepspeed", ds_engine.module, ds_engine.gqc, ds_engine.gqc_schedule,
-                       lr_schedule, optimizer, ds_engine=ds_engine, algorithm=config["gqc"]["algorithm"],
+                       optimizer, ds_engine=ds_engine, algorithm=config["gqc"]["algorithm"],
                        device=ds_engine.device, precision=precision)

@@ -90,14 +90,28 @@ def _save(figure: Figure, out_png: PathLike) -> Path:
     return out
 
 
-def plot_run(metrics_path: PathLike, out_png: PathLike, title: Optional[str] = None) -> Path:
+def rolling_mean(values: Sequence[float], width: int) -> List[float]:
+    """Trailing mean over the last ``width`` values (fewer at the start)."""
+    out, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= width:
+            total -= values[index - width]
+        out.append(total / min(index + 1, width))
+    return out
+
+
+def plot_run(metrics_path: PathLike, out_png: PathLike, title: Optional[str] = None,
+             value_name: Optional[str] = None) -> Path:
     """One run, 3 panels: (a) training loss (line) and validation loss (points) against
-    tokens; (b) micro-batches per optimizer step (``draws``) and, when measured, the gradient
-    noise scale (``noise_scale``, in micro-batches) against step; (c) the GNTS
-    threshold and ``mean_grad_norm`` against step ("fixed accumulation" when the run has no
-    threshold). Writes a 1200 x 900 PNG to ``out_png`` and returns its path."""
+    tokens; (b) micro-batches per optimizer step as a rolling mean over 2% of the steps (each
+    step's own window too, faintly) against what the controller aimed for (``target_draws``:
+    ``kappa * B_simple`` for CBC) and the gradient noise scale (``noise_scale``), all in
+    micro-batches, against step; (c) the controller's own value (``threshold`` in the records,
+    named ``value_name``, e.g. ``critical_batch_fraction``) on its own axis, with
+    ``mean_grad_norm`` on a second axis. Writes a 1200 x 900 PNG to ``out_png`` and returns its path."""
     steps, vals = read_metrics(metrics_path)
-    figure, (loss_ax, draws_ax, threshold_ax) = _figure(3)
+    figure, (loss_ax, draws_ax, value_ax) = _figure(3)
     figure.suptitle(title if title is not None else Path(metrics_path).name)
 
     loss_ax.plot(_column(steps, "tokens"), _column(steps, "loss"), lw=1, label="train loss")
@@ -108,27 +122,38 @@ def plot_run(metrics_path: PathLike, out_png: PathLike, title: Optional[str] = N
     loss_ax.legend(loc="best")
 
     step = _column(steps, "step")
-    draws_ax.step(step, _column(steps, "draws"), where="post", lw=1, label="micro-batches drawn")
-    noise = _column(steps, "noise_scale")
-    if any(not math.isnan(v) for v in noise):  # the batch the gradient noise asks for, same units
-        draws_ax.plot(step, noise, lw=1.5, label="gradient noise scale B_simple (micro-batches)")
-        draws_ax.legend(loc="best")
+    draws = _column(steps, "draws")
+    width = max(1, len(draws) // 50)
+    draws_ax.plot(step, draws, lw=0.5, alpha=0.25, color="C0")
+    draws_ax.plot(step, rolling_mean(draws, width), lw=1.5, color="C0",
+                  label=f"micro-batches per step, mean of {width}")
+    for key, label, color in (("target_draws", "kappa x B_simple (what CBC follows)", "C1"),
+                              ("noise_scale", "gradient noise scale B_simple", "C2")):
+        values = _column(steps, key)
+        if any(not math.isnan(v) for v in values):
+            draws_ax.plot(step, values, lw=1, color=color, label=label)
+    finite = [v for v in draws if not math.isnan(v)]
+    draws_ax.set_ylim(0, 2 * max(finite) + 1 if finite else 1)  # an inf noise scale does not flatten the rest
+    draws_ax.legend(loc="best")
     draws_ax.set(xlabel="optimizer step", ylabel="micro-batches",
-                 title="(b) batch drawn per step, and the noise scale")
+                 title="(b) window per step, and the noise scale")
 
-    threshold = _column(steps, "threshold")
+    value = _column(steps, "threshold")
     norm = _column(steps, "mean_grad_norm")
-    if all(math.isnan(v) for v in threshold):
-        _note(threshold_ax, "fixed accumulation (no threshold)")
+    if all(math.isnan(v) for v in value):
+        _note(value_ax, "fixed accumulation (no controller value)")
     else:
-        threshold_ax.plot(step, threshold, lw=1.5, label="threshold")
+        value_ax.plot(step, value, lw=1.5, color="C3", label=value_name or "controller value")
+        value_ax.set_ylabel(value_name or "controller value")
+        value_ax.legend(loc="upper left")
     if any(not math.isnan(v) for v in norm):
-        threshold_ax.plot(step, norm, lw=0.8, alpha=0.7, label="mean_grad_norm ||G_n||/n")
-    if threshold_ax.lines:
-        threshold_ax.legend(loc="best")
-        if all(v > 0 for v in threshold + norm if not math.isnan(v)):
-            threshold_ax.set_yscale("log")
-    threshold_ax.set(xlabel="optimizer step", ylabel="gradient norm", title="(c) threshold")
+        norm_ax = value_ax.twinx()
+        norm_ax.plot(step, norm, lw=0.8, alpha=0.6, color="C4", label="mean_grad_norm ||G_n||/n")
+        norm_ax.set_ylabel("gradient norm")
+        if all(v > 0 for v in norm if not math.isnan(v)):
+            norm_ax.set_yscale("log")
+        norm_ax.legend(loc="upper right")
+    value_ax.set(xlabel="optimizer step", title="(c) the controller's value, and the gradient norm")
     return _save(figure, out_png)
 
 

@@ -41,6 +41,27 @@ def _global_mean(values, device=torch.device("cpu")) -> list:
     return tensor.tolist()
 
 
+class _IntervalMean:
+    """The mean window length since the progress display last showed it."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.total, self.count = 0, 0
+
+    def add(self, draws: int) -> None:
+        self.total += draws
+        self.count += 1
+
+    def mean(self) -> float:
+        return self.total / max(1, self.count)
+
+
+def _noise_text(noise_scale) -> str:
+    return "-" if noise_scale is None else f"{noise_scale:.2f}"
+
+
 def evaluate(engine: TrainEngine, eval_set, rank: int, world: int) -> float:
     """Validation loss (nats/token) over the fixed eval batches; each rank takes its rows."""
     losses = []
@@ -80,11 +101,13 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
     torch.manual_seed(config["seed"])
     train_data, val_data = load_corpus(max_bytes=data["max_bytes"], path=data["path"])
     seq_len, global_batch = model_cfg["seq_len"], data["micro_batch_size"]
-    budget = Budget(train_cfg, config["optimizer"], global_batch * seq_len)
+    budget = Budget(train_cfg, global_batch * seq_len)
     engine = build_engine(config, budget, device)
     batches = ByteBatches(train_data, seq_len, global_batch // world, seed=config["seed"], rank=rank,
                           world_size=world)
-    eval_set = evaluate_batches(val_data, seq_len, global_batch, train_cfg["eval_batches"])
+    # evaluation batches of at least 16 sequences (split over the ranks), whatever the micro-batch
+    eval_batch = -(-max(global_batch, 16) // world) * world
+    eval_set = evaluate_batches(val_data, seq_len, eval_batch, train_cfg["eval_batches"])
     checkpoints = Checkpoints(out_dir, rank, world)
     metrics_path = out_dir / "metrics.jsonl"
     counters = {"step": 0, "micro_step": 0, "micro_steps_in_steps": 0, "wall": 0.0}
@@ -112,7 +135,7 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
                    dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total}% [{elapsed}<{remaining}{postfix}]")
     start = time.time() - counters["wall"]
     window_loss, window_draws = 0.0, 0
-    val_loss, val_step = None, None  # the last evaluation and the optimizer step it was taken at
+    shown = _IntervalMean()  # windows since the progress line last showed them
 
     def tokens_seen():
         return counters["micro_step"] * global_batch * seq_len
@@ -136,7 +159,7 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
         window_draws += 1
         counters["micro_step"] += 1
         budget.micro_steps_done = counters["micro_step"]
-        lr, threshold = engine.lr(), engine.threshold()  # what this micro-step's decision uses
+        threshold = engine.threshold()  # what this micro-step's decision uses
         meter.before_decision()
         stepped = engine.step(loss)
         meter.after_decision(stepped)
@@ -155,31 +178,37 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
                   "loss": _global_mean([window_loss / window_draws])[0], "draws": stats["last_num_draws"],
                   "threshold": threshold, "mean_grad_norm": stats["mean_grad_norm"],
                   "noise_scale": stats.get("gradient_noise_scale_micro_batches"),
+                  "target_draws": stats.get("kappa_noise_scale"),
                   "forced_steps": stats["forced_steps"], "prediction_error": stats.get("last_prediction_error"),
-                  "lr": lr, "wall_time": time.time() - start,
+                  "lr": engine.lr(), "wall_time": time.time() - start,
                   **meter.window()}
         write(record)
         window_loss, window_draws = 0.0, 0
-        if bar is not None:  # the postfix first: update() then shows the step just taken
-            bar.set_postfix(loss=f"{record['loss']:.3f}", draws=record["draws"],
-                            norm=f"{record['mean_grad_norm']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                            refresh=False)
-            bar.update(round(100 * budget.fraction) - bar.n)
+        shown.add(record["draws"])
+        if bar is not None:  # the postfix first: update() then shows the steps just taken
+            if round(100 * budget.fraction) != bar.n:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", window=f"{shown.mean():.2f}",
+                                noise=_noise_text(record["noise_scale"]),
+                                tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
+                shown.reset()
+                bar.update(round(100 * budget.fraction) - bar.n)
         elif rank == 0 and progress and step % train_cfg["eval_interval"] == 0:  # a log file: one line
-            print(f"gqc-train: step {step} | {100 * budget.fraction:.0f}% | loss {record['loss']:.3f} | draws "
-                  f"{record['draws']} | {record['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
-        last = budget.exhausted()
-        if step % train_cfg["eval_interval"] == 0 or last:
-            val_loss, val_step = evaluate(engine, eval_set, rank, world), step
-            write({"kind": "val", "step": step, "tokens": tokens, "val_loss": val_loss})
+            print(f"gqc-train: step {step} | {100 * budget.fraction:.0f}% | loss {record['loss']:.3f} | mean window "
+                  f"{shown.mean():.2f} micro-batches | noise scale {_noise_text(record['noise_scale'])} micro-batches"
+                  f" | {record['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
+            shown.reset()
+        if step % train_cfg["eval_interval"] == 0 and not budget.exhausted():
+            write({"kind": "val", "step": step, "tokens": tokens, "val_loss": evaluate(engine, eval_set, rank, world)})
         if step % train_cfg["checkpoint_interval"] == 0:
             counters["wall"] = time.time() - start
             checkpoints.save(step, engine, {"counters": dict(counters), "batches": batches.state_dict()})
     if bar is not None:
         bar.close()
-    if val_step != counters["step"]:  # the run ended between evaluations
-        val_loss = evaluate(engine, eval_set, rank, world)
-        write({"kind": "val", "step": counters["step"], "tokens": tokens_seen(), "val_loss": val_loss})
+    # the final loss on more batches: float summation order alone moves an 8-batch loss by 0.3%
+    final_set = evaluate_batches(val_data, seq_len, eval_batch, train_cfg["final_eval_batches"])
+    val_loss = evaluate(engine, final_set, rank, world)
+    write({"kind": "val", "step": counters["step"], "tokens": tokens_seen(), "val_loss": val_loss,
+           "batches": len(final_set)})
     summary = {"val_loss": val_loss, "tokens": tokens_seen(),
                "optimizer_steps": counters["step"], "micro_steps": counters["micro_step"],
                "mean_micro_batches_per_step": counters["micro_steps_in_steps"] / max(1, counters["step"]),
@@ -194,6 +223,7 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
         metrics.close()
         if counters["step"]:
             plot_run(metrics_path, out_dir / "training.png",
-                     title=f"gqc-train {config['engine']} {config['gqc']['algorithm']}")
+                     title=f"gqc-train {config['engine']} {config['gqc']['algorithm']}",
+                     value_name=engine.spec.logged_value)
         write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -21,6 +21,7 @@ from typing import Any, Dict
 from ..algorithms.spec import get as algorithm_spec
 from ..config import parse_section
 from ..errors import GQCConfigError
+from ..window import RULES
 from .device import DEVICES, PRECISIONS
 
 ENGINES = ("single", "ddp", "fsdp2", "deepspeed")
@@ -34,12 +35,15 @@ DEFAULT_CONFIG: Dict[str, Any] = {
     "model": {"seq_len": 128, "dim": 128, "layers": 3, "heads": 4, "mlp_ratio": 4,
               "num_experts": 0, "ep_size": 1},
     "data": {"path": None, "max_bytes": 4_000_000, "micro_batch_size": 16},
+    # lr: the peak for a window of one micro-batch; lr_coupling scales it (and weight decay) with
+    # the window each step takes (gqc_dist.window.LRCoupling), fixed accumulation included
     "optimizer": {"lr": 3e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95,
-                  "warmup_steps": 20, "warmup_fraction": 0.067, "grad_clip": 1.0},
+                  "warmup_steps": 20, "warmup_fraction": 0.067, "grad_clip": 1.0,
+                  "lr_coupling": "sqrt", "seesaw": False},
     # chosen by benchmarks/efficiency.py (README: "Does it pay?"); no threshold in gradient-norm units
     "gqc": {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16},
     "train": {"tokens": 3_072_000, "optimizer_steps": 100_000, "max_micro_steps": 100_000, "eval_interval": 50,
-              "eval_batches": 8, "checkpoint_interval": 100,
+              "eval_batches": 8, "final_eval_batches": 64, "checkpoint_interval": 100,
               "collective_timeout_s": 300, "peak_tflops": None},
     "deepspeed": {"zero_optimization": {"stage": 2}},
 }
@@ -51,6 +55,7 @@ _NUM_POS = ((int, float), lambda v: v > 0, "> 0")
 _NUM_NONNEG = ((int, float), lambda v: v >= 0, ">= 0")
 _BETA = ((int, float), lambda v: 0 <= v < 1, "in [0, 1)")
 _TOKENS = ((int, type(None)), lambda v: v is None or v >= 1, "an integer >= 1 or null")
+_BOOL = ((bool,), lambda v: True, "true or false")
 
 SCHEMA = {
     "engine": ((str,), lambda v: v in ENGINES, f"one of {', '.join(ENGINES)}"),
@@ -63,10 +68,12 @@ SCHEMA = {
     "data": {"path": ((str, type(None)), lambda v: True, "a path or null"),
              "max_bytes": _INT_POS, "micro_batch_size": _INT_POS},
     "optimizer": {"lr": _NUM_POS, "weight_decay": _NUM_NONNEG, "beta1": _BETA, "beta2": _BETA,
-                  "warmup_steps": _INT_NONNEG, "warmup_fraction": _BETA, "grad_clip": _NUM_NONNEG},
+                  "warmup_steps": _INT_NONNEG, "warmup_fraction": _BETA, "grad_clip": _NUM_NONNEG,
+                  "lr_coupling": ((str,), lambda v: v in RULES, f"one of {', '.join(RULES)}"),
+                  "seesaw": _BOOL},
     "gqc": None,  # checked by gqc_dist.config.parse_section
     "train": {"tokens": _TOKENS, "optimizer_steps": _INT_POS, "max_micro_steps": _INT_POS, "eval_interval": _INT_POS,
-              "eval_batches": _INT_POS, "checkpoint_interval": _INT_POS, "collective_timeout_s": _NUM_POS,
+              "eval_batches": _INT_POS, "final_eval_batches": _INT_POS, "checkpoint_interval": _INT_POS, "collective_timeout_s": _NUM_POS,
               "peak_tflops": ((int, float, type(None)), lambda v: v is None or v > 0, "> 0 or null")},
     "deepspeed": "any-object",  # a ds_config fragment, checked by gqc_dist.deepspeed
 }
@@ -89,7 +96,7 @@ def _validate(value, schema, path):
         return {key: _validate(value[key], sub, f"{path}.{key}" if path else key)
                 for key, sub in schema.items() if key in value}
     types, check, wanted = schema
-    if isinstance(value, bool) or not isinstance(value, types) or not check(value):
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types) or not check(value):
         raise GQCConfigError(f"{path} must be {wanted}, got {value!r}")
     return value
 
@@ -124,6 +131,9 @@ def validate(config: Dict[str, Any]) -> Dict[str, Any]:
     if model["num_experts"] % model["ep_size"]:
         raise GQCConfigError("model.num_experts must be a multiple of model.ep_size")
     algorithm_spec(checked["gqc"]["algorithm"]).check_engine(checked["engine"], "gqc.algorithm")
+    if checked["gqc"]["lr_coupling"] != "none":
+        raise GQCConfigError("gqc.lr_coupling is set by optimizer.lr_coupling in gqc-train (its learning-rate "
+                             "schedule and the coupling are one window hook); remove gqc.lr_coupling")
     if checked["gqc"]["local_accumulation"]:
         stage = (checked["deepspeed"].get("zero_optimization") or {}).get("stage", 0)
         refused = {"single": "engine single",

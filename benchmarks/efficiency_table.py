@@ -1,0 +1,219 @@
+"""What ``benchmarks/efficiency.py`` concludes from its runs: pure functions of the compact
+result records (one small JSON per run under ``benchmarks/results/<setting>/``), so that the
+README tables can be rebuilt without rerunning and the logic is tested on synthetic runs
+(``tests/test_efficiency_table.py``).
+
+A record is ``{"setting", "arm", "seed", "kind", "k", "lr_multiplier", "val_loss",
+"optimizer_steps", "micro_steps", "tokens", "windows": {length: count}, "noise_scale": {...},
+"target": {...}, ...}`` (see ``efficiency.record_of``). ``kind`` is ``fixed`` (``k``
+micro-batches per step, possibly fractional, at ``lr_multiplier`` times the setting's base
+learning rate under the square-root coupling), ``untuned`` (fixed ``k`` at the base learning
+rate for every ``k``: no per-batch tuning) or ``controller``.
+"""
+
+import math
+from statistics import mean
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+
+def by_arm(records: Iterable[dict]) -> Dict[str, List[dict]]:
+    """Records grouped by arm, each list sorted by seed."""
+    out: Dict[str, List[dict]] = {}
+    for record in records:
+        out.setdefault(record["arm"], []).append(record)
+    return {arm: sorted(runs, key=lambda r: r["seed"]) for arm, runs in out.items()}
+
+
+def best_fixed_per_k(arms: Dict[str, List[dict]]) -> Dict[float, str]:
+    """For every fixed ``k``, the arm (learning rate) with the lowest seed-0 final loss."""
+    best: Dict[float, Tuple[float, str]] = {}
+    for arm, runs in arms.items():
+        first = runs[0]
+        if first["kind"] != "fixed" or first["seed"] != 0:
+            continue
+        if first["k"] not in best or first["val_loss"] < best[first["k"]][0]:
+            best[first["k"]] = (first["val_loss"], arm)
+    return {k: arm for k, (_, arm) in sorted(best.items())}
+
+
+def best_fixed(arms: Dict[str, List[dict]]) -> Optional[str]:
+    """The fixed arm (``k`` and learning rate) with the lowest seed-0 final loss."""
+    per_k = best_fixed_per_k(arms)
+    if not per_k:
+        return None
+    return min(per_k.values(), key=lambda arm: arms[arm][0]["val_loss"])
+
+
+def frontier(points: Sequence[Tuple[float, float]]) -> List[Tuple[float, float]]:
+    """The Pareto frontier of ``(optimizer steps, final loss)`` points, by rising steps and
+    falling loss: a point is dropped when one with at most its steps ends at least as low."""
+    kept: List[Tuple[float, float]] = []
+    for steps, loss in sorted(points):
+        if not kept or loss < kept[-1][1]:
+            kept.append((steps, loss))
+    return kept
+
+
+def steps_on_frontier(loss: float, points: Sequence[Tuple[float, float]]) -> float:
+    """Optimizer steps the fixed frontier needs to end at ``loss``: linear in log-steps between
+    the two frontier points whose losses bracket it; ``nan`` outside the measured range."""
+    front = frontier(points)
+    for (s0, l0), (s1, l1) in zip(front, front[1:]):  # steps rise, loss falls
+        if l1 <= loss <= l0:
+            t = (loss - l0) / (l1 - l0) if l0 != l1 else 0.0
+            return math.exp(math.log(s0) + t * (math.log(s1) - math.log(s0)))
+    if front and any(abs(loss - l) < 1e-12 for _, l in front):
+        return next(s for s, l in front if abs(loss - l) < 1e-12)
+    return math.nan
+
+
+def paired_gaps(runs: Sequence[dict], reference: Sequence[dict]) -> List[float]:
+    """``loss / reference loss - 1`` per seed both have (paired: same data order and init)."""
+    ref = {r["seed"]: r["val_loss"] for r in reference}
+    return [r["val_loss"] / ref[r["seed"]] - 1 for r in runs if r["seed"] in ref]
+
+
+def histogram_text(windows: Dict[str, int], limit: int = 6) -> str:
+    """``{length: count}`` as ``1:1430 2:60 ...``: the ``limit`` most common lengths in length
+    order, then ``+N more``."""
+    items = sorted(windows.items(), key=lambda kv: -kv[1])[:limit]
+    text = " ".join(f"{int(n)}:{c}" for n, c in sorted(items, key=lambda kv: int(kv[0])))
+    rest = len(windows) - len(items)
+    return text + (f" +{rest} more" if rest > 0 else "")
+
+
+def share_of_ones(windows: Dict[str, int]) -> float:
+    total = sum(windows.values())
+    return windows.get("1", 0) / total if total else math.nan
+
+
+def fmt(value, spec: str) -> str:
+    """A number, or ``-`` where it does not apply."""
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def spread_text(values: Sequence[float], percent: bool = True) -> str:
+    """``mean [min, max] (n)`` of paired gaps (in percent) or of plain values."""
+    if not values:
+        return "-"
+    scale, unit = (100, "%") if percent else (1, "")
+    if len(values) == 1:
+        return f"{scale * values[0]:+.2f}{unit} (1 seed)" if percent else f"{values[0]:.4f}"
+    return (f"{scale * mean(values):+.2f}{unit} [{scale * min(values):+.2f}, {scale * max(values):+.2f}] "
+            f"({len(values)} seeds)")
+
+
+def setting_rows(records: Iterable[dict]) -> Tuple[List[dict], dict]:
+    """One row per arm of one setting and the setting's verdict inputs.
+
+    Row: ``arm``, ``kind``, ``seeds``, ``val_loss`` (mean over seeds), ``gap`` (paired gaps to
+    the best fixed arm), ``steps`` and ``micro_steps`` (seed 0), ``windows`` (histogram text,
+    seed 0), ``ones`` (share of windows of one), ``noise`` (B_simple q10/q50/q90 over the second
+    half, micro-batches), ``follow`` (mean window / mean kappa*B_simple over the second half),
+    ``frontier_steps`` (steps the fixed frontier needs for the row's seed-0 loss) and ``ratio``.
+    """
+    arms = by_arm(records)
+    best = best_fixed(arms)
+    per_k = best_fixed_per_k(arms)
+    points = [(arms[a][0]["optimizer_steps"], arms[a][0]["val_loss"]) for a in per_k.values()]
+    rows = []
+    for arm, runs in sorted(arms.items(), key=lambda kv: _order(kv[1][0])):
+        first = runs[0]
+        loss = first["val_loss"]
+        need = steps_on_frontier(loss, points) if first["kind"] == "controller" else math.nan
+        noise = first.get("noise_scale", {}).get("second_half")
+        target = first.get("target", {})
+        rows.append({
+            "arm": arm, "kind": first["kind"], "seeds": len(runs),
+            "val_loss": mean(r["val_loss"] for r in runs),
+            "gap": paired_gaps(runs, arms[best]) if best else [],
+            "steps": first["optimizer_steps"], "micro_steps": first["micro_steps"],
+            "windows": histogram_text(first["windows"]), "ones": share_of_ones(first["windows"]),
+            "noise": noise, "follow": target.get("follow_second_half"),
+            "frontier_steps": need, "ratio": first["optimizer_steps"] / need if need == need else math.nan,
+            "best_k": first["kind"] == "fixed" and per_k.get(first["k"]) == arm,
+        })
+    return rows, {"best": best, "best_per_k": per_k, "frontier": frontier(points)}
+
+
+def _order(record: dict):
+    kind = {"fixed": 0, "untuned": 1, "controller": 2}[record["kind"]]
+    return (kind, record.get("k") or 0, record.get("lr_multiplier") or 0, record["arm"])
+
+
+def table_text(setting: str, about: str, tokens: int, records: Sequence[dict]) -> str:
+    """The printed table of one setting (the README's)."""
+    rows, info = setting_rows(records)
+    lines = [f"{setting}: {about}; {tokens:,} tokens per run; best fixed: {info['best']}",
+             f"{'run':16} {'seeds':>5} {'val loss':>8} {'vs best fixed (paired)':>34} {'steps':>6} "
+             f"{'windows taken (length:count)':>32} {'B_simple q10/50/90, 2nd half':>28} "
+             f"{'window/target':>13} {'frontier steps':>14} {'ratio':>6}"]
+    for row in rows:
+        noise = "/".join(fmt(v, ".1f") for v in row["noise"]) if row["noise"] else "-"
+        mark = "*" if row["best_k"] else " "
+        lines.append(
+            f"{row['arm'] + mark:16} {row['seeds']:5d} {row['val_loss']:8.4f} {spread_text(row['gap']):>34} "
+            f"{row['steps']:6d} {row['windows']:>32} {noise:>28} {fmt(row['follow'], '.2f'):>13} "
+            f"{fmt(row['frontier_steps'], '.0f'):>14} {fmt(row['ratio'], '.2f'):>6}")
+    return "\n".join(lines)
+
+
+def verdicts(settings: Dict[str, Sequence[dict]], controller: str) -> List[str]:
+    """The issue's targets, each a line saying met or missed with its numbers:
+
+    * tuning-free: in every setting the default controller's worst paired gap to the best fixed
+      (k, lr) is at most +1%, while every untuned fixed k (one lr) is >= 3% behind somewhere;
+    * steps: where B_simple's second-half median is >= 4 micro-batches, the controller takes at
+      most 0.7x the frontier's steps at its loss;
+    * adaptation: where it is below 1, >= 95% of windows take one and the loss is within 0.3%
+      of fixed k=1 (at its best lr); where it is >= 4, the mean window is within 30% of
+      kappa * B_simple.
+    """
+    out = []
+    worst_untuned: Dict[float, Tuple[float, str]] = {}
+    for setting, records in settings.items():
+        arms = by_arm(records)
+        best = best_fixed(arms)
+        per_k = best_fixed_per_k(arms)
+        if controller not in arms or best is None:
+            out.append(f"{setting}: no {controller} runs or no fixed runs yet")
+            continue
+        runs = arms[controller]
+        gaps = paired_gaps(runs, arms[best])
+        worst = max(gaps) if gaps else math.nan
+        out.append(f"{setting}: tuning-free: {controller} vs best fixed {best}: {spread_text(gaps)} -> "
+                   f"{'met' if worst <= 0.01 else 'MISSED'} (target: worst seed <= +1.00%)")
+        for arm, untuned in arms.items():
+            if untuned[0]["kind"] == "untuned" or (untuned[0]["kind"] == "fixed" and untuned[0]["k"] == 1
+                                                   and untuned[0]["lr_multiplier"] == 1):
+                gap = untuned[0]["val_loss"] / arms[best][0]["val_loss"] - 1
+                k = untuned[0]["k"]
+                if k not in worst_untuned or gap > worst_untuned[k][0]:
+                    worst_untuned[k] = (gap, setting)
+        first = runs[0]
+        median = (first.get("noise_scale", {}).get("second_half") or [math.nan] * 3)[1]
+        if median >= 4:
+            points = [(arms[a][0]["optimizer_steps"], arms[a][0]["val_loss"]) for a in per_k.values()]
+            need = steps_on_frontier(first["val_loss"], points)
+            ratio = first["optimizer_steps"] / need if need == need else math.nan
+            out.append(f"{setting}: steps: B_simple median {median:.1f} micro-batches; {controller} "
+                       f"{first['optimizer_steps']} steps, frontier {fmt(need, '.0f')} at its loss: ratio "
+                       f"{fmt(ratio, '.2f')} -> {'met' if ratio <= 0.7 else 'MISSED'} (target <= 0.70)")
+            follow = first.get("target", {}).get("follow_second_half", math.nan)
+            out.append(f"{setting}: adaptation: mean window / kappa*B_simple over the second half {fmt(follow, '.2f')}"
+                       f" -> {'met' if abs(follow - 1) <= 0.3 else 'MISSED'} (target within 30%)")
+        elif median < 1:
+            ones = share_of_ones(first["windows"])
+            k1 = per_k.get(1)
+            gap = mean(paired_gaps(runs, arms[k1])) if k1 else math.nan
+            met = ones >= 0.95 and gap <= 0.003
+            out.append(f"{setting}: adaptation: B_simple median {median:.2f} micro-batches; windows of one "
+                       f"{100 * ones:.1f}%, loss vs fixed k=1 {100 * gap:+.2f}% -> {'met' if met else 'MISSED'} "
+                       "(targets: >= 95%, within 0.3%)")
+        else:
+            out.append(f"{setting}: B_simple median {median:.2f} micro-batches: between the regimes the "
+                       "adaptation targets name")
+    for k, (gap, setting) in sorted(worst_untuned.items()):
+        out.append(f"untuned fixed k={k:g} at one learning rate: worst {100 * gap:+.2f}% ({setting}) -> "
+                   f"{'met' if gap >= 0.03 else 'MISSED'} (target: >= +3% behind somewhere)")
+    return out

@@ -1,0 +1,87 @@
+"""benchmarks/efficiency_table.py on a small synthetic set of runs: the measured frontier
+(fractional patterns included), paired seeds, the best fixed arm, histograms and verdicts."""
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import efficiency_table as table  # noqa: E402
+
+
+def fixed(k, m, loss, steps, seed=0, kind="fixed"):
+    return {"setting": "s", "arm": f"fixed{k:g}@{m:g}" if kind == "fixed" else f"fixed{k}@flat", "seed": seed,
+            "kind": kind, "k": k, "lr_multiplier": m if kind == "fixed" else None, "val_loss": loss,
+            "optimizer_steps": steps, "micro_steps": int(steps * k), "windows": {str(math.ceil(k)): steps}}
+
+
+def controller(loss, steps, seed=0, windows=None, noise=(3.0, 5.0, 8.0), follow=1.1):
+    return {"setting": "s", "arm": "cbc", "seed": seed, "kind": "controller", "k": None, "lr_multiplier": None,
+            "val_loss": loss, "optimizer_steps": steps, "micro_steps": 1000,
+            "windows": windows or {"1": 100, "2": 300, "4": 100}, "noise_scale": {"second_half": list(noise)},
+            "target": {"follow_second_half": follow}}
+
+
+RUNS = [
+    fixed(1, 0.5, 2.02, 1000), fixed(1, 1, 2.00, 1000), fixed(1, 2, 2.05, 1000),
+    fixed(1.25, 1, 2.03, 800), fixed(1.5, 1, 2.06, 667),
+    fixed(2, 0.5, 2.20, 500), fixed(2, 1, 2.10, 500), fixed(2, 2, 2.12, 500),
+    fixed(4, 1, 2.30, 250), fixed(4, 0.5, 2.25, 250),
+    fixed(1, 1, 2.01, 1000, seed=1), fixed(1, 1, 1.99, 1000, seed=2),
+    fixed(2, None, 2.40, 500, kind="untuned"),
+    controller(2.05, 400), controller(2.0301, 410, seed=1), controller(2.0099, 405, seed=2),
+]
+
+
+def test_frontier_drops_dominated_points_and_interpolates_in_log_steps():
+    points = [(1000, 2.00), (800, 2.03), (667, 2.06), (500, 2.10), (250, 2.25), (600, 2.5)]
+    assert table.frontier(points) == [(250, 2.25), (500, 2.10), (667, 2.06), (800, 2.03), (1000, 2.00)]
+    # 2.08 lies halfway between (500, 2.10) and (667, 2.06) in loss: geometric mean of the steps
+    assert table.steps_on_frontier(2.08, points) == pytest.approx(math.sqrt(500 * 667))
+    assert table.steps_on_frontier(2.03, points) == pytest.approx(800)
+    assert math.isnan(table.steps_on_frontier(1.9, points)) and math.isnan(table.steps_on_frontier(2.4, points))
+
+
+def test_best_fixed_per_k_is_each_batchs_own_best_learning_rate():
+    arms = table.by_arm(RUNS)
+    assert table.best_fixed_per_k(arms) == {1: "fixed1@1", 1.25: "fixed1.25@1", 1.5: "fixed1.5@1",
+                                            2: "fixed2@1", 4: "fixed4@0.5"}
+    assert table.best_fixed(arms) == "fixed1@1"
+
+
+def test_rows_pair_seeds_and_place_the_controller_on_the_measured_frontier():
+    rows, info = table.setting_rows(RUNS)
+    by_name = {row["arm"]: row for row in rows}
+    cbc = by_name["cbc"]
+    assert cbc["seeds"] == 3
+    assert cbc["gap"] == pytest.approx([2.05 / 2.00 - 1, 2.0301 / 2.01 - 1, 2.0099 / 1.99 - 1])
+    # seed 0's 2.05 lies between fixed1.25 (800, 2.03) and fixed1.5 (667, 2.06): measured, not
+    # interpolated between k = 1 and 2
+    want = math.exp(math.log(800) + (2.05 - 2.03) / (2.06 - 2.03) * (math.log(667) - math.log(800)))
+    assert cbc["frontier_steps"] == pytest.approx(want) and cbc["ratio"] == pytest.approx(400 / want)
+    assert cbc["windows"] == "1:100 2:300 4:100" and cbc["ones"] == pytest.approx(0.2)
+    assert by_name["fixed4@0.5"]["best_k"] and not by_name["fixed4@1"]["best_k"]
+    assert info["best"] == "fixed1@1"
+    text = table.table_text("s", "synthetic", 1000, RUNS)
+    assert "fixed1@1*" in text and "+1.50% [+1.00, +2.50] (3 seeds)" in text
+
+
+def test_verdicts_say_met_or_missed_with_the_numbers():
+    lines = table.verdicts({"s": RUNS}, "cbc")
+    tuning = next(line for line in lines if "tuning-free" in line)
+    assert "MISSED" in tuning and "+2.50" in tuning  # seed 0 is 2.5% behind the best fixed
+    steps = next(line for line in lines if "steps:" in line)
+    # 400 steps; the frontier needs 800 * (667/800)^(2/3) = 709 for 2.05: ratio 0.56
+    assert "median 5.0" in steps and "709" in steps and "ratio 0.56" in steps and "met" in steps
+    untuned = next(line for line in lines if "untuned fixed k=2" in line)
+    assert "+20.00%" in untuned and "met" in untuned
+    small = table.verdicts({"s": RUNS[:-3] + [controller(2.004, 960, noise=(0.2, 0.5, 0.8),
+                                                         windows={"1": 960, "2": 40})]}, "cbc")
+    assert any("windows of one 96.0%" in line and "+0.20%" in line and "met" in line for line in small)
+
+
+def test_histogram_text_keeps_the_common_lengths():
+    assert table.histogram_text({"1": 5, "2": 50, "3": 1, "4": 20, "8": 2, "16": 9, "6": 1}, limit=4) == \
+        "1:5 2:50 4:20 16:9 +3 more"
