@@ -30,7 +30,7 @@ class LocalAccumulation:
     must implement ``reduce_local``)."""
 
     def __init__(self, gradients):
-        gradients.local_reduced = False  # the adapter reads pieces as rank-local sums
+        gradients.accumulate_locally()
         self.gradients = gradients
         self.world = world_rank_and_size()[1]
         self.local_mean_sq: Optional[float] = None

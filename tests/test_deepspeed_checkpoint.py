@@ -23,13 +23,13 @@ LOCAL_BATCH = 4
 GNTS = {"algorithm": "gnts", "max_draws": 4,
         "schedule": {"num_training_steps": 10, "num_warmup_steps": 1, "initial_threshold": 1.5,
                      "final_threshold": 1.0}}
-CBC = {"algorithm": "cbc", "kappa": 1, "max_draws": 4}
+CBC = {"algorithm": "cbc", "kappa": 4, "max_draws": 4, "probe_interval": 3}
 # (name, micro-steps before the save, tag): measured decisions of GNTS here are
 # T F T F T F T | F T F T F F | F T (steps after micro-steps 1, 3, 5, 7, 9, 11, 15), of CBC
-# F T T T T F T | F F F T F (its noise-scale estimate sets the window to 4 after micro-step 7)
+# F T T T F T | F F F T F F (windows 2, 1, 1, 2, then 4 once its noise-scale estimate says so)
 GNTS_POINTS = [("boundary", 7, None), ("mid-window", 13, "mid")]
 GNTS_MICRO_STEPS = 15
-CBC_POINTS = [("boundary", 7, None), ("mid-window", 9, "mid")]
+CBC_POINTS = [("boundary", 6, None), ("mid-window", 9, "mid")]
 CBC_MICRO_STEPS = 12
 
 

@@ -1,15 +1,32 @@
 """The interface between the GQC controller and a training engine."""
 
+import enum
 from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
+from ..errors import GQCUsageError
 from ..reduction import Piece
 
 
 def clip_coefficient(clip: float, norm: float) -> float:
     """torch's ``clip_grad_norm_`` rule, ``min(1, clip / (norm + 1e-6))``; 1 when ``clip`` is 0."""
     return min(1.0, clip / (norm + 1e-6)) if clip > 0 else 1.0
+
+
+class GradientState(enum.Enum):
+    """What the adapter's accumulated gradient is, as it reads it.
+
+    ``EXACT``: the engine reduces it every micro-step (the default). Rank-local accumulation
+    (``gqc_dist.local_mode``) moves between the other two: ``LOCAL`` between steps (each rank's
+    own sum, unreduced), ``REDUCED`` once :meth:`GradientAdapter.reduce_local` has averaged it
+    over the ranks for the window's step; the step, a dropped window or a restore return it to
+    ``LOCAL``.
+    """
+
+    EXACT = "exact"
+    LOCAL = "local"
+    REDUCED = "reduced"
 
 
 class GradientAdapter:
@@ -26,9 +43,33 @@ class GradientAdapter:
     """
 
     layout_version: Optional[int] = None
-    #: rank-local accumulation (``gqc_dist.local_mode``): ``None`` in exact mode; otherwise
-    #: whether the window's rank-local sums have been averaged over the ranks (``reduce_local``)
-    local_reduced: Optional[bool] = None
+    state: GradientState = GradientState.EXACT
+
+    def accumulate_locally(self) -> None:
+        """Switch to rank-local accumulation (``GradientState.LOCAL``); engines that cannot keep
+        rank-local sums raise :class:`~gqc_dist.errors.GQCUsageError`."""
+        self._check_local_support()
+        self.state = GradientState.LOCAL
+
+    def _check_local_support(self) -> None:
+        raise GQCUsageError(f"{type(self).__name__} does not support rank-local accumulation")
+
+    def reduce_local(self) -> None:
+        """Rank-local accumulation, at a step: average the rank-local sums over the
+        data-parallel ranks now, in place (one full-size reduction), after which
+        ``local_pieces()`` reads them as the step will use them (``GradientState.REDUCED``)."""
+        if self.state is not GradientState.LOCAL:
+            raise GQCUsageError(f"reduce_local() needs rank-local sums, the gradient is {self.state.value}")
+        self._reduce_local()
+        self.state = GradientState.REDUCED
+
+    def _reduce_local(self) -> None:
+        raise NotImplementedError
+
+    def _window_closed(self) -> None:
+        """After a step, a dropped window or a restore: the next window accumulates locally again."""
+        if self.state is GradientState.REDUCED:
+            self.state = GradientState.LOCAL
 
     def local_pieces(self) -> List[Tuple[int, Piece]]:
         """This rank's gradient pieces as ``(param group index, Piece)`` with their ``rho``.
@@ -58,12 +99,6 @@ class GradientAdapter:
         """Zero the accumulated gradient without stepping (non-finite window); back off the
         engine's loss scale if it has one."""
         raise NotImplementedError
-
-    def reduce_local(self) -> None:
-        """Rank-local accumulation (``local_accumulation=True``): average the rank-local sums
-        over the data-parallel ranks now, in place (one full-size all-reduce, at a step), after
-        which ``local_pieces()`` reads them as replicated."""
-        raise NotImplementedError(f"{type(self).__name__} does not support rank-local accumulation")
 
     def save_accumulated(self) -> Any:
         """A copy of this rank's accumulated gradient (tensors in plain containers), for a

@@ -25,6 +25,11 @@ accumulated gradient lives after each backward (DeepSpeed 0.19.x internals, pinn
   step then skips DeepSpeed's reduction (``enable_backward_allreduce`` off for that call). One
   full-size all-reduce per optimizer step, DeepSpeed's.
 
+Each stage is a class of its own (:class:`Stage0`, :class:`Stage1`, :class:`Stage2`,
+:class:`Stage3`): where its gradient lives in each :class:`~gqc_dist.engines.base.GradientState`,
+what a step scales, what a checkpoint saves. :class:`DeepSpeedGradients` picks one and owns the
+state machine, the step and the loss scale.
+
 Stepping scales the accumulated sum by ``multiplier / n`` and by the clip coefficient in place,
 then calls DeepSpeed's own ``step()`` (which unscales fp16, steps the optimizer and the lr
 scheduler, advances ``global_steps`` / ``global_samples`` and zeroes the gradients).
@@ -35,14 +40,14 @@ off: DeepSpeed's stage-0/1 norm averages per-rank norms and is wrong with MoE.
 """
 
 from collections import OrderedDict
-from typing import List, Tuple
+from typing import Any, List, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, GQCUsageError
 from ..reduction import Piece
-from .base import GradientAdapter, clip_coefficient
+from .base import GradientAdapter, GradientState, clip_coefficient
 
 
 def _is_expert(param) -> bool:
@@ -55,59 +60,95 @@ def _local_grad(param):
     return grad if grad is not None else getattr(param, "grad_accum", None)
 
 
-class DeepSpeedGradients(GradientAdapter):
-    """Accumulated gradients of a DeepSpeed engine; ``original_step`` is the engine's own step."""
+def _module_param_groups(optimizer) -> List[List[torch.nn.Parameter]]:
+    """The model's parameters per optimizer param group (ZeRO keeps flat copies in the
+    optimizer's own groups)."""
+    for name in ("bit16_groups", "fp16_groups", "bf16_groups"):
+        groups = getattr(optimizer, name, None)
+        if groups is not None:
+            return groups
+    return [group["params"] for group in optimizer.param_groups]
 
-    def __init__(self, engine, original_step, clip: float = 0.0):
+
+def _data_parallel_size() -> int:
+    from deepspeed.utils import groups
+
+    return dist.get_world_size(groups._get_data_parallel_group())
+
+
+class ZeroStage:
+    """Where one ZeRO stage keeps the accumulated gradient (DeepSpeed 0.19.x internals)."""
+
+    number = -1
+
+    def __init__(self, engine):
         self.engine = engine
-        self.original_step = original_step
-        self.clip = clip
-        self.stage = int(engine.zero_optimization_stage())
-        self.fp16 = bool(engine.fp16_enabled())
         self.optimizer = engine.optimizer
 
-    # ------------------------------------------------------------------ reading
-    def local_pieces(self) -> List[Tuple[int, Piece]]:
-        if self.stage == 3:
-            return self._stage3_pieces()
-        if self.stage == 2:
-            return self._stage2_pieces()
-        if self.local_reduced is None:
+    def pieces(self, state: GradientState) -> List[Tuple[int, Piece]]:
+        """This rank's gradient pieces in ``state``."""
+        raise NotImplementedError
+
+    def accumulators(self, state: GradientState) -> List[torch.Tensor]:
+        """The tensors a step scales in place (the accumulated sum as the optimizer will read it)."""
+        raise NotImplementedError
+
+    def saved_tensors(self) -> Any:
+        raise NotImplementedError
+
+    def shapes(self) -> Any:
+        """What :meth:`saved_tensors` holds, as ``(shape, dtype)``s (dtype ``None``: any), whether
+        or not a backward has run yet."""
+        raise NotImplementedError
+
+    def restore_tensors(self, tensors: Any) -> None:
+        raise NotImplementedError
+
+    def micro_step(self):
+        """Stage-specific position to checkpoint (ZeRO-3's), or ``None``."""
+        return None
+
+    def clear(self) -> None:
+        """Zero the accumulated gradient (no window)."""
+        for tensor in self.accumulators(GradientState.EXACT):
+            tensor.zero_()
+
+    def after_step(self) -> None:
+        """What DeepSpeed's own step leaves undone."""
+
+
+class Stage0(ZeroStage):
+    """ZeRO-0: ``param.grad`` is a rank-local partial sum until the step reduces it. Exact mode
+    all-reduces a *copy* every micro-step, with DeepSpeed's semantics (dense: sum over the
+    data-parallel group / its size; experts: sum over their expert-data-parallel group / the
+    data-parallel size), one collective per (param group, reduction group), so the step stays
+    bit-for-bit DeepSpeed's own. Local mode reads the sums in place and, once reduced, the
+    replicated ``param.grad``."""
+
+    number = 0
+
+    def pieces(self, state):
+        if state is GradientState.EXACT:
             return self._reduced_copies()
-        return self._boundary_pieces() if self.local_reduced else self._param_grads(rho=1)
+        if state is GradientState.LOCAL:
+            return self._param_grads(rho=1)
+        return self._reduced_pieces()
 
-    def _stage2_pieces(self):
-        o = self.optimizer
-        pieces = []
-        for i in range(len(o.bit16_groups)):
-            if o.all_grad_tensors.get(i) is None:
-                continue
-            tensors = o.get_flat_partition(
-                o.params_in_partition[i], o.first_offset[i], o.partition_size[i],
-                dtype=o.gradient_accumulation_dtype, device=o.device, param_group_idx=i,
-                return_tensor_list=True)
-            pieces += [(i, Piece(t, 1, False)) for t in tensors]
-        return pieces
+    def _reduced_pieces(self):
+        return self._param_grads(rho=_data_parallel_size())
 
-    def _stage3_pieces(self):
-        o = self.optimizer
-        views = o._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
-        pieces = []
-        for i, group in enumerate(o.fp16_groups):
-            for param in group:
-                view = views.get(param.ds_id)
-                if view is not None:
-                    pieces.append((i, Piece(view, 1, False)))
-        return pieces
+    def _param_grads(self, rho: int):
+        """Per-parameter gradients as pieces held by ``rho`` ranks each."""
+        return [(index, Piece(grad, rho, False)) for index, params in enumerate(_module_param_groups(self.optimizer))
+                for grad in map(_local_grad, params) if grad is not None]
 
     def _reduced_copies(self):
-        """ZeRO-0/1: all-reduce copies of the local sums, one bucket per (group, reduction)."""
         from deepspeed.utils import groups
 
         dp_group = groups._get_data_parallel_group()
         dp_size = dist.get_world_size(dp_group)
         buckets = OrderedDict()
-        for index, params in enumerate(self._module_param_groups()):
+        for index, params in enumerate(_module_param_groups(self.optimizer)):
             for param in params:
                 grad = _local_grad(param)
                 if grad is None:
@@ -124,39 +165,157 @@ class DeepSpeedGradients(GradientAdapter):
             pieces.append((index, Piece(flat, rho, False)))
         return pieces
 
-    def _param_grads(self, rho: int):
-        """ZeRO-0/1's per-parameter gradients as pieces held by ``rho`` ranks each (local mode:
-        1 for the rank-local sums between steps, the data-parallel size once ZeRO-0 reduced)."""
-        return [(index, Piece(grad, rho, False)) for index, params in enumerate(self._module_param_groups())
-                for grad in map(_local_grad, params) if grad is not None]
+    def accumulators(self, state):
+        grads = [_local_grad(p) for group in _module_param_groups(self.optimizer) for p in group]
+        return [g for g in grads if g is not None]
 
-    def _boundary_pieces(self):
-        """Local mode, after ``reduce_local``: what DeepSpeed's reduction left for its step."""
-        if self.stage == 1:  # this rank's partition of each group (padding views are zeros)
-            return [(i, Piece(t, 1, False)) for i, tensors in self.optimizer.averaged_gradients.items()
-                    if tensors is not None for t in tensors]
-        from deepspeed.utils import groups
+    def saved_tensors(self):
+        return [[None if _local_grad(p) is None else _local_grad(p).detach().clone() for p in group]
+                for group in _module_param_groups(self.optimizer)]
 
-        return self._param_grads(rho=dist.get_world_size(groups._get_data_parallel_group()))
+    def shapes(self):
+        return [[(tuple(p.shape), None) for p in group] for group in _module_param_groups(self.optimizer)]
 
-    def reduce_local(self) -> None:
+    def restore_tensors(self, tensors):
+        for group, grads in zip(_module_param_groups(self.optimizer), tensors):
+            for param, grad in zip(group, grads):
+                param.grad = None if grad is None else grad.clone().to(param.device)
+
+
+class Stage1(Stage0):
+    """ZeRO-1: as ZeRO-0 between steps; once reduced (local mode), this rank's partition of
+    each group in ``averaged_gradients`` (padding views are zeros)."""
+
+    number = 1
+
+    def _partitions(self):
+        return [(i, t) for i, tensors in self.optimizer.averaged_gradients.items() if tensors is not None
+                for t in tensors]
+
+    def _reduced_pieces(self):
+        return [(i, Piece(t, 1, False)) for i, t in self._partitions()]
+
+    def accumulators(self, state):
+        if state is GradientState.REDUCED:
+            return [t for _, t in self._partitions()]
+        return super().accumulators(state)
+
+
+class Stage2(ZeroStage):
+    """ZeRO-2: reduce-scattered every backward; this rank's partition of each param group is
+    ``get_flat_partition(...)`` over ``all_grad_tensors`` (``rho`` 1: every element of a dense
+    group is held by one rank, and expert groups are partitioned over their expert-data-parallel
+    group while expert-parallel ranks hold different experts)."""
+
+    number = 2
+
+    def pieces(self, state):
+        o = self.optimizer
+        pieces = []
+        for i in range(len(o.bit16_groups)):
+            if o.all_grad_tensors.get(i) is None:
+                continue
+            tensors = o.get_flat_partition(
+                o.params_in_partition[i], o.first_offset[i], o.partition_size[i],
+                dtype=o.gradient_accumulation_dtype, device=o.device, param_group_idx=i,
+                return_tensor_list=True)
+            pieces += [(i, Piece(t, 1, False)) for t in tensors]
+        return pieces
+
+    def accumulators(self, state):
+        return [t for tensors in self.optimizer.all_grad_tensors.values() if tensors is not None for t in tensors]
+
+    def saved_tensors(self):
+        return {i: None if t is None else [g.detach().clone() for g in t]
+                for i, t in self.optimizer.all_grad_tensors.items()}
+
+    def shapes(self):
+        return {i: [(tuple(p.shape), None) for p in params]
+                for i, params in enumerate(self.optimizer.params_in_partition)}
+
+    def restore_tensors(self, tensors):
+        o = self.optimizer  # the next backward adds into these lists (DeepSpeed's ipg epilogue)
+        for i, grads in tensors.items():
+            o.all_grad_tensors[i] = None if grads is None else [g.clone().to(o.device) for g in grads]
+
+
+class Stage3(ZeroStage):
+    """ZeRO-3: reduce-scattered every backward; this rank's partitions are views of
+    ``grad_partitions_flat_buffer``."""
+
+    number = 3
+
+    def pieces(self, state):
+        o = self.optimizer
+        views = o._DeepSpeedZeroOptimizer_Stage3__param_id_to_grad_partition
+        return [(i, Piece(views[param.ds_id], 1, False)) for i, group in enumerate(o.fp16_groups)
+                for param in group if views.get(param.ds_id) is not None]
+
+    def accumulators(self, state):
+        return [self.optimizer.grad_partitions_flat_buffer]
+
+    def saved_tensors(self):
+        return [self.optimizer.grad_partitions_flat_buffer.detach().clone()]
+
+    def shapes(self):
+        buffer = self.optimizer.grad_partitions_flat_buffer
+        return [(tuple(buffer.shape), buffer.dtype)]
+
+    def micro_step(self):
+        """``micro_step_id`` 0 makes the next backward *copy* into the buffer instead of adding:
+        a fresh engine resumed mid-window would drop the window's earlier micro-batches."""
+        o = self.optimizer
+        return [int(o.micro_step_id), bool(getattr(o, "_epilogue_ran_this_backward", False))]
+
+    def restore_tensors(self, tensors, micro_step=None):
+        o = self.optimizer
+        o.grad_partitions_flat_buffer.copy_(tensors[0])
+        micro_step_id, epilogue_ran = micro_step or (1, False)  # the next backward adds to the window
+        o.micro_step_id = micro_step_id if micro_step_id or epilogue_ran else 1
+        o._epilogue_ran_this_backward = epilogue_ran
+
+    def clear(self):
+        super().clear()
+        self.optimizer.micro_step_id = 0  # as after DeepSpeed's own step
+        self.optimizer._epilogue_ran_this_backward = False
+
+    def after_step(self):
+        # DeepSpeed 0.19's ZeRO-3 step() leaves grad_partitions_flat_buffer as it was; a
+        # parameter without a gradient in the next window's first micro-batch would then
+        # accumulate onto the old values (measured: params off by 1e-2).
+        self.optimizer.grad_partitions_flat_buffer.zero_()
+
+
+STAGES = {stage.number: stage for stage in (Stage0, Stage1, Stage2, Stage3)}
+
+
+class DeepSpeedGradients(GradientAdapter):
+    """Accumulated gradients of a DeepSpeed engine; ``original_step`` is the engine's own step."""
+
+    def __init__(self, engine, original_step, clip: float = 0.0):
+        self.engine = engine
+        self.original_step = original_step
+        self.clip = clip
+        self.zero = STAGES[int(engine.zero_optimization_stage())](engine)
+        self.stage = self.zero.number
+        self.fp16 = bool(engine.fp16_enabled())
+
+    def _check_local_support(self) -> None:
+        if self.stage not in (0, 1):
+            raise GQCUsageError(f"rank-local accumulation needs ZeRO stage 0 or 1, the engine runs stage {self.stage}")
+
+    # ------------------------------------------------------------------ reading
+    def local_pieces(self) -> List[Tuple[int, Piece]]:
+        return self.zero.pieces(self.state)
+
+    def _reduce_local(self) -> None:
+        """DeepSpeed's own boundary reduction, run early (its unmanaged-mode boundary flag)."""
         engine = self.engine
-        engine._running_engine_step = True  # DeepSpeed's unmanaged-mode boundary flag
+        engine._running_engine_step = True
         try:
             engine.allreduce_gradients()
         finally:
             engine._running_engine_step = False
-        self.local_reduced = True
-
-    def _module_param_groups(self) -> List[List[torch.nn.Parameter]]:
-        """The model's parameters per optimizer param group (ZeRO keeps flat copies in the
-        optimizer's own groups)."""
-        o = self.optimizer
-        for name in ("bit16_groups", "fp16_groups", "bf16_groups"):
-            groups = getattr(o, name, None)
-            if groups is not None:
-                return groups
-        return [group["params"] for group in o.param_groups]
 
     def loss_scale(self):
         if not self.fp16:
@@ -167,27 +326,19 @@ class DeepSpeedGradients(GradientAdapter):
         return float(scale)
 
     # ------------------------------------------------------------------ writing
-    def _accumulators(self) -> List[torch.Tensor]:
-        o = self.optimizer
-        if self.stage == 3:
-            return [o.grad_partitions_flat_buffer]
-        if self.stage == 2:
-            return [t for tensors in o.all_grad_tensors.values() if tensors is not None for t in tensors]
-        if self.stage == 1 and self.local_reduced:
-            return [t for tensors in o.averaged_gradients.values() if tensors is not None for t in tensors]
-        grads = [_local_grad(p) for group in self._module_param_groups() for p in group]
-        return [g for g in grads if g is not None]
-
     def apply_step(self, multiplier: float, num_draws: int, scale: float, mean_norm: float) -> None:
         factor = multiplier / num_draws  # DeepSpeed removes the fp16 loss scale itself
         factor *= clip_coefficient(self.clip, mean_norm)
         if factor != 1.0:
-            torch._foreach_mul_(self._accumulators(), factor)
-        if self.local_reduced:
-            self._step_without_reduction()
-        else:
-            self.original_step()
-        self._clear_stage3_partitions()
+            torch._foreach_mul_(self.zero.accumulators(self.state), factor)
+        try:
+            if self.state is GradientState.REDUCED:
+                self._step_without_reduction()
+            else:
+                self.original_step()
+        finally:
+            self._window_closed()
+        self.zero.after_step()
 
     def _step_without_reduction(self):
         """DeepSpeed's step, minus the boundary reduction ``reduce_local`` already ran."""
@@ -197,22 +348,14 @@ class DeepSpeedGradients(GradientAdapter):
             self.original_step()
         finally:
             engine.enable_backward_allreduce = enabled
-            self.local_reduced = False
-
-    def _clear_stage3_partitions(self):
-        # DeepSpeed 0.19's ZeRO-3 step() leaves grad_partitions_flat_buffer as it was; a
-        # parameter without a gradient in the next window's first micro-batch would then
-        # accumulate onto the old values (measured: params off by 1e-2).
-        if self.stage == 3:
-            self.optimizer.grad_partitions_flat_buffer.zero_()
 
     def discard(self) -> None:
         if self.fp16:
             # DeepSpeed's own overflow path: skips the update, backs off the scale, zeroes.
             self.original_step()
-            self._clear_stage3_partitions()
+            self.zero.after_step()
             return
-        for tensor in self._accumulators():
+        for tensor in self.zero.accumulators(self.state):
             tensor.zero_()
         self.engine.optimizer.zero_grad()
         self.engine._unmanaged_backward_count = 0  # dropped samples are not trained on
@@ -221,23 +364,9 @@ class DeepSpeedGradients(GradientAdapter):
     def save_accumulated(self):
         """This rank's accumulated partitions (ZeRO-2/3) or local sums (ZeRO-0/1), DeepSpeed's
         count of backwards since the last step (it sizes ``global_samples``) and, on ZeRO-3, the
-        optimizer's micro-step position (``micro_step_id`` 0 makes the next backward *copy* into
-        ``grad_partitions_flat_buffer`` instead of adding: a fresh engine resumed mid-window
-        would drop the window's earlier micro-batches)."""
-        o = self.optimizer
-        if self.stage == 3:
-            tensors = [o.grad_partitions_flat_buffer.detach().clone()]
-        elif self.stage == 2:
-            tensors = {i: None if t is None else [g.detach().clone() for g in t]
-                       for i, t in o.all_grad_tensors.items()}
-        else:
-            tensors = [[None if _local_grad(p) is None else _local_grad(p).detach().clone() for p in group]
-                       for group in self._module_param_groups()]
-        micro_step = None
-        if self.stage == 3:
-            micro_step = [int(o.micro_step_id), bool(getattr(o, "_epilogue_ran_this_backward", False))]
-        return {"stage": self.stage, "tensors": tensors,
-                "backward_count": int(self.engine._unmanaged_backward_count), "micro_step": micro_step}
+        optimizer's micro-step position."""
+        return {"stage": self.stage, "tensors": self.zero.saved_tensors(),
+                "backward_count": int(self.engine._unmanaged_backward_count), "micro_step": self.zero.micro_step()}
 
     def check_accumulated(self, saved) -> None:
         required = {"stage", "tensors", "backward_count"}
@@ -255,48 +384,19 @@ class DeepSpeedGradients(GradientAdapter):
         if saved["stage"] != self.stage:
             raise CheckpointError(f"accumulated gradients were saved on ZeRO stage {saved['stage']}, "
                                   f"this engine runs stage {self.stage}")
-        if not _fits(saved["tensors"], self._accumulator_shapes()):
+        if not _fits(saved["tensors"], self.zero.shapes()):
             raise CheckpointError(f"accumulated gradients of ZeRO stage {self.stage} do not match this "
                                   "engine's partitions (another model or world size)")
 
-    def _accumulator_shapes(self):
-        """What ``save_accumulated()['tensors']`` holds, as ``(shape, dtype)``s, whether or not a
-        backward has run yet."""
-        o = self.optimizer
-        if self.stage == 3:
-            buffer = o.grad_partitions_flat_buffer
-            return [(tuple(buffer.shape), buffer.dtype)]
-        if self.stage == 2:
-            return {i: [(tuple(p.shape), None) for p in params]
-                    for i, params in enumerate(o.params_in_partition)}
-        return [[(tuple(p.shape), None) for p in group] for group in self._module_param_groups()]
-
     def restore_accumulated(self, saved) -> None:
-        o = self.optimizer
         if saved is None:
-            for tensor in self._accumulators():
-                tensor.zero_()
-            self.engine._unmanaged_backward_count = 0
-            if self.stage == 3:  # as after DeepSpeed's own step
-                o.micro_step_id = 0
-                o._epilogue_ran_this_backward = False
-            return
-        tensors = saved["tensors"]
-        if self.stage == 3:
-            o.grad_partitions_flat_buffer.copy_(tensors[0])
-            # the next backward must add to the restored window (micro_step_id 0 copies)
-            micro_step_id, epilogue_ran = saved.get("micro_step") or (1, False)
-            o.micro_step_id = micro_step_id if micro_step_id or epilogue_ran else 1
-            o._epilogue_ran_this_backward = epilogue_ran
-        elif self.stage == 2:
-            # the next backward adds its gradients into these lists (DeepSpeed's ipg epilogue)
-            for i, grads in tensors.items():
-                o.all_grad_tensors[i] = None if grads is None else [g.clone().to(o.device) for g in grads]
+            self.zero.clear()
+        elif self.stage == 3:
+            self.zero.restore_tensors(saved["tensors"], saved.get("micro_step"))
         else:
-            for group, grads in zip(self._module_param_groups(), tensors):
-                for param, grad in zip(group, grads):
-                    param.grad = None if grad is None else grad.clone().to(param.device)
-        self.engine._unmanaged_backward_count = saved["backward_count"]
+            self.zero.restore_tensors(saved["tensors"])
+        self.engine._unmanaged_backward_count = 0 if saved is None else saved["backward_count"]
+        self._window_closed()
 
 
 def _fits(saved, expected) -> bool:

@@ -14,7 +14,7 @@ from ..fsdp2_sync import (check_gradient_sync, check_local_layout, fsdp2_param_g
                           reduce_scatter_local_sums, unsharded_local_sums)
 from ..packet import world_rank_and_size
 from ..reduction import POLICY_KEY, Piece, group_policy, resolve_piece
-from .base import GradientAdapter, clip_coefficient
+from .base import GradientAdapter, GradientState, clip_coefficient
 
 
 class TorchOptimizerGradients(GradientAdapter):
@@ -49,8 +49,7 @@ class TorchOptimizerGradients(GradientAdapter):
         self._last_layout = None  # let freed gradients go
         self._pieces = []
         self.layout_version += 1
-        if self.local_reduced:
-            self.local_reduced = False  # the next window accumulates locally again
+        self._window_closed()
 
     def _fsdp2_owning(self):
         if self._fsdp2_groups is None:
@@ -68,11 +67,14 @@ class TorchOptimizerGradients(GradientAdapter):
             check_local_layout(self._fsdp2_owning(), world)
         return self._fsdp2_groups
 
+    def _check_local_support(self) -> None:
+        """DDP under ``no_sync()``, FSDP2 with gradient sync off, or one process."""
+
     def local_pieces(self):
-        if self.local_reduced is False:
+        if self.state is GradientState.LOCAL:
             return self._rank_local_pieces()
         distributed = world_rank_and_size()[1] > 1
-        if distributed and self.local_reduced is None:  # local mode runs with FSDP2 sync off on purpose
+        if distributed and self.state is GradientState.EXACT:  # local mode runs FSDP2 sync off on purpose
             check_gradient_sync(self._fsdp2_owning())
         groups = self.optimizer.param_groups
         policies = (distributed, *(group_policy(group, self.distributed_mode) for group in groups))
@@ -126,7 +128,7 @@ class TorchOptimizerGradients(GradientAdapter):
         self.layout_version += 1
         return pieces
 
-    def reduce_local(self) -> None:
+    def _reduce_local(self) -> None:
         fsdp2_groups = self._local_fsdp2_groups()
         if fsdp2_groups:
             reduce_scatter_local_sums(fsdp2_groups)
@@ -139,7 +141,6 @@ class TorchOptimizerGradients(GradientAdapter):
                 flat.div_(world_rank_and_size()[1])
                 for grad, part in zip(same, flat.split([g.numel() for g in same])):
                     grad.copy_(part.view_as(grad))
-        self.local_reduced = True
 
     def _scaler_enabled(self) -> bool:
         return self.grad_scaler is not None and self.grad_scaler.is_enabled()
@@ -173,7 +174,7 @@ class TorchOptimizerGradients(GradientAdapter):
 
     def save_accumulated(self):
         """Per param group, per parameter: a detached copy of ``param.grad`` (or ``None``)."""
-        if self.local_reduced is False and self._local_fsdp2_groups():
+        if self.state is GradientState.LOCAL and self._local_fsdp2_groups():
             raise GQCUsageError("state_dict() mid-window is not supported with FSDP2 local_accumulation (the sums "
                                 "live on FSDP2's unsharded parameters); save after a step (num_draws == 0)")
         return [[None if p.grad is None else p.grad.detach().clone() for p in params]
