@@ -7,6 +7,7 @@ decisions identical on every rank.
 
 from .algorithms.cbc import OptimizerWrapperCBC, make_cbc_with_cosine_annealing_schedule
 from .algorithms.fixed import OptimizerWrapperFixed
+from .algorithms.goodput import OptimizerWrapperGoodput
 from .algorithms.gnr import (
     OptimizerWrapperGNR,
     make_gnr_with_cosine_annealing_schedule,
@@ -39,6 +40,7 @@ from .errors import (
     RankDivergenceError,
 )
 from .reduction import Replicated, Sharded
+from .window import LRCoupling, Window
 from .wrapper import GQCOptimizerWrapper
 
 __version__ = "0.1.0"
@@ -62,6 +64,9 @@ __all__ = [
     "OptimizerWrapperFixed",
     "OptimizerWrapperCBC",
     "make_cbc_with_cosine_annealing_schedule",
+    "OptimizerWrapperGoodput",
+    "LRCoupling",
+    "Window",
     "Replicated",
     "Sharded",
     "GQCError",

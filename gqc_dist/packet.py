@@ -50,8 +50,14 @@ class StatsPacket:
         self._parts: List[torch.Tensor] = []
         self._fields: List[tuple] = []  # (name, kind, length per rank)
 
-    def add_sum(self, name: str, values: torch.Tensor) -> None:
-        """Add a 1-D tensor that every rank contributes; the result is the sum over ranks."""
+    def add_sum(self, name: str, values: Union[torch.Tensor, Sequence[Number]]) -> None:
+        """Add values every rank contributes (a tensor, or host numbers that ride with the host
+        part of the vector); the result is the sum over ranks."""
+        if not isinstance(values, torch.Tensor):
+            values = list(values)
+            self._fields.append((name, "sum", len(values)))
+            self._parts.append(("host", values))
+            return
         values = values.reshape(-1).to(device=self.device, dtype=torch.float64)
         self._fields.append((name, "sum", values.numel()))
         self._parts.append(values)

@@ -34,12 +34,14 @@ Policies this wrapper implements (documented in README.md):
 
 import copy
 import dataclasses
+import time
 import zlib
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from . import checkpoint_state
+from .costs import CostMeter
 from .errors import CheckpointError, GQCConfigError
 from .engines import GradientAdapter, TorchOptimizerGradients
 from .grad_norms import WeightCache
@@ -47,7 +49,7 @@ from .micro_step import MicroStepStats, collect, verify_agreement
 from .local_mode import LocalAccumulation
 from .noise_scale import NoiseScaleEstimator
 from .optimizer_lookalike import OptimizerLookalike
-from .packet import StatsPacket
+from .packet import StatsPacket, world_rank_and_size
 from .reduction import POLICY_KEY
 from .validation import check_number, check_wrapper_args
 from .window import StepValues, Window, WindowHook
@@ -94,6 +96,8 @@ class GQCOptimizerWrapper(OptimizerLookalike):
     ALGORITHM = "base"
     #: schedulable param-group keys the algorithm adds, with their initial values
     SCHEDULABLE: Dict[str, float] = {}
+    #: the rule decides on measured costs: they ride in the packet (``gqc_dist.costs``)
+    SHARES_COSTS = False
 
     def __init__(
         self,
@@ -121,6 +125,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         self._local = LocalAccumulation(self._gradients) if local_accumulation else None
         self._weights = WeightCache()
         self._noise = NoiseScaleEstimator(noise_beta, micro_batch_size)
+        self._costs = CostMeter()
         self._counters: Dict[str, Any] = checkpoint_state.new_counters()
         self._extend_param_groups(optimizer.param_groups)
         if window_hook is not None and not callable(window_hook):
@@ -179,6 +184,8 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         counters["num_batches"] += 1
         counters["num_draws"] += 1
         stats = self._gather(inputs)
+        if self.SHARES_COSTS:
+            self._costs.share(stats.fields["costs"], world_rank_and_size()[1])
         if self._local is not None:
             stats = self._local.predict(stats, self._noise.signal_sq())
         counters["mean_grad_norm"] = stats.mean_grad_norm
@@ -194,18 +201,28 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             self._verify_agreement(decision)
         if decision:
             if self._local is not None:  # average over the ranks, then the exact statistics
+                start = time.perf_counter()
                 stats = self._local.at_step(stats, lambda: self._gather(inputs, add_fields=False), self._noise,
                                             counters["num_batches"])
+                self._costs.reduced(time.perf_counter() - start)
+            start = time.perf_counter()
             self._take_step(stats)
+            self._costs.stepped(time.perf_counter() - start)
+        self._costs.returned()
         return decision
 
     def _gather(self, inputs: dict, add_fields: bool = True) -> MicroStepStats:
         """Local sums -> one collective -> global statistics (one host sync); ``add_fields``:
         the algorithm's own packet fields too (local mode's exact re-read at a step needs none)."""
-        fields = (lambda packet: self._add_fields(packet, inputs)) if add_fields else (lambda packet: None)
+        fields = (lambda packet: self._all_fields(packet, inputs)) if add_fields else (lambda packet: None)
         return collect(self._gradients, self._weights, len(self._optimizer.param_groups),
                        self._counters["num_draws"], {"max_draws": self._max_draws, **self._settings()},
                        fields, self._validate_settings, lambda: self.device, self._timeout_s)
+
+    def _all_fields(self, packet: StatsPacket, inputs: dict) -> None:
+        if self.SHARES_COSTS:
+            packet.add_sum("costs", self._costs.packet_values())
+        self._add_fields(packet, inputs)
 
     def _validate_settings(self, settings: Dict[str, float]) -> None:
         for name, value in settings.items():
@@ -315,6 +332,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         out = {name: value for name, value in self._counters.items() if value is not None}
         out["max_draws"] = self._max_draws
         out.update(self._noise.statistics())
+        out.update(self._costs.statistics())
         if self._local is not None:
             out.update(self._local.statistics())
         out.update(self._algorithm_statistics())

@@ -144,3 +144,49 @@ def assert_matches_oracle(results, oracle):
                 assert got == pytest.approx(want, rel=1e-6), f"rank {rank}"
         for got, want in zip(result["params"], params):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def reference_windows(grads, wanted, max_draws, probe, growth=2.0, min_draws=1):
+    """Window lengths of a noise-scale controller by hand, on gradients ``grads`` set as each
+    micro-batch's gradient: accumulate; ``||G_n||^2`` of the accumulated gradient; per window, the
+    increments ``d_n = ||G_n||^2 - ||G_{n-1}||^2 = (2n - 1) S + T`` fitted by least squares with
+    weights ``1/n``; windows averaged with weights ``(N - 1) * position`` (the past scaled by
+    old/new position at each fold); the window asks for ``ceil(wanted(T_sum, S_sum))``
+    micro-batches (2 before an estimate; ``inf``: ``max_draws``), at most
+    ``max(2, ceil(growth * last))``, in ``[min_draws, max_draws]``, and 2 on every
+    ``probe``-th window while that is 1."""
+    lengths, accumulated, n, previous, steps, last = [], None, 0, 0.0, 0, None
+    fit = [0.0] * 5
+    signal = noise = 0.0
+    informative, position, last_position = 0, 0, 0
+    for g in grads:
+        g = g.double()
+        accumulated = g.clone() if n == 0 else accumulated + g
+        n += 1
+        position += 1
+        if n == 1:
+            fit, previous = [0.0] * 5, 0.0
+        sq = float((accumulated * accumulated).sum())
+        a, w, d = 2 * n - 1, 1.0 / n, sq - previous
+        previous = sq
+        for i, value in enumerate((w * a * a, w * a, w, w * a * d, w * d)):
+            fit[i] += value
+        asked = 2 if informative == 0 else wanted(noise, signal)
+        target = max_draws if math.isinf(asked) else math.ceil(asked - 1e-9)
+        if last is not None:
+            target = min(target, max(2, math.ceil(growth * last - 1e-9)))
+        target = min(max(target, min_draws), max_draws)
+        if target < 2 and steps % probe == 0:
+            target = 2
+        if n >= min(target, max_draws):
+            if n >= 2:
+                determinant = fit[0] * fit[2] - fit[1] ** 2
+                s = (fit[2] * fit[3] - fit[1] * fit[4]) / determinant
+                t = (fit[0] * fit[4] - fit[1] * fit[3]) / determinant
+                decay = 0.0 if informative == 0 else last_position / position
+                signal = decay * signal + (n - 1) * s
+                noise = decay * noise + (n - 1) * t
+                informative, last_position = informative + 1, position
+            lengths.append(n)
+            last, n, steps = n, 0, steps + 1
+    return lengths

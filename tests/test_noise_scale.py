@@ -24,6 +24,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import gqc_dist  # noqa: E402
 import gqc_dist.deepspeed as gqc_deepspeed  # noqa: E402
 from distributed_harness import run_distributed  # noqa: E402
+from reference import reference_windows  # noqa: E402
 
 P, OUT, BATCH, DRAWS, SIGMA = 64, 4, 16, 8, 0.5
 
@@ -184,52 +185,9 @@ def synthetic_gradients(count, dim, noise_scale, seed=0, drift=None):
 
 
 def reference_cbc(grads, kappa, max_draws, probe, growth=2.0, min_draws=1):
-    """CBC by hand: accumulate; ``||G_n||^2`` of the accumulated gradient; per window, the
-    increments ``d_n = ||G_n||^2 - ||G_{n-1}||^2 = (2n - 1) S + T`` fitted by least squares
-    with weights ``1/n``; windows averaged with weights ``(N - 1) * position`` (the past scaled
-    by old/new position at each fold); target ``ceil(kappa * T / S)``, at most
-    ``max(2, ceil(growth * last))``, in ``[min_draws, max_draws]``; 2 before an estimate and on
-    every ``probe``-th window while that is 1. Returns the window lengths."""
-    lengths, accumulated, n, previous, steps, last = [], None, 0, 0.0, 0, None
-    fit = [0.0] * 5
-    signal = noise = weight = 0.0
-    informative, position, last_position = 0, 0, 0
-    for g in grads:
-        g = g.double()
-        accumulated = g.clone() if n == 0 else accumulated + g
-        n += 1
-        position += 1
-        if n == 1:
-            fit, previous = [0.0] * 5, 0.0
-        sq = float((accumulated * accumulated).sum())
-        a, w, d = 2 * n - 1, 1.0 / n, sq - previous
-        previous = sq
-        for i, value in enumerate((w * a * a, w * a, w, w * a * d, w * d)):
-            fit[i] += value
-        if informative == 0:
-            target = 2
-        elif signal <= 0:
-            target = max_draws
-        else:
-            target = math.ceil(kappa * max(0.0, noise) / signal - 1e-9)
-        if last is not None:
-            target = min(target, max(2, math.ceil(growth * last - 1e-9)))
-        target = min(max(target, min_draws), max_draws)
-        if target < 2 and steps % probe == 0:
-            target = 2
-        if n >= min(target, max_draws):
-            if n >= 2:
-                determinant = fit[0] * fit[2] - fit[1] ** 2
-                s = (fit[2] * fit[3] - fit[1] * fit[4]) / determinant
-                t = (fit[0] * fit[4] - fit[1] * fit[3]) / determinant
-                decay = 0.0 if informative == 0 else last_position / position
-                signal = decay * signal + (n - 1) * s
-                noise = decay * noise + (n - 1) * t
-                weight = decay * weight + (n - 1)
-                informative, last_position = informative + 1, position
-            lengths.append(n)
-            last, n, steps = n, 0, steps + 1
-    return lengths
+    """Hand-written CBC: ``ceil(kappa * T / S)`` from the hand-written estimate."""
+    return reference_windows(grads, lambda noise, signal: kappa * max(0.0, noise) / signal if signal > 0 else math.inf,
+                             max_draws, probe, growth, min_draws)
 
 
 def _cbc_lengths(grads, kappa, max_draws, probe, world=1, rank=0, **kwargs):

@@ -1,6 +1,6 @@
 """The built-in algorithms, registered: one line each."""
 
-from . import cbc, fixed, gnr, gns, gnts, mht, sbc
+from . import cbc, fixed, gnr, gns, gnts, goodput, mht, sbc
 from .spec import register
 
 register(gnts.SPEC)
@@ -10,3 +10,4 @@ register(sbc.SPEC)
 register(mht.SPEC)
 register(fixed.SPEC)
 register(cbc.SPEC)
+register(goodput.SPEC)

@@ -11,6 +11,8 @@ gradient norm: nothing to tune per model.
 * **Windows of one where the noise is small.** A window of one micro-batch says nothing about
   the noise, so while the target is one micro-batch every ``probe_interval``-th window (default
   24: 96% of windows stay at one) takes two; before the first estimate every window takes two.
+  With rank-local accumulation on several ranks every window informs (the ranks' local norms
+  against the reduced one), so there are no probes.
 * **No bursts.** A window takes at most ``growth`` times the previous one (at least 2), so a
   transient swing of the estimate (the signal estimate crossing zero) cannot throw the run to
   ``max_draws``; a real rise in the noise scale is followed within a few steps.
@@ -30,6 +32,7 @@ import torch
 import torch_schedule_anything as tsa
 
 from ..errors import GQCConfigError
+from ..packet import world_rank_and_size
 from ..schedules import synchronous
 from ..validation import check_number, check_schedule_args
 from ..wrapper import GQCOptimizerWrapper, MicroStepStats
@@ -37,25 +40,30 @@ from .spec import REQUIRED, AlgorithmSpec
 
 
 def target_draws(noise_scale: Optional[float], kappa: float, windows: int, min_draws: int,
-                 max_draws: int, probe_interval: int, last_draws: Optional[int] = None,
+                 max_draws: int, probe_interval: Optional[int], last_draws: Optional[int] = None,
                  growth: float = 2.0) -> int:
-    """Micro-batches the window should take.
+    """Micro-batches the window should take: ``ceil(kappa * noise_scale)`` (``noise_scale`` in
+    micro-batches; ``None`` before an estimate), bounded by :func:`bounded_draws`."""
+    wanted = None if noise_scale is None else kappa * noise_scale
+    return bounded_draws(wanted, windows, min_draws, max_draws, probe_interval, last_draws, growth)
 
-    ``ceil(kappa * noise_scale)`` (``noise_scale`` in micro-batches; ``None`` before an
-    estimate: 2), at most ``max(2, ceil(growth * last_draws))`` after a window of
-    ``last_draws``, clamped to ``[min_draws, max_draws]``; at least 2 on every
-    ``probe_interval``-th window (``windows``: steps so far) while that is 1.
-    """
-    if noise_scale is None:
-        wanted = 2
-    elif math.isinf(noise_scale):
+
+def bounded_draws(wanted: Optional[float], windows: int, min_draws: int, max_draws: int,
+                  probe_interval: Optional[int], last_draws: Optional[int] = None, growth: float = 2.0) -> int:
+    """``ceil(wanted)`` micro-batches (``None``: no estimate yet, 2; ``inf``: ``max_draws``), at
+    most ``max(2, ceil(growth * last_draws))`` after a window of ``last_draws``, clamped to
+    ``[min_draws, max_draws]``; at least 2 on every ``probe_interval``-th window (``windows``:
+    steps so far) while that is 1 (``probe_interval`` ``None``: every window informs, no probes)."""
+    if wanted is None:
+        wanted = 2 if probe_interval is not None else 1
+    elif math.isinf(wanted):
         wanted = max_draws
     else:
-        wanted = math.ceil(kappa * noise_scale - 1e-9)
+        wanted = math.ceil(wanted - 1e-9)
     if last_draws is not None:
         wanted = min(wanted, max(2, math.ceil(growth * last_draws - 1e-9)))
     wanted = min(max(wanted, min_draws), max_draws)
-    if wanted < 2 and windows % probe_interval == 0:
+    if wanted < 2 and probe_interval is not None and windows % probe_interval == 0:
         wanted = 2
     return min(wanted, max_draws)
 
@@ -101,28 +109,30 @@ class OptimizerWrapperCBC(GQCOptimizerWrapper):
         return {"critical_batch_fraction": sum(kappas) / len(kappas),
                 "min_draws": max(self._group_values("min_draws"))}
 
-    def target_draws(self, kappa: Optional[float] = None, max_draws: Optional[int] = None,
-                     min_draws: Optional[float] = None) -> int:
-        """Micro-batches the current window will take (every rank computes the same); ``kappa``,
-        ``max_draws`` and ``min_draws`` default to this rank's settings (decisions use rank 0's)."""
-        settings = self._settings()
-        kappa = settings["critical_batch_fraction"] if kappa is None else kappa
-        min_draws = settings["min_draws"] if min_draws is None else min_draws
-        return target_draws(self._noise.noise_scale_micro_batches(), kappa, self.num_steps,
-                            max(1, int(round(min_draws))), max_draws or self.max_draws, self._probe_interval,
-                            self.last_num_draws, self._growth)
+    def target_draws(self, settings: Optional[dict] = None) -> int:
+        """Micro-batches the current window will take (every rank computes the same from rank 0's
+        ``settings``, which the decision passes; default: this rank's)."""
+        settings = {"max_draws": self.max_draws, **self._settings()} if settings is None else settings
+        min_draws = max(1, int(round(settings["min_draws"])))
+        max_draws = int(settings["max_draws"])
+        self_informing = self.local_accumulation and world_rank_and_size()[1] > 1
+        return bounded_draws(self._wanted(settings, min_draws, max_draws), self.num_steps, min_draws, max_draws,
+                             None if self_informing else self._probe_interval, self.last_num_draws, self._growth)
+
+    def _wanted(self, settings: dict, min_draws: int, max_draws: int) -> Optional[float]:
+        """Micro-batches the rule asks for before bounds (``None``: no estimate yet)."""
+        noise_scale = self._noise.noise_scale_micro_batches()
+        return None if noise_scale is None else settings["critical_batch_fraction"] * noise_scale
 
     def _decide(self, stats: MicroStepStats) -> bool:
-        return self.num_draws >= self.target_draws(stats.settings["critical_batch_fraction"],
-                                                   int(stats.settings["max_draws"]), stats.settings["min_draws"])
+        return self.num_draws >= self.target_draws(stats.settings)
 
     def _algorithm_statistics(self):
-        return {"target_draws": self.target_draws(), "kappa_noise_scale": self._kappa_noise_scale()}
-
-    def _kappa_noise_scale(self):
-        """``kappa * B_simple`` in micro-batches (what the windows follow), ``None`` before an estimate."""
-        noise_scale = self._noise.noise_scale_micro_batches()
-        return None if noise_scale is None else self._settings()["critical_batch_fraction"] * noise_scale
+        """``target_draws``: the current window's length; ``wanted_draws``: what the rule asks for
+        before bounds (``kappa * B_simple`` in micro-batches), ``None`` before an estimate."""
+        settings = {"max_draws": self.max_draws, **self._settings()}
+        min_draws = max(1, int(round(settings["min_draws"])))
+        return {"target_draws": self.target_draws(), "wanted_draws": self._wanted(settings, min_draws, self.max_draws)}
 
     def _verbose_only_statistics(self):
         return ["min_draws"]

@@ -127,7 +127,7 @@ def plot_run(metrics_path: PathLike, out_png: PathLike, title: Optional[str] = N
     draws_ax.plot(step, draws, lw=0.5, alpha=0.25, color="C0")
     draws_ax.plot(step, rolling_mean(draws, width), lw=1.5, color="C0",
                   label=f"micro-batches per step, mean of {width}")
-    for key, label, color in (("target_draws", "kappa x B_simple (what CBC follows)", "C1"),
+    for key, label, color in (("target_draws", "what the rule asks for (CBC: kappa x B_simple)", "C1"),
                               ("noise_scale", "gradient noise scale B_simple", "C2")):
         values = _column(steps, key)
         if any(not math.isnan(v) for v in values):

@@ -178,7 +178,7 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
                   "loss": _global_mean([window_loss / window_draws])[0], "draws": stats["last_num_draws"],
                   "threshold": threshold, "mean_grad_norm": stats["mean_grad_norm"],
                   "noise_scale": stats.get("gradient_noise_scale_micro_batches"),
-                  "target_draws": stats.get("kappa_noise_scale"),
+                  "target_draws": stats.get("wanted_draws"),
                   "forced_steps": stats["forced_steps"], "prediction_error": stats.get("last_prediction_error"),
                   "lr": engine.lr(), "wall_time": time.time() - start,
                   **meter.window()}
