@@ -4,11 +4,15 @@ Outputs under ``out_dir`` (rank 0 writes shared files):
 
 * ``metrics.jsonl``: one ``{"kind": "step", ...}`` line per optimizer step (``step``, ``tokens``,
   ``samples``, ``loss`` (mean over the window's micro-batches and ranks, nats/token),
-  ``draws``, ``threshold``, ``mean_grad_norm``, ``lr``, ``wall_time`` seconds) and
-  ``{"kind": "val", "step", "tokens", "val_loss"}`` lines at ``train.eval_interval``.
+  ``draws``, ``threshold`` (the controller's value), ``mean_grad_norm``, ``noise_scale`` and
+  ``target_draws`` (micro-batches), ``lr`` (as applied), the measured costs in seconds
+  (``cost_micro_step_s``, ``cost_reduction_s``, ``cost_optimizer_step_s``), ``wall_time`` seconds)
+  and ``{"kind": "val", "step", "tokens", "val_loss", "wall_time"}`` lines at
+  ``train.eval_interval`` and at the end (``"batches"``: the final one's evaluation batches).
 * ``checkpoints/step_NNNNNN/rank{r}.pt`` at ``train.checkpoint_interval`` (each rank its own
   state; taken right after an optimizer step), and ``checkpoints/latest``.
-* ``training.png``: loss against tokens, micro-batches per step, threshold per step.
+* ``training.png``: loss against tokens, the window against what the rule asked for and the noise
+  scale, the controller's value.
 """
 
 import json
@@ -29,6 +33,9 @@ from .device import flops_per_token, peak_tflops
 from .progress import Budget
 from .throughput import Throughput
 from .run_dir import Checkpoints, prepare, truncate_metrics, write_atomic
+
+
+COST_KEYS = ("cost_micro_step_s", "cost_reduction_s", "cost_optimizer_step_s")  # gqc_dist.costs, per step
 
 
 def _global_mean(values, device=torch.device("cpu")) -> list:
@@ -181,6 +188,7 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
                   "target_draws": stats.get("wanted_draws"),
                   "forced_steps": stats["forced_steps"], "prediction_error": stats.get("last_prediction_error"),
                   "lr": engine.lr(), "wall_time": time.time() - start,
+                  **{key: stats[key] for key in COST_KEYS if key in stats},
                   **meter.window()}
         write(record)
         window_loss, window_draws = 0.0, 0
@@ -198,7 +206,8 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
                   f" | {record['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
             shown.reset()
         if step % train_cfg["eval_interval"] == 0 and not budget.exhausted():
-            write({"kind": "val", "step": step, "tokens": tokens, "val_loss": evaluate(engine, eval_set, rank, world)})
+            write({"kind": "val", "step": step, "tokens": tokens, "val_loss": evaluate(engine, eval_set, rank, world),
+                   "wall_time": time.time() - start})
         if step % train_cfg["checkpoint_interval"] == 0:
             counters["wall"] = time.time() - start
             checkpoints.save(step, engine, {"counters": dict(counters), "batches": batches.state_dict()})
@@ -208,7 +217,7 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
     final_set = evaluate_batches(val_data, seq_len, eval_batch, train_cfg["final_eval_batches"])
     val_loss = evaluate(engine, final_set, rank, world)
     write({"kind": "val", "step": counters["step"], "tokens": tokens_seen(), "val_loss": val_loss,
-           "batches": len(final_set)})
+           "batches": len(final_set), "wall_time": time.time() - start})
     summary = {"val_loss": val_loss, "tokens": tokens_seen(),
                "optimizer_steps": counters["step"], "micro_steps": counters["micro_step"],
                "mean_micro_batches_per_step": counters["micro_steps_in_steps"] / max(1, counters["step"]),
