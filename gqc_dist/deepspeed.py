@@ -14,7 +14,7 @@ What the returned engine adds:
 * ``engine.gqc``: the controller: ``engine.gqc.statistics()``, ``engine.gqc.vital_statistics()``,
   ``engine.gqc.num_steps`` ...
 * ``engine.step()`` returns True when the optimizer stepped (``engine.gqc_stepped`` holds the
-  last result). DeepSpeed's ``global_steps`` counts optimizer steps, ``global_samples`` the
+  last result, ``engine.gqc_decision`` the last :class:`~gqc_dist.window.Decision`). DeepSpeed's ``global_steps`` counts optimizer steps, ``global_samples`` the
   samples that went into them; the lr scheduler steps once per optimizer step, and so does the
   threshold schedule of the section (``engine.gqc_schedule``).
 * ``engine.save_checkpoint(dir, ...)`` / ``engine.load_checkpoint(dir, ...)`` (DeepSpeed's own
@@ -222,11 +222,12 @@ def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> Non
         lr_kwargs.clear()
         if lr_kwargs_ is not None:
             lr_kwargs["lr_kwargs"] = lr_kwargs_
-        stepped = spec.step(controller, last_loss.get("value"))
-        if stepped and engine.gqc_schedule is not None:
+        decision = controller.after_backward(last_loss.get("value"))
+        if decision.stepped and engine.gqc_schedule is not None:
             engine.gqc_schedule.step()  # looked up here: a caller may re-key it (gqc-train's token budget)
-        engine.gqc_stepped = stepped
-        return stepped
+        engine.gqc_decision = decision
+        engine.gqc_stepped = decision.stepped
+        return decision.stepped
 
     def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, **kwargs):
         if backwards["since_step"]:
@@ -269,3 +270,4 @@ def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> Non
     engine.gqc = controller
     engine.gqc_schedule = schedule
     engine.gqc_stepped = False
+    engine.gqc_decision = None

@@ -58,6 +58,29 @@ class Window:
         return None if self.micro_batch_size is None else self.num_draws * self.micro_batch_size
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What one micro-batch led to (:meth:`GQCOptimizerWrapper.after_backward`); identical on
+    every rank. True in a boolean context when the optimizer stepped.
+
+    Attributes:
+        stepped: the optimizer stepped on the window (the wrapper then zeroed the gradients).
+        dropped: a gradient somewhere was non-finite: the window was discarded, no step.
+        num_draws: micro-batches in the open window after this call (0 after a step or a drop).
+        window: the :class:`Window` the step was taken on (its ``lr`` as applied), or ``None``.
+        statistics: ``statistics()`` of the wrapper, read when asked for (``decision.statistics()``).
+    """
+
+    stepped: bool
+    dropped: bool
+    num_draws: int
+    window: Optional[Window]
+    statistics: Callable[[], dict]
+
+    def __bool__(self) -> bool:
+        return self.stepped
+
+
 WindowHook = Callable[[Window, List[dict]], None]
 _STEP_KEYS = ("lr", "weight_decay")
 

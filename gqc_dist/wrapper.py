@@ -52,7 +52,7 @@ from .optimizer_lookalike import OptimizerLookalike
 from .packet import StatsPacket, world_rank_and_size
 from .reduction import POLICY_KEY
 from .validation import check_number, check_wrapper_args
-from .window import StepValues, Window, WindowHook
+from .window import Decision, StepValues, Window, WindowHook
 
 
 class GQCOptimizerWrapper(OptimizerLookalike):
@@ -175,9 +175,37 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         return self._distributed_mode
 
     # ------------------------------------------------------------------ the micro-step
-    def step(self) -> bool:  # subclasses document their own signature
-        """Account one micro-batch and step the optimizer when the rule says so."""
-        return self._micro_step()
+    def after_backward(self, loss=None) -> Decision:
+        """The decision API: call once after every micro-batch's backward, on every rank.
+
+        Reads the accumulated gradient (one fused pass, one small all-reduce, one host sync),
+        decides, and when the rule says so steps the optimizer (window hook, average, clip,
+        step) and zeroes the gradients; otherwise the gradients keep accumulating. The wrapper
+        owns zeroing: do not call ``zero_grad()``. ``loss`` is this rank's micro-batch loss, read
+        only by algorithms that need it (MHT). Returns the :class:`~gqc_dist.window.Decision`.
+        """
+        stepped = self._micro_step(**self._inputs(loss))
+        return Decision(stepped, not stepped and self._counters["num_draws"] == 0, self._counters["num_draws"],
+                        self.last_window if stepped else None, self.statistics)
+
+    def step(self, closure=None) -> bool:
+        """torch-gqc's micro-step: :meth:`after_backward`, True when the optimizer stepped.
+
+        ``closure`` (as ``torch.optim`` and Lightning pass it) runs first, with gradients enabled:
+        it does the micro-batch's forward and backward and returns its loss."""
+        return self.after_backward(self._run_closure(closure)).stepped
+
+    @staticmethod
+    def _run_closure(closure):
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _inputs(self, loss) -> dict:
+        """The algorithm's own per-micro-step inputs, from this rank's loss (none by default:
+        the loss is not even read, so no host sync)."""
+        return {}
 
     def _micro_step(self, **inputs) -> bool:
         counters = self._counters

@@ -52,15 +52,22 @@ class OptimizerWrapperMHT(GQCOptimizerWrapper):
     def update_beta(self) -> float:
         return self._update_beta
 
-    def step(self, metric) -> bool:
-        """Account one micro-batch with its metric (after ``backward``); True when stepped."""
+    def step(self, metric=None, closure=None) -> bool:
+        """Account one micro-batch with its metric (after ``backward``; with ``closure``, the loss
+        it returns unless ``metric`` is given); True when stepped."""
+        loss = self._run_closure(closure)
+        return self.after_backward(loss if metric is None else metric).stepped
+
+    def _inputs(self, metric) -> dict:
+        if metric is None:
+            raise GQCConfigError("MHT needs the micro-batch's metric: step(metric) or after_backward(loss)")
         if isinstance(metric, torch.Tensor):
             if metric.numel() != 1:
                 raise GQCConfigError(f"metric must be a scalar, got a tensor of shape {tuple(metric.shape)}")
             metric = metric.item()
         if isinstance(metric, bool) or not isinstance(metric, Number):
             raise GQCConfigError(f"metric must be a number, got {type(metric).__name__}")
-        return self._micro_step(metric=float(metric))
+        return {"metric": float(metric)}
 
     def _settings(self):
         confidence = self._group_values("confidence_level")

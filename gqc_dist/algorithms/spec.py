@@ -65,11 +65,9 @@ class AlgorithmSpec:
                 + (f": {self.unsupported}" if self.unsupported else ""))
 
     def step(self, wrapper, loss=None) -> bool:
-        """One micro-step of ``wrapper``, passing ``loss`` (this rank's micro-batch loss) when
-        the algorithm needs it."""
-        if self.needs_loss:
-            return wrapper.step(float(loss))
-        return wrapper.step()
+        """One micro-step of ``wrapper`` (:meth:`~gqc_dist.wrapper.GQCOptimizerWrapper.after_backward`);
+        ``loss``, this rank's micro-batch loss, is read only when the algorithm needs it."""
+        return wrapper.after_backward(loss if self.needs_loss else None).stepped
 
 
 _REGISTRY: Dict[str, AlgorithmSpec] = {}
