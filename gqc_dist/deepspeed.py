@@ -50,6 +50,7 @@ from .config import SECTION, build_controller, parse_section
 from .deepspeed_checkpoint import agreed, gqc_state, latest_tag, read_gqc_state, restore_gqc_state, write_gqc_state
 from .engines.deepspeed_zero import DeepSpeedGradients
 from .errors import GQCConfigError, GQCUsageError
+from .extras import require
 
 
 def load_ds_config(config) -> Dict[str, Any]:
@@ -166,7 +167,7 @@ def initialize(*args, config=None, config_params=None, **kwargs):
 
     Without a ``"gradient_quality_control"`` section this is ``deepspeed.initialize`` unchanged.
     """
-    import deepspeed
+    deepspeed = require("deepspeed", "deepspeed", "gqc_dist.deepspeed.initialize")
 
     if config is None and config_params is not None:
         config = config_params

@@ -70,7 +70,9 @@ def mht_should_step(
         return False
     if num_draws >= max_draws:
         return True
-    import scipy.stats as stats  # local: scipy is only needed by MHT
+    from .extras import require
+
+    stats = require("scipy.stats", "mht", "the MHT algorithm")  # local: only MHT needs scipy
 
     mean = sum(judgment) / len(judgment)
     ci_low, ci_high = stats.t.interval(

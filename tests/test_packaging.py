@@ -144,14 +144,17 @@ def dockerignored(path: str, patterns: str) -> bool:
 
 
 def setup_requirements():
-    """setup.py's install_requires, as {name: SpecifierSet} (read without running setup.py)."""
+    """setup.py's install_requires and the requirements of its EXTRAS, as {name: SpecifierSet}
+    (read without running setup.py)."""
     tree = ast.parse((REPO / "setup.py").read_text())
+    requirements = []
     for node in ast.walk(tree):
         if isinstance(node, ast.keyword) and node.arg == "install_requires":
-            requirements = ast.literal_eval(node.value)
-            break
-    else:
-        raise AssertionError("setup.py has no install_requires")
+            requirements += ast.literal_eval(node.value)
+        elif (isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+              and node.targets[0].id == "EXTRAS"):
+            requirements += [req for reqs in ast.literal_eval(node.value).values() for req in reqs]
+    assert requirements, "setup.py has no install_requires"
     specs = {}
     for requirement in requirements:
         name, spec = re.match(r"([A-Za-z0-9_.\-]+)\s*(.*)", requirement).groups()
@@ -178,7 +181,7 @@ def test_each_target_installs_the_pinned_torch_and_deepspeed_and_gqc_dist(target
     runs = " ".join(rest for instruction, rest in stages()[target] if instruction == "RUN")
     assert re.search(r"torch==\$\{TORCH_VERSION\}", runs), f"{target}: torch is not installed at TORCH_VERSION"
     assert re.search(r"deepspeed==\$\{DEEPSPEED_VERSION\}", runs), f"{target}: deepspeed is not pinned"
-    assert "pip install --no-cache-dir -e ." in runs, f"{target}: gqc_dist is not installed"
+    assert "pip install --no-cache-dir -e '.[all]'" in runs, f"{target}: gqc_dist with every extra is not installed"
     declared = {rest.split("=")[0].strip() for instruction, rest in stages()[target] if instruction == "ARG"}
     assert {"TORCH_VERSION", "DEEPSPEED_VERSION"} <= declared, f"{target}: the version ARGs are not redeclared in the stage"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..errors import GQCConfigError, GQCError
+from ..extras import require
 from .settings import DEFAULT_CONFIG, apply_override, load_config, merge, validate
 
 
@@ -141,6 +142,11 @@ def compare_main(argv) -> int:
     parser.add_argument("runs", nargs="+", help="run directories (each with metrics.jsonl)")
     parser.add_argument("--out", default="compare.png")
     args = parser.parse_args(argv)
+    try:
+        require("matplotlib", "train", "the plot")
+    except GQCError as error:
+        print(f"gqc-train compare: {error}", file=sys.stderr)
+        return 2
     from .plots import plot_compare
 
     runs = [(Path(run).name, Path(run) / "metrics.jsonl") for run in args.runs]
@@ -178,6 +184,8 @@ def main(argv=None) -> int:
         return compare_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
+        for module in ("tqdm", "matplotlib"):  # the progress bar and training.png
+            require(module, "train", "training")
         config = build_config(args)
     except GQCConfigError as error:
         print(f"gqc-train: config error: {error}", file=sys.stderr)
