@@ -6,7 +6,7 @@ from setuptools import find_packages, setup
 EXTRAS = {
     "deepspeed": ["deepspeed>=0.19.5,<0.20"],  # gqc_dist.deepspeed: ZeRO internals are pinned
     "train": ["tqdm>=4.60", "matplotlib>=3.6", "numpy>=1.24"],  # gqc-train's progress bar and plots
-    "mpi": ["mpi4py>=3.1", "mpich>=4"],  # gqc-train under mpirun: rank, world, rendezvous from MPI
+    "mpi": ["mpi4py>=3.1", "mpich>=4"],  # gqc-train under mpirun: rank, world, rendezvous from MPI (mpi_env)
     "mht": ["scipy>=1.10"],  # the MHT algorithm's t-interval
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # gqc-train under MPI: MPICH (the mpich wheel's mpiexec, Intel MPI, MVAPICH: Hydra) or Open MPI.
-# Each rank reads its rank / size / local rank from PMI_* + MPI_LOCALRANKID (MPICH) or
-# OMPI_COMM_WORLD_* (Open MPI); with --device auto it takes GPU LOCAL_RANK and NCCL on CUDA.
+# Each rank asks MPI itself (mpi4py, gqc_dist[mpi]) for its rank, the world size, its local rank and
+# rank 0's rendezvous address, whichever MPI this is; with --device auto it takes GPU LOCAL_RANK and
+# NCCL on CUDA.
 #
 #   NP=2 launch/mpirun.sh --engine ddp
 #   NP=2 launch/mpirun.sh --config configs/train_deepspeed.json

@@ -23,13 +23,12 @@ from ..moe import expert_param_groups, expert_parallel_groups, reduce_expert_gra
 from ..packet import world_rank_and_size
 from .device import autocast, grad_scaler, resolve_device
 from .progress import Budget, TokenKeyedSchedule, lr_hook
+from .mpi_env import discover, launched_by_mpi
 from .slurm_env import first_host
 from .model import GPT, ModelConfig, block_modules, expert_parameters, token_loss
 
 
-_LAUNCHER_KEYS = (("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun, deepspeed launcher
-                  ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),  # MPICH
-                  ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),  # Open MPI
+_LAUNCHER_KEYS = (("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun, deepspeed launcher, MPI (mpi_env)
                   ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))  # plain srun
 
 
@@ -37,8 +36,8 @@ def init_distributed(engine: str, timeout_s: float = 300.0, device: str = "auto"
     """Start torch.distributed (gloo on CPU, nccl on GPU) from the launcher's environment.
 
     torchrun, the deepspeed launcher and ``srun torchrun`` set ``RANK``/``WORLD_SIZE``; under
-    ``mpirun`` (MPICH ``PMI_*``, Open MPI ``OMPI_COMM_WORLD_*``) or plain ``srun`` (``SLURM_*``)
-    they are derived here. ``MASTER_ADDR`` defaults to the job's first node under Slurm
+    ``mpirun`` (any MPI) rank, world, local rank and the rendezvous come from MPI itself
+    (``mpi_env.discover``), under plain ``srun`` from ``SLURM_*``. ``MASTER_ADDR`` defaults to the job's first node under Slurm
     (``slurm_env.first_host``), else 127.0.0.1; ``MASTER_PORT`` to 29500 (under Slurm 15000 + job
     id mod 5000, so two jobs on one node do not collide). Every collective of the process group
     fails after ``timeout_s`` seconds instead of waiting for a stalled rank forever. Engine
@@ -47,6 +46,9 @@ def init_distributed(engine: str, timeout_s: float = 300.0, device: str = "auto"
     """
     if dist.is_initialized():
         return resolve_device(device)
+    if launched_by_mpi():
+        for key, value in discover().items():
+            os.environ.setdefault(key, value)
     found = next(((rank, size, local) for rank, size, local in _LAUNCHER_KEYS
                   if rank in os.environ and size in os.environ), None)
     if engine == "single":
