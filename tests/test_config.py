@@ -13,7 +13,7 @@ GOOD_SCHEDULE = {"num_training_steps": 100, "num_warmup_steps": 5, "initial_thre
 BAD = [
     ([], "gradient_quality_control must be an object"),
     ({}, r"gradient_quality_control.algorithm must be one of"),
-    ({"algorithm": "gnst", "threshold": 1}, "algorithm must be one of cbc, fixed, gnr, gns, gnts, mht, sbc, got 'gnst'"),
+    ({"algorithm": "gnst", "threshold": 1}, "algorithm must be one of cbc, fixed, gnr, gns, gnts, goodput, mht, sbc, got 'gnst'"),
     ({"algorithm": "gnts", "treshold": 0.5}, r"unknown key gradient_quality_control.treshold"),
     ({"algorithm": "gnts", "threshold": -0.5}, r"gradient_quality_control.threshold must be >= 0"),
     ({"algorithm": "gnts", "threshold": "0.5"}, r"gradient_quality_control.threshold must be a finite number"),
