@@ -12,9 +12,10 @@ Measured by the wrapper where they happen, with the host clock, on every rank:
   mode the engine reduces inside every backward, so it is part of ``micro_step_s``.
 * ``optimizer_step_s``: the window hook, averaging and the engine's optimizer step.
 
-Each is an exponential moving average (factor ``beta`` per sample). An algorithm that decides on
-them (``goodput``) adds this rank's averages to the micro-step's packet as a sum field, so every
-rank reads the mean over the ranks and decides from the same values without a new collective.
+Each is an exponential moving average (factor ``beta`` per sample). Every micro-step's packet
+carries this rank's averages as a sum field (three floats), so every rank reads the mean over the
+ranks: ``statistics()`` is the same everywhere and a rule that decides on costs (``goodput``)
+decides alike without a new collective.
 """
 
 import time
@@ -64,6 +65,5 @@ class CostMeter:
         self.shared = {name: value / world for name, value in zip(FIELDS, summed)}
 
     def statistics(self) -> Dict[str, float]:
-        """The shared means where this wrapper shares them, else this rank's own; measured ones only."""
-        source = self.shared if any(v is not None for v in self.shared.values()) else self.local
-        return {f"cost_{name}": value for name, value in source.items() if value is not None}
+        """The means over the ranks from the last packet (0 for what no rank has measured yet)."""
+        return {f"cost_{name}": value for name, value in self.shared.items() if value is not None}

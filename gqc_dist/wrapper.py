@@ -96,8 +96,6 @@ class GQCOptimizerWrapper(OptimizerLookalike):
     ALGORITHM = "base"
     #: schedulable param-group keys the algorithm adds, with their initial values
     SCHEDULABLE: Dict[str, float] = {}
-    #: the rule decides on measured costs: they ride in the packet (``gqc_dist.costs``)
-    SHARES_COSTS = False
 
     def __init__(
         self,
@@ -212,8 +210,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         counters["num_batches"] += 1
         counters["num_draws"] += 1
         stats = self._gather(inputs)
-        if self.SHARES_COSTS:
-            self._costs.share(stats.fields["costs"], world_rank_and_size()[1])
+        self._costs.share(stats.fields["costs"], world_rank_and_size()[1])
         if self._local is not None:
             stats = self._local.predict(stats, self._noise.signal_sq())
         counters["mean_grad_norm"] = stats.mean_grad_norm
@@ -248,8 +245,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
                        fields, self._validate_settings, lambda: self.device, self._timeout_s)
 
     def _all_fields(self, packet: StatsPacket, inputs: dict) -> None:
-        if self.SHARES_COSTS:
-            packet.add_sum("costs", self._costs.packet_values())
+        packet.add_sum("costs", self._costs.packet_values())  # every rank gets the mean over ranks
         self._add_fields(packet, inputs)
 
     def _validate_settings(self, settings: Dict[str, float]) -> None:

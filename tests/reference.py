@@ -152,7 +152,7 @@ def reference_windows(grads, wanted, max_draws, probe, growth=2.0, min_draws=1):
     increments ``d_n = ||G_n||^2 - ||G_{n-1}||^2 = (2n - 1) S + T`` fitted by least squares with
     weights ``1/n``; windows averaged with weights ``(N - 1) * position`` (the past scaled by
     old/new position at each fold); the window asks for ``ceil(wanted(T_sum, S_sum))``
-    micro-batches (2 before an estimate; ``inf``: ``max_draws``), at most
+    micro-batches (2 before an estimate; ``inf``: one more than the last window), at most
     ``max(2, ceil(growth * last))``, in ``[min_draws, max_draws]``, and 2 on every
     ``probe``-th window while that is 1."""
     lengths, accumulated, n, previous, steps, last = [], None, 0, 0.0, 0, None
@@ -172,7 +172,7 @@ def reference_windows(grads, wanted, max_draws, probe, growth=2.0, min_draws=1):
         for i, value in enumerate((w * a * a, w * a, w, w * a * d, w * d)):
             fit[i] += value
         asked = 2 if informative == 0 else wanted(noise, signal)
-        target = max_draws if math.isinf(asked) else math.ceil(asked - 1e-9)
+        target = (last or 1) + 1 if math.isinf(asked) else math.ceil(asked - 1e-9)
         if last is not None:
             target = min(target, max(2, math.ceil(growth * last - 1e-9)))
         target = min(max(target, min_draws), max_draws)

@@ -40,7 +40,7 @@ def test_goodput_draws_is_the_best_integer_window(b, c, r, low, high):
 
 def test_goodput_draws_before_estimates_and_with_noise_dominating():
     assert goodput_draws(None, 0.1, 0.1, 1, 16) is None and goodput_draws(4.0, None, 0.1, 1, 16) is None
-    assert goodput_draws(math.inf, 0.1, 0.1, 1, 16) == 16
+    assert math.isinf(goodput_draws(math.inf, 0.1, 0.1, 1, 16))  # an unknown signal: CBC's bounds creep up
     # a slow link (a reduction costs 20 micro-steps) and B_simple 20: n* = sqrt(20 * 20) = 20
     assert goodput_draws(20.0, 0.1, 2.0, 1, 64) == 20
 
@@ -207,4 +207,5 @@ def test_cost_meter_separates_a_micro_step_from_the_windows_reduction_and_step()
     meter.stepped(0.0)
     meter.returned()
     assert 0.045 <= meter.local["micro_step_s"] <= 0.09 and meter.local["reduction_s"] >= 0.1
-    assert meter.statistics() == {f"cost_{k}": v for k, v in meter.local.items()}
+    meter.share([2 * v for v in meter.packet_values()], 2)  # two ranks that measured the same
+    assert meter.statistics() == {f"cost_{k}": pytest.approx(v) for k, v in meter.local.items()}

@@ -208,8 +208,10 @@ def _cbc_lengths(grads, kappa, max_draws, probe, world=1, rank=0, **kwargs):
     return lengths
 
 
-def _cbc_on_ranks(rank, world_size, grads, kappa, max_draws, probe):
-    return _cbc_lengths(grads, kappa, max_draws, probe)
+def _cbc_on_ranks(rank, world_size, count, noise_scale, kappa, max_draws, probe):
+    # the gradients are made here: a list of tensors passed to the ranks would cost a file
+    # descriptor per tensor
+    return _cbc_lengths(synthetic_gradients(count, 256, noise_scale), kappa, max_draws, probe)
 
 
 @pytest.mark.parametrize("noise_scale, kappa", [(0.3, 0.25), (24.0, 0.25), (24.0, 1.0)])
@@ -242,9 +244,8 @@ def test_cbc_follows_a_rising_noise_scale_without_bursts():
 
 
 def test_cbc_on_ddp_takes_the_single_process_windows_on_every_rank():
-    grads = synthetic_gradients(1500, 256, 24.0)
-    want = reference_cbc(grads, 0.25, 16, 24)
-    results = run_distributed(_cbc_on_ranks, 2, grads, 0.25, 16, 24, timeout=240)
+    want = reference_cbc(synthetic_gradients(1500, 256, 24.0), 0.25, 16, 24)
+    results = run_distributed(_cbc_on_ranks, 2, 1500, 24.0, 0.25, 16, 24, timeout=240)
     assert results[0] == results[1] == want
 
 

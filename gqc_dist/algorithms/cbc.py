@@ -13,9 +13,11 @@ gradient norm: nothing to tune per model.
   24: 96% of windows stay at one) takes two; before the first estimate every window takes two.
   With rank-local accumulation on several ranks every window informs (the ranks' local norms
   against the reduced one), so there are no probes.
-* **No bursts.** A window takes at most ``growth`` times the previous one (at least 2), so a
-  transient swing of the estimate (the signal estimate crossing zero) cannot throw the run to
-  ``max_draws``; a real rise in the noise scale is followed within a few steps.
+* **No bursts.** A window takes at most ``growth`` times the previous one (at least 2), and
+  while the signal estimate is not positive (``B_simple`` reads infinite: early in a run, from a
+  handful of windows) one micro-batch more than the previous one, so a transient swing of the
+  estimate cannot throw the run to ``max_draws``; a real rise in the noise scale is followed
+  within a few steps.
 * **No runaway.** The measured noise scale depends on the run itself: near equilibrium
   ``|G|^2`` scales with ``lr / B``, so with a constant learning rate a larger batch measures a
   larger ``B_simple`` and ``kappa * B_simple`` can feed on itself. With the learning rate
@@ -50,14 +52,15 @@ def target_draws(noise_scale: Optional[float], kappa: float, windows: int, min_d
 
 def bounded_draws(wanted: Optional[float], windows: int, min_draws: int, max_draws: int,
                   probe_interval: Optional[int], last_draws: Optional[int] = None, growth: float = 2.0) -> int:
-    """``ceil(wanted)`` micro-batches (``None``: no estimate yet, 2; ``inf``: ``max_draws``), at
-    most ``max(2, ceil(growth * last_draws))`` after a window of ``last_draws``, clamped to
+    """``ceil(wanted)`` micro-batches (``None``: no estimate yet, 2; ``inf``, a signal estimate
+    that is not positive: one more than the last window), at most
+    ``max(2, ceil(growth * last_draws))`` after a window of ``last_draws``, clamped to
     ``[min_draws, max_draws]``; at least 2 on every ``probe_interval``-th window (``windows``:
     steps so far) while that is 1 (``probe_interval`` ``None``: every window informs, no probes)."""
     if wanted is None:
         wanted = 2 if probe_interval is not None else 1
-    elif math.isinf(wanted):
-        wanted = max_draws
+    elif math.isinf(wanted):  # the signal is unknown, not infinitely small: creep up, do not burst
+        wanted = (last_draws or 1) + 1
     else:
         wanted = math.ceil(wanted - 1e-9)
     if last_draws is not None:

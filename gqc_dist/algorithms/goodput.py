@@ -39,7 +39,7 @@ def goodput_draws(noise_scale: Optional[float], micro_step_s: Optional[float], w
     if noise_scale is None or not micro_step_s or micro_step_s <= 0:
         return None
     if math.isinf(noise_scale):
-        return max_draws
+        return math.inf  # the signal is unknown: the bounds creep up (cbc.bounded_draws)
     b, r = max(noise_scale, 0.0), max(window_s or 0.0, 0.0)
     star = math.sqrt(b * r / micro_step_s)
     candidates = {min_draws, max_draws, *(min(max(n, min_draws), max_draws) for n in (math.floor(star), math.ceil(star)))}
@@ -58,7 +58,6 @@ class OptimizerWrapperGoodput(OptimizerWrapperCBC):
 
     ALGORITHM = "goodput"
     SCHEDULABLE = {"min_draws": 1.0}
-    SHARES_COSTS = True
 
     def _settings(self):
         return {"min_draws": max(self._group_values("min_draws"))}
