@@ -157,7 +157,7 @@ def build_controller(
     (SBC, when the section has none). ``wrapper_kwargs`` (``gradients``, ``grad_scaler``,
     ``distributed_mode``) go to the wrapper.
     """
-    section = copy.deepcopy(section)
+    section = parse_section(copy.deepcopy(section))  # parsing a parsed section changes nothing
     spec = algorithms()[section["algorithm"]]
     wrapper = spec.build(optimizer, section, {"physical_batch_size": physical_batch_size},
                          verify=section["verify"], noise_beta=section.get("noise_beta"),

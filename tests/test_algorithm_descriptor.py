@@ -302,18 +302,18 @@ class LossRecorder(GQCOptimizerWrapper):
         super().__init__(optimizer, 2)
         self.received = []
 
-    def step(self, loss):
-        self.received.append(loss)
-        return self._micro_step()
+    def _inputs(self, loss):  # an algorithm's per-micro-step inputs come from the loss here
+        self.received.append(float(loss))
+        return {}
 
     def _decide(self, stats):
         return self.num_draws >= stats.settings["max_draws"]
 
 
 class NoLoss(LossRecorder):
-    def step(self):  # a loss passed here would be a TypeError
-        self.received.append("no argument")
-        return self._micro_step()
+    def _inputs(self, loss):
+        self.received.append("no loss" if loss is None else "a loss")
+        return {}
 
 
 def _backward_once(model):
@@ -339,7 +339,7 @@ def test_spec_without_needs_loss_calls_step_without_the_loss():
     wrapper = NoLoss(torch.optim.SGD(model.parameters(), lr=0.1))
     _backward_once(model)
     assert spec.step(wrapper, torch.tensor(1.25)) is False
-    assert wrapper.received == ["no argument"]
+    assert wrapper.received == ["no loss"]  # not even read: no host sync for algorithms without it
 
 
 def test_builtin_mht_gets_the_loss_through_its_spec():

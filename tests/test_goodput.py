@@ -17,7 +17,8 @@ from distributed_harness import run_distributed
 from gqc_dist.algorithms.goodput import goodput_draws
 from gqc_dist.costs import FIELDS, CostMeter
 from reference import LOCAL_BATCH, adamw, loss_of, make_mlp, micro_batches, reference_windows
-from test_noise_scale import synthetic_gradients
+from test_local_mode import _replay
+from test_noise_scale import synthetic_gradients, window_lengths
 from virtual_cluster import VirtualHosts, missing
 
 
@@ -61,14 +62,7 @@ def _goodput_lengths(grads, costs, max_draws=32, probe=24):
     param = torch.nn.Parameter(torch.zeros(grads[0].numel()))
     wrapper = gqc_dist.OptimizerWrapperGoodput(torch.optim.SGD([param], lr=0.0), max_draws, probe_interval=probe)
     wrapper._costs = FixedCosts(*costs)
-    lengths, n = [], 0
-    for g in grads:
-        param.grad = g.clone() if param.grad is None else param.grad + g
-        n += 1
-        if wrapper.step():
-            lengths.append(n)
-            n = 0
-    return lengths, wrapper.statistics()
+    return window_lengths(wrapper, param, grads), wrapper.statistics()
 
 
 @pytest.mark.parametrize("noise_scale, costs", [(24.0, (0.1, 0.0, 0.01)), (24.0, (0.1, 0.9, 0.1)),
@@ -123,27 +117,10 @@ def test_goodput_decides_alike_on_every_rank_when_their_costs_differ():
             lengths.append(run)
             run = 0
     assert max(lengths) > 1  # the dear reduction makes it accumulate
-    want = _replay_windows(decisions, 2)
+    want = _replay(decisions, 2)
     for result in results:
         for got, ref in zip(result["params"], want):
             torch.testing.assert_close(got, ref, atol=1e-6, rtol=0)
-
-
-def _replay_windows(decisions, world_size):
-    """Single process on the whole micro-batches, stepping where the run stepped (AdamW on the mean)."""
-    model = make_mlp()
-    optimizer = adamw(model.parameters())
-    draws = 0
-    for batch, stepped in zip(micro_batches(STEPS, batch=LOCAL_BATCH * world_size), decisions):
-        loss_of(model, batch).backward()
-        draws += 1
-        if stepped:
-            for p in model.parameters():
-                p.grad /= draws
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            draws = 0
-    return [p.detach() for p in model.parameters()]
 
 
 # ---------------------------------------------------------------- the shaped link

@@ -58,11 +58,11 @@ def _local_run(rank, world_size):
 
 def _replay(decisions, world_size, clip=0.0):
     """Single process, whole micro-batches, stepping where the run stepped: mean of the window's
-    gradients (clipped to ``clip`` by torch's rule, if given), AdamW."""
+    gradients (clipped to ``clip`` by torch's rule, if given), AdamW. One decision per micro-batch."""
     model = make_mlp()
     optimizer = adamw(model.parameters())
     draws = 0
-    for batch, stepped in zip(micro_batches(STEPS, batch=LOCAL_BATCH * world_size), decisions):
+    for batch, stepped in zip(micro_batches(len(decisions), batch=LOCAL_BATCH * world_size), decisions):
         loss_of(model, batch).backward()
         draws += 1
         if stepped:

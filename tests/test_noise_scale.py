@@ -198,6 +198,12 @@ def _cbc_lengths(grads, kappa, max_draws, probe, world=1, rank=0, **kwargs):
                                            **kwargs)
     for group in wrapper.param_groups:
         group["critical_batch_fraction"] = kappa
+    return window_lengths(wrapper, param, grads)
+
+
+def window_lengths(wrapper, param, grads):
+    """The window lengths ``wrapper`` takes when each of ``grads`` in turn is added to ``param``'s
+    gradient as one micro-batch's."""
     lengths, n = [], 0
     for g in grads:
         param.grad = g.clone() if param.grad is None else param.grad + g

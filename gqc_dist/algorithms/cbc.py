@@ -166,16 +166,23 @@ def make_cbc_with_cosine_annealing_schedule(
     return wrapper, synchronous([lr])
 
 
-def _build(optimizer, section, context, **kwargs):
-    return OptimizerWrapperCBC(optimizer, section["max_draws"], min_draws=section["min_draws"],
-                               probe_interval=section["probe_interval"], growth=section["growth"], **kwargs)
+#: the options CBC and the rules built on its bounds (goodput) take
+WINDOW_OPTIONS = {"max_draws": ("int+", 64), "min_draws": ("int+", 1), "probe_interval": ("int+", 24),
+                  "growth": ("num1", 2.0)}
+
+
+def builder(cls):
+    """``AlgorithmSpec.build`` for ``cls``, a wrapper taking :data:`WINDOW_OPTIONS`."""
+    def build(optimizer, section, context, **kwargs):
+        return cls(optimizer, section["max_draws"], min_draws=section["min_draws"],
+                   probe_interval=section["probe_interval"], growth=section["growth"], **kwargs)
+    return build
 
 
 SPEC = AlgorithmSpec(
     name="cbc",
-    build=_build,
-    options={"max_draws": ("int+", 64), "min_draws": ("int+", 1), "probe_interval": ("int+", 24),
-             "growth": ("num1", 2.0)},
+    build=builder(OptimizerWrapperCBC),
+    options=WINDOW_OPTIONS,
     values={"kappa": ("num+", "critical_batch_fraction")},
     schedule={"initial_kappa": ("num+", REQUIRED), "final_kappa": ("num+", REQUIRED)},
     make_schedules=lambda wrapper, s: [_kappa_schedule(wrapper, s["initial_kappa"], s["final_kappa"],

@@ -23,7 +23,7 @@ Costs are wall-clock measurements: decisions are identical on every rank of a ru
 import math
 from typing import Optional
 
-from .cbc import OptimizerWrapperCBC
+from .cbc import WINDOW_OPTIONS, OptimizerWrapperCBC, builder
 from .spec import AlgorithmSpec
 
 
@@ -69,14 +69,4 @@ class OptimizerWrapperGoodput(OptimizerWrapperCBC):
                              min_draws, max_draws)
 
 
-def _build(optimizer, section, context, **kwargs):
-    return OptimizerWrapperGoodput(optimizer, section["max_draws"], min_draws=section["min_draws"],
-                                   probe_interval=section["probe_interval"], growth=section["growth"], **kwargs)
-
-
-SPEC = AlgorithmSpec(
-    name="goodput",
-    build=_build,
-    options={"max_draws": ("int+", 64), "min_draws": ("int+", 1), "probe_interval": ("int+", 24),
-             "growth": ("num1", 2.0)},
-)
+SPEC = AlgorithmSpec(name="goodput", build=builder(OptimizerWrapperGoodput), options=WINDOW_OPTIONS)

@@ -36,7 +36,8 @@ class AlgorithmSpec:
         all_values: True when every value key is required (mht); otherwise a section gives
             exactly one of a constant value or a ``schedule``.
         logged_value: the param-group key gqc-train logs as the algorithm's threshold.
-        needs_loss: ``step(loss)`` instead of ``step()``.
+        needs_loss: the rule reads this rank's micro-batch loss (``after_backward(loss)`` hands it
+            to the wrapper's ``_inputs``; others are never given it, so it is never synced).
         adaptive: False for rules whose window length is fixed (no "forced by max_draws").
         engines: gqc-train engines it runs on; ``unsupported`` says why not on the others.
     """
