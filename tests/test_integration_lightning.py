@@ -459,3 +459,13 @@ def test_private_lightning_api_is_where_the_integration_expects_it():
     assert "gradient_accumulation_steps" in inspect.getsource(
         DeepSpeedStrategy._format_batch_size_and_grad_accum_config)
 
+
+# ---------------------------------------------------------------- the example
+@pytest.mark.parametrize("argv", [[], ["--manual"]], ids=["automatic", "manual"])
+def test_example_runs(argv, capsys):
+    from gqc_dist.examples import lightning_mlp
+
+    lightning_mlp.main(["--micro-batches", "24", *argv])
+    out = capsys.readouterr().out
+    assert "trainer.global_step 7 = optimizer steps 7 over 24 micro-batches" in out
+    assert out.count(" micro-batches, lr ") == 7
