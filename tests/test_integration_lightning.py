@@ -234,6 +234,17 @@ def test_max_steps_and_checkpoint_intervals_count_optimizer_steps(tmp_path):
         assert counters["num_steps"] == steps and counters["num_draws"] == 0
 
 
+def test_bf16_mixed_needs_nothing():
+    """No scaler: Lightning's plain step path; decisions are GQC's (autocast changes the numbers,
+    so only the counting is compared)."""
+    model = Model()
+    trainer = _trainer(precision="bf16-mixed")
+    trainer.fit(model, _loader(micro_batches(MICRO_STEPS, batch=GLOBAL_BATCH)))
+    decisions = [row["stepped"] for row in model.rows]
+    assert True in decisions and False in decisions
+    assert trainer.global_step == model.gqc.num_steps == sum(decisions)
+
+
 def test_mid_window_resume_is_exact(tmp_path):
     """Two epochs straight, against one epoch, a checkpoint with the window open, and a second
     epoch resumed from it: same decisions, lr, global_step and parameters."""
