@@ -428,11 +428,15 @@ def _one_line(error):
     return str(error.value)
 
 
-def test_trainer_refuses_gradient_accumulation(tmp_path):
-    args = TrainingArguments(str(tmp_path), gradient_accumulation_steps=2, use_cpu=True, report_to=[])
+@pytest.mark.parametrize("setting, message", [
+    ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps=1, got 2"),
+    ({"optim": "lomo"}, "optim=lomo updates the parameters inside the backward pass"),
+])
+def test_trainer_refuses_settings(tmp_path, setting, message):
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[], **setting)
     with pytest.raises(GQCConfigError) as error:
         GQCTrainer(model=tiny_llama(), args=args, train_dataset=token_data(8), gqc=GNTS)
-    assert "gradient_accumulation_steps=1, got 2" in _one_line(error)
+    assert message in _one_line(error)
 
 
 @pytest.mark.parametrize("gqc, message", [

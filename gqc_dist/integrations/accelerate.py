@@ -285,12 +285,15 @@ def prepare(accelerator, *objects, gqc: Dict[str, Any] = None, clip: Optional[fl
     wrapper = None
     if engine == "deepspeed":
         ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
-        if clip is not None and ds_config.get("gradient_clipping", "auto") not in ("auto", clip):
-            raise GQCConfigError(f"clip={clip} and the ds_config's gradient_clipping "
-                                 f"{ds_config['gradient_clipping']} disagree; give one")
+        if clip is not None:
+            if ds_config.get("gradient_clipping", "auto") not in ("auto", clip):
+                raise GQCConfigError(f"clip={clip} and the ds_config's gradient_clipping "
+                                     f"{ds_config['gradient_clipping']} disagree; give one")
+            ds_config["gradient_clipping"] = clip
         model = next((obj for obj in objects if isinstance(obj, torch.nn.Module)), None)
+        # "auto" clipping is Accelerate's 1.0 (what its deepspeed_config_process would fill in)
         section, clip = rewrite_deepspeed_config(ds_config, model, None if gqc is None else parse_section(gqc),
-                                                 1.0 if clip is None else clip)
+                                                 1.0)
         check_section(section, engine)
         prepared = accelerator.prepare(*objects)
         from ..deepspeed import attach_controller

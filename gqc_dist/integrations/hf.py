@@ -85,6 +85,10 @@ class GQCTrainer(Trainer):
             raise GQCConfigError(
                 f"GQCTrainer needs gradient_accumulation_steps=1, got {self.args.gradient_accumulation_steps}: "
                 "GQC decides per micro-batch how many to accumulate (max_draws bounds it)")
+        optim = str(getattr(self.args.optim, "value", self.args.optim))
+        if "lomo" in optim or "layerwise" in optim:
+            raise GQCConfigError(f"optim={optim} updates the parameters inside the backward pass; "
+                                 "GQC needs an optimizer that steps on the accumulated window")
         if self.args.n_gpu > 1:
             raise GQCConfigError(f"GQCTrainer does not support nn.DataParallel over {self.args.n_gpu} GPUs in one "
                                  "process: launch one process per GPU (torchrun / accelerate launch)")
@@ -129,9 +133,10 @@ class GQCTrainer(Trainer):
         self._gqc_resume_state = None
         if resume_from_checkpoint is not None:
             self._gqc_resume_state = self._read_gqc_state(resume_from_checkpoint)
-            if not self.args.ignore_data_skip:
-                seen = self._gqc_resume_state["wrapper"]["counters"]["num_batches"]
-                epochs, in_epoch = divmod(seen, self._gqc_epoch_len) if self._gqc_epoch_len else (0, seen)
+            seen = self._gqc_resume_state["wrapper"]["counters"]["num_batches"]
+            epochs, in_epoch = divmod(seen, self._gqc_epoch_len) if self._gqc_epoch_len else (0, seen)
+            if self.args.ignore_data_skip:  # the stock meaning: start the resumed epoch's data anew
+                in_epoch = 0
         return epochs, in_epoch
 
     def _read_gqc_state(self, checkpoint: str) -> Dict[str, Any]:
@@ -193,7 +198,7 @@ class GQCTrainer(Trainer):
             restore_gqc_state(self.model_wrapped, self.gqc, state)
         else:
             gqc_accelerate.restore_state(self.gqc, self.gqc_schedule, state)
-        self._gqc_logged = (self.gqc.num_batches, self.gqc.num_steps)
+        self._gqc_logged = (self.gqc.num_batches - self.gqc.num_draws, self.gqc.num_steps)
 
     def _save_optimizer_and_scheduler(self, output_dir):
         """Private (pinned), called on every rank: each rank's GQC state next to the optimizer's
