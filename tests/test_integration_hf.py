@@ -40,7 +40,7 @@ from gqc_dist.integrations import accelerate as gqc_accelerate  # noqa: E402
 from gqc_dist.integrations.hf import GQCTrainer  # noqa: E402
 
 # ranks import these once, in the fork server, when this file starts it
-preload_in_forkserver("gqc_dist.integrations.hf", "transformers.models.llama.modeling_llama", "deepspeed", __name__)
+preload_in_forkserver("gqc_dist.integrations.hf", "transformers.models.llama.modeling_llama", __name__)
 
 VOCAB, SEQ = 64, 8
 LR = 1e-3
