@@ -185,12 +185,31 @@ def main(argv=None) -> int:
     except GQCError as error:
         print(f"gqc-train: {error}", file=sys.stderr)
         return 2
+    from . import signals
+    from .health import TrainDiverged
     from .run import train
+    from .run_lock import release_all
+    from .storage import cause_of
 
+    if signals.launched():  # a rank must not outlive its launcher (torchrun starts it in a session of its own)
+        signals.die_with_parent()
+    restore_signals = signals.install()  # SIGTERM / SIGUSR1: checkpoint and stop at the next micro-step
     try:
         summary = train(config, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+    except signals.RunStopped as stop:  # every rank agreed and saved; rank 0 says so
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"gqc-train: {stop}", file=sys.stderr)
+        return stop.code
+    except TrainDiverged as diverged:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"gqc-train: {diverged}", file=sys.stderr)
+        return 4
     except GQCError as error:  # foreseeable: one line, no traceback
         print(f"gqc-train: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file operation outside the run's own writers (a plot, a corpus read)
+        where = f" {error.filename}" if getattr(error, "filename", None) else ""
+        print(f"gqc-train: file error{where}: {cause_of(error)}", file=sys.stderr)
         return 2
     except RuntimeError as error:
         if not _peer_lost(error):
@@ -200,6 +219,9 @@ def main(argv=None) -> int:
               f"train.collective_timeout_s={config['train']['collective_timeout_s']:g} s): another rank is "
               f"stalled or gone ({str(error).splitlines()[0]})", file=sys.stderr)
         return 3
+    finally:
+        release_all()
+        restore_signals()
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"validation loss {summary['val_loss']:.4f} nats/token | tokens seen {summary['tokens']:,} | "
@@ -207,7 +229,11 @@ def main(argv=None) -> int:
               f"{summary['mean_micro_batches_per_step']:.2f} | {summary['wall_time']:.0f} s | "
               f"metrics, checkpoints and training.png in {summary['out_dir']}")
     if dist.is_initialized():
-        dist.barrier()  # rank 0 may still be plotting; tear down together
+        import torch
+
+        from .. import collectives
+
+        collectives.barrier(torch.device(summary["device"]))  # rank 0 may still be plotting; tear down together
         dist.destroy_process_group()
     return 0
 
