@@ -49,13 +49,14 @@ def _traced_train(rank, world, out_dir, engine, model):
         tracer.syncs.clear()
         return draw(self)
 
+    init = run.init_distributed
     run.init_distributed = lambda *args, **kwargs: RUN  # the run's device: cpu:0 (the tracer's "accelerator")
     ByteBatches.next = next_batch
     try:
         with tracer.active():
             summary = run.train(_config(out_dir, engine, **model), progress=False)
-    finally:
-        ByteBatches.next = draw
+    finally:  # the single-process case runs in the test process itself: leave nothing patched
+        ByteBatches.next, run.init_distributed = draw, init
     return {"violations": tracer.violations, "checked": tracer.checked, "per_micro_step": marks[1:],
             "micro_steps": summary["micro_steps"], "device": summary["device"]}
 
@@ -121,3 +122,24 @@ def test_no_module_calls_torch_distributed_collectives_around_the_one_place():
                     and isinstance(node.func.value, ast.Name) and node.func.value.id == "dist"):
                 found.append(f"{path.relative_to(package)}:{node.lineno} dist.{node.func.attr}")
     assert found == [], found
+
+
+def test_gpu_check_script_is_clean_and_says_when_there_is_no_gpu():
+    """benchmarks/gpu_check.sh (the GPU half of these checks): executable, parses, shellcheck-clean,
+    and on a machine without an NVIDIA GPU it stops at once, saying so (exit 2)."""
+    import shutil
+    import subprocess
+
+    from test_packaging import REPO, git_mode, shellcheck
+
+    script = REPO / "benchmarks" / "gpu_check.sh"
+    assert git_mode(script) & 0o111
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    binary = shellcheck()
+    if binary is not None:
+        checked = subprocess.run([binary, "--shell=bash", str(script)], capture_output=True, text=True, timeout=120)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    if shutil.which("nvidia-smi") and torch.cuda.is_available():
+        pytest.skip("a GPU is here: run the script itself")
+    finished = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 2 and finished.stderr.startswith("gpu_check: no NVIDIA GPU here"), finished

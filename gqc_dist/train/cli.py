@@ -191,8 +191,6 @@ def main(argv=None) -> int:
     from .run_lock import release_all
     from .storage import cause_of
 
-    if signals.launched():  # a rank must not outlive its launcher (torchrun starts it in a session of its own)
-        signals.die_with_parent()
     restore_signals = signals.install()  # SIGTERM / SIGUSR1: checkpoint and stop at the next micro-step
     try:
         summary = train(config, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
@@ -244,7 +242,15 @@ def entry() -> None:
     Gloo worker threads of process groups still referenced at exit (MoE expert groups live in
     the model) can free a collective's tensor after shutdown began and abort the rank
     ("terminate called without an active exception") after a finished run; every file is
-    written and closed by then, so nothing is lost by skipping finalization."""
+    written and closed by then, so nothing is lost by skipping finalization.
+
+    Under a launcher the process also asks to die with it (``signals.die_with_parent``): torchrun
+    starts each rank in a session of its own, and a rank outliving a killed launcher would train
+    on into the run directory. (Here, not in :func:`main`: an in-process caller keeps its own.)"""
+    from . import signals
+
+    if signals.launched():
+        signals.die_with_parent()
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()
