@@ -12,10 +12,11 @@ for every arm. Per setting (``SETTINGS``):
 
 * fixed accumulation of k = 1, 2, 4, 8 micro-batches per step, each at 0.5x, 1x and 2x the
   setting's base learning rate times ``sqrt(k)`` (gqc-train's ``optimizer.lr_coupling`` sqrt;
-  weight decay coupled alike), so every k gets the same three-point tuning budget;
-* fractional fixed patterns of 1.25 and 1.5 micro-batches per step (1,1,1,2 and 1,2), so the
-  fixed frontier between k = 1 and 2 is measured, not interpolated;
-* ``untuned``: fixed k = 2, 4, 8 at the base learning rate, no coupling (a user who does not
+  weight decay coupled alike), so every k gets the same three-point tuning budget (k = 8, far
+  behind everywhere, 1x and 2x only; main-2x, twice as long per run, the rates main favours);
+* fractional fixed patterns of 1.25 and 1.5 micro-batches per step (1,1,1,2 and 1,2), at 1x and
+  2x, so the fixed frontier between k = 1 and 2 is measured, not interpolated;
+* ``untuned``: fixed k = 2 and 8 at the base learning rate, no coupling (a user who does not
   retune; k = 1 at the base rate is ``fixed1@1``);
 * controllers (``CONTROLLERS``), at the base learning rate: the default and variants that show
   why it is the default;
@@ -65,7 +66,10 @@ def _torch_sources() -> str:
 SETTINGS = {
     "main": {"set": [], "tokens": 1500 * 16 * 128,
              "about": "gqc-train's default job (Python stdlib corpus, width 128, 16-sequence micro-batches)"},
-    "main-2x": {"set": [], "tokens": 2 * 1500 * 16 * 128, "about": "the main job at twice its budget"},
+    # twice the budget, twice the time per run: the learning rates main's grid favours, and fewer arms
+    "main-2x": {"set": [], "tokens": 2 * 1500 * 16 * 128, "about": "the main job at twice its budget",
+                "arms": ["fixed1@1", "fixed1@2", "fixed1@4", "fixed1.25@1", "fixed1.25@2", "fixed1.5@1", "fixed1.5@2", "fixed2@1", "fixed2@2",
+                         "fixed4@1", "fixed8@1", "cbc"]},
     "mb2": {"set": ["data.micro_batch_size=2"], "tokens": 6000 * 2 * 128,
             "about": "2-sequence micro-batches, as memory-bound users have"},
     "second": {"set": ["model.dim=192", "model.heads=6", "data.micro_batch_size=8", "data.path=@torch"],
@@ -79,7 +83,7 @@ DEFAULT = "cbc"
 _CBC = {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16}  # gqc-train's default
 CONTROLLERS = {
     "cbc": ["--set", "gqc=" + json.dumps(_CBC)],
-    "cbc-k0.125": ["--set", "gqc=" + json.dumps({**_CBC, "kappa": 0.125})],
+    "cbc-k0.125": ["--set", "gqc=" + json.dumps({**_CBC, "kappa": 0.125})],  # variants: main and mb2 only
     "cbc-k0.5": ["--set", "gqc=" + json.dumps({**_CBC, "kappa": 0.5})],
     "cbc-seesaw": ["--set", "gqc=" + json.dumps(_CBC), "--set", "optimizer.seesaw=true"],
     "cbc-flat": ["--set", "gqc=" + json.dumps(_CBC), "--set", "optimizer.lr_coupling=none"],  # no coupling
@@ -93,12 +97,15 @@ def arms():
     """Every arm: ``{name: (record fields, gqc-train arguments)}``."""
     out = {}
     for k in KS:
-        for m in MULTIPLIERS:
+        # k = 8 trails everywhere: two rates; k = 1's best lay at the grid's edge on main: one more
+        for m in {1: MULTIPLIERS + (4,), 8: MULTIPLIERS[1:]}.get(k, MULTIPLIERS):
             out[f"fixed{k}@{m:g}"] = ({"kind": "fixed", "k": k, "lr_multiplier": m},
                                       ["--baseline", str(k), "--set", f"optimizer.lr={BASE_LR * m!r}"])
-    for k in (1.25, 1.5):
-        out[f"fixed{k:g}@1"] = ({"kind": "fixed", "k": k, "lr_multiplier": 1}, ["--baseline", str(k)])
-    for k in KS[1:]:
+    for k in (1.25, 1.5):  # between k = 1 and 2, at the rates that won for them
+        for m in (1, 2):
+            out[f"fixed{k:g}@{m}"] = ({"kind": "fixed", "k": k, "lr_multiplier": m},
+                                      ["--baseline", str(k), "--set", f"optimizer.lr={BASE_LR * m!r}"])
+    for k in (2, 8):
         out[f"fixed{k}@flat"] = ({"kind": "untuned", "k": k, "lr_multiplier": None},
                                  ["--baseline", str(k), "--set", "optimizer.lr_coupling=none"])
     for name, args in CONTROLLERS.items():
@@ -180,10 +187,22 @@ def load_results(setting: str):
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
 
 
+VARIANTS_ONLY_ON = {"cbc-k0.125": ("mb2",), "cbc-flat": ("mb2",), "cbc-k0.5": ("main", "mb2"),
+                    "cbc-seesaw": ("main", "mb2")}
+
+
+def arms_of(setting: str, names):
+    """The arms ``setting`` runs, of ``names``."""
+    allowed = SETTINGS[setting].get("arms")
+    return [a for a in names if (allowed is None or a in allowed) and setting in VARIANTS_ONLY_ON.get(a, (setting,))]
+
+
 def plan(settings, names, seeds):
-    """The runs to make, in order: seed 0 of every arm, then the other seeds of the best fixed
-    arm (known once seed 0 of the grid is in) and of the default controller."""
-    first = [(s, a, 0) for s in settings for a in names]
+    """The runs to make, in order: seed 0 of every fixed arm of every setting, then seed 0 of the
+    controllers, then the other seeds of the best fixed arm (known once seed 0 of the grid is in)
+    and of the default controller."""
+    first = [(s, a, 0) for s in settings for a in arms_of(s, names) if ARMS[a][0]["kind"] != "controller"]
+    first += [(s, a, 0) for s in settings for a in arms_of(s, names) if ARMS[a][0]["kind"] == "controller"]
     return first, lambda: [(s, a, seed) for s in settings for seed in seeds if seed
                            for a in sorted({best_fixed(by_arm(load_results(s))), DEFAULT} & set(names) - {None})]
 

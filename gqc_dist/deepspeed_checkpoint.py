@@ -10,14 +10,15 @@ Loading checks every rank's file before DeepSpeed loads anything, and one rank's
 every rank's (a lone refusal would leave the others in DeepSpeed's collective load).
 """
 
+import contextlib
 import copy
 import os
+import secrets
 from typing import Any, Dict, Optional
 
 import torch
-import torch.distributed as dist
 
-from . import checkpoint_state
+from . import checkpoint_state, collectives
 from .errors import CheckpointError
 from .packet import world_rank_and_size
 
@@ -58,9 +59,15 @@ def gqc_state(engine, controller) -> Dict[str, Any]:
 def write_gqc_state(checkpoint_dir: str, state: Dict[str, Any]) -> None:
     os.makedirs(checkpoint_dir, exist_ok=True)
     path = state_file(checkpoint_dir, state["rank"])
-    partial = path + ".partial"
-    torch.save(state, partial)
-    os.replace(partial, path)  # a reader never sees half a file
+    # a name no other writer can pick (another job writing the same directory by mistake)
+    partial = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.partial"
+    try:
+        torch.save(state, partial)
+        os.replace(partial, path)  # a reader never sees half a file
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)  # a full disk gets its space back
+        raise
 
 
 def latest_tag(engine, load_dir) -> Optional[str]:
@@ -86,8 +93,7 @@ def agreed(read):
         error = f"{type(caught).__name__}: {caught}"
     world = world_rank_and_size()[1]
     if world > 1:
-        errors = [None] * world
-        dist.all_gather_object(errors, error)
+        errors = collectives.gather_objects(error)
         failed = [(rank, message) for rank, message in enumerate(errors) if message is not None]
         if failed and error is None:
             rank, message = failed[0]

@@ -21,6 +21,7 @@ from typing import Iterable, List, Tuple
 import torch
 import torch.distributed as dist
 
+from . import collectives
 from .errors import GQCUsageError, PartialGradientError
 
 
@@ -125,7 +126,7 @@ def reduce_scatter_local_sums(groups: List) -> None:
         columns.append(padded.reshape(world, -1))
     sizes = [c.shape[1] for c in columns]
     mine = torch.empty(sum(sizes), dtype=dtype, device=columns[0].device)
-    dist.reduce_scatter_tensor(mine, torch.cat(columns, dim=1).reshape(-1))
+    collectives.reduce_scatter_tensor(mine, torch.cat(columns, dim=1).reshape(-1), columns[0].device)
     mine.div_(world)
     for fsdp_param, part in zip(fsdp_params, mine.split(sizes)):
         param = fsdp_param.sharded_param

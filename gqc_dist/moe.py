@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from . import collectives
 from .errors import GQCConfigError
 from .reduction import Sharded
 
@@ -98,7 +99,8 @@ class ExpertParallelMoE(torch.nn.Module):
         count, dim = tokens.shape
         owner, local_index = expert // self.local_experts, expert % self.local_experts
         send = tokens.new_zeros(self.ep_size, count, dim)
-        send_index = torch.full((self.ep_size, count), -1, dtype=torch.long)
+        # on the tokens' device: the index exchange is a collective too, and NCCL refuses CPU tensors
+        send_index = torch.full((self.ep_size, count), -1, dtype=torch.long, device=tokens.device)
         slots = []
         for rank in range(self.ep_size):
             rows = (owner == rank).nonzero(as_tuple=True)[0]
@@ -106,8 +108,8 @@ class ExpertParallelMoE(torch.nn.Module):
             send_index[rank, : rows.numel()] = local_index[rows]
             slots.append(rows)
         received = all_to_all_single_autograd(send.reshape(-1, dim), None, None, self.ep_group)
-        received_index = torch.empty(self.ep_size * count, dtype=torch.long)
-        dist.all_to_all_single(received_index, send_index.reshape(-1), group=self.ep_group)
+        received_index = torch.empty(self.ep_size * count, dtype=torch.long, device=tokens.device)
+        collectives.all_to_all_single(received_index, send_index.reshape(-1), tokens.device, group=self.ep_group)
         processed = self._run_experts(received, received_index)
         returned = all_to_all_single_autograd(processed, None, None, self.ep_group)
         returned = returned.reshape(self.ep_size, count, dim)
@@ -130,7 +132,7 @@ def _edp_mean_hook(edp_group, world_size):
     def hook(grad):
         grad = grad.clone()
         if edp_group is not None and dist.get_world_size(edp_group) > 1:
-            dist.all_reduce(grad, group=edp_group)
+            collectives.all_reduce(grad, grad.device, group=edp_group)
         return grad / world_size
 
     return hook

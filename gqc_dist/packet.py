@@ -15,12 +15,12 @@ Each rank packs what the decision needs into one float64 vector on the gradients
 Python arithmetic.
 """
 
-from datetime import timedelta
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 
+from . import collectives
 from .errors import CollectiveTimeoutError
 
 Number = Union[int, float]
@@ -111,7 +111,7 @@ class StatsPacket:
             device_parts.append(host_values_to_device(host_values, self.device))
         vector = torch.cat(device_parts) if device_parts else torch.zeros(0, dtype=torch.float64)
         if distributed:
-            _all_reduce(vector, timeout_s, self.rank, self.world_size)
+            _all_reduce(vector, self.device, timeout_s, self.rank, self.world_size)
         flat = vector.tolist()  # the one host synchronisation of the micro-step
         if distributed:
             host_values = flat[device_count:]
@@ -144,12 +144,12 @@ class StatsPacket:
         return out
 
 
-def _all_reduce(vector: torch.Tensor, timeout_s: Optional[float], rank: int, world: int) -> None:
-    try:
-        if timeout_s:  # an async op waited on with its own bound
-            dist.all_reduce(vector, op=dist.ReduceOp.SUM, async_op=True).wait(timedelta(seconds=timeout_s))
-        else:  # bounded by the process group's timeout
-            dist.all_reduce(vector, op=dist.ReduceOp.SUM)
+def _all_reduce(vector: torch.Tensor, device: torch.device, timeout_s: Optional[float], rank: int,
+                world: int) -> None:
+    try:  # with timeout_s: an async op waited on with its own bound; else the process group's
+        collectives.all_reduce(vector, device, timeout_s=timeout_s)
+    except collectives.DeviceMismatchError:
+        raise
     except RuntimeError as error:
         bound = f"within {timeout_s:g} s" if timeout_s else "within the process group's timeout"
         raise CollectiveTimeoutError(

@@ -54,6 +54,8 @@ from .reduction import POLICY_KEY
 from .validation import check_number, check_wrapper_args
 from .window import Decision, StepValues, Window, WindowHook
 
+_CARRIED = "carried"  # the packet field of carry()'s values
+
 
 class GQCOptimizerWrapper(OptimizerLookalike):
     """Base of the GQC optimizer wrappers (subclasses implement one decision rule each).
@@ -131,6 +133,9 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         self.window_hook: Optional[WindowHook] = window_hook
         #: the window of the most recent optimizer step (its ``lr`` as applied); ``None`` before
         self.last_window: Optional[Window] = None
+        #: sums over the ranks of what :meth:`carry` gave the last ``step()``; ``None`` before
+        self.carried: Optional[List[float]] = None
+        self._carry: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ counters
     @property
@@ -239,14 +244,30 @@ class GQCOptimizerWrapper(OptimizerLookalike):
     def _gather(self, inputs: dict, add_fields: bool = True) -> MicroStepStats:
         """Local sums -> one collective -> global statistics (one host sync); ``add_fields``:
         the algorithm's own packet fields too (local mode's exact re-read at a step needs none)."""
-        fields = (lambda packet: self._all_fields(packet, inputs)) if add_fields else (lambda packet: None)
-        return collect(self._gradients, self._weights, len(self._optimizer.param_groups),
-                       self._counters["num_draws"], {"max_draws": self._max_draws, **self._settings()},
-                       fields, self._validate_settings, lambda: self.device, self._timeout_s)
+        carry, self._carry = self._carry, None
 
-    def _all_fields(self, packet: StatsPacket, inputs: dict) -> None:
-        packet.add_sum("costs", self._costs.packet_values())  # every rank gets the mean over ranks
-        self._add_fields(packet, inputs)
+        def fields(packet):
+            if add_fields:
+                packet.add_sum("costs", self._costs.packet_values())  # every rank gets the mean over ranks
+                self._add_fields(packet, inputs)
+            if carry is not None:
+                packet.add_sum(_CARRIED, carry)
+
+        stats = collect(self._gradients, self._weights, len(self._optimizer.param_groups),
+                        self._counters["num_draws"], {"max_draws": self._max_draws, **self._settings()},
+                        fields, self._validate_settings, lambda: self.device, self._timeout_s)
+        if carry is not None:
+            self.carried = stats.fields.pop(_CARRIED)
+        return stats
+
+    def carry(self, values: torch.Tensor) -> None:
+        """Let ``values`` (a small 1-D tensor, this rank's) ride in the next ``step()``'s
+        all-reduce: afterwards :attr:`carried` holds their sums over the ranks as floats. It costs
+        no extra collective and no extra host sync: gqc-train's window loss and its stop flag
+        travel this way. Values on another device are moved to the gradients' device."""
+        if not isinstance(values, torch.Tensor):
+            raise GQCConfigError(f"carry() takes a tensor, got {type(values).__name__}")
+        self._carry = values.detach().reshape(-1)
 
     def _validate_settings(self, settings: Dict[str, float]) -> None:
         for name, value in settings.items():

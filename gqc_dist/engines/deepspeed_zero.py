@@ -45,6 +45,7 @@ from typing import Any, List, Tuple
 import torch
 import torch.distributed as dist
 
+from .. import collectives
 from ..errors import CheckpointError, GQCUsageError
 from ..reduction import Piece
 from .base import GradientAdapter, GradientState, clip_coefficient
@@ -159,7 +160,7 @@ class Stage0(ZeroStage):
         for (index, expert_group), grads in buckets.items():
             flat = torch.cat([g.detach().reshape(-1).float() for g in grads])
             group = dp_group if expert_group is None else groups._get_expert_data_parallel_group(expert_group)
-            dist.all_reduce(flat, group=group)
+            collectives.all_reduce(flat, grads[0].device, group=group)
             flat.div_(dp_size)
             rho = dp_size if expert_group is None else dist.get_world_size(group)
             pieces.append((index, Piece(flat, rho, False)))

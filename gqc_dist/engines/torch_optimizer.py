@@ -7,8 +7,8 @@ Gradients live in ``param.grad`` (DTensor under FSDP2). Pieces and their replica
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
+from .. import collectives
 from ..errors import CheckpointError, GQCUsageError
 from ..fsdp2_sync import (check_gradient_sync, check_local_layout, fsdp2_param_groups_owning,
                           reduce_scatter_local_sums, unsharded_local_sums)
@@ -137,7 +137,7 @@ class TorchOptimizerGradients(GradientAdapter):
             for dtype in sorted({g.dtype for g in grads}, key=str):  # one bucket per dtype
                 same = [g for g in grads if g.dtype == dtype]
                 flat = torch.cat([g.reshape(-1) for g in same])
-                dist.all_reduce(flat)
+                collectives.all_reduce(flat, same[0].device)
                 flat.div_(world_rank_and_size()[1])
                 for grad, part in zip(same, flat.split([g.numel() for g in same])):
                     grad.copy_(part.view_as(grad))

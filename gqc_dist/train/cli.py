@@ -193,12 +193,29 @@ def main(argv=None) -> int:
     except GQCError as error:
         print(f"gqc-train: {error}", file=sys.stderr)
         return 2
+    from . import signals
+    from .health import TrainDiverged
     from .run import train
+    from .run_lock import release_all
+    from .storage import cause_of
 
+    restore_signals = signals.install()  # SIGTERM / SIGUSR1: checkpoint and stop at the next micro-step
     try:
         summary = train(config, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite)
+    except signals.RunStopped as stop:  # every rank agreed and saved; rank 0 says so
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"gqc-train: {stop}", file=sys.stderr)
+        return stop.code
+    except TrainDiverged as diverged:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(f"gqc-train: {diverged}", file=sys.stderr)
+        return 4
     except GQCError as error:  # foreseeable: one line, no traceback
         print(f"gqc-train: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a file operation outside the run's own writers (a plot, a corpus read)
+        where = f" {error.filename}" if getattr(error, "filename", None) else ""
+        print(f"gqc-train: file error{where}: {cause_of(error)}", file=sys.stderr)
         return 2
     except RuntimeError as error:
         if not _peer_lost(error):
@@ -208,6 +225,9 @@ def main(argv=None) -> int:
               f"train.collective_timeout_s={config['train']['collective_timeout_s']:g} s): another rank is "
               f"stalled or gone ({str(error).splitlines()[0]})", file=sys.stderr)
         return 3
+    finally:
+        release_all()
+        restore_signals()
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"validation loss {summary['val_loss']:.4f} nats/token | tokens seen {summary['tokens']:,} | "
@@ -215,7 +235,11 @@ def main(argv=None) -> int:
               f"{summary['mean_micro_batches_per_step']:.2f} | {summary['wall_time']:.0f} s | "
               f"metrics, checkpoints and training.png in {summary['out_dir']}")
     if dist.is_initialized():
-        dist.barrier()  # rank 0 may still be plotting; tear down together
+        import torch
+
+        from .. import collectives
+
+        collectives.barrier(torch.device(summary["device"]))  # rank 0 may still be plotting; tear down together
         dist.destroy_process_group()
     return 0
 
@@ -226,7 +250,15 @@ def entry() -> None:
     Gloo worker threads of process groups still referenced at exit (MoE expert groups live in
     the model) can free a collective's tensor after shutdown began and abort the rank
     ("terminate called without an active exception") after a finished run; every file is
-    written and closed by then, so nothing is lost by skipping finalization."""
+    written and closed by then, so nothing is lost by skipping finalization.
+
+    Under a launcher the process also asks to die with it (``signals.die_with_parent``): torchrun
+    starts each rank in a session of its own, and a rank outliving a killed launcher would train
+    on into the run directory. (Here, not in :func:`main`: an in-process caller keeps its own.)"""
+    from . import signals
+
+    if signals.launched():
+        signals.die_with_parent()
     code = main()
     sys.stdout.flush()
     sys.stderr.flush()

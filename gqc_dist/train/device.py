@@ -1,7 +1,8 @@
 """Where gqc-train runs and in what precision, and what the hardware could do at best.
 
 * ``device``: ``auto`` (each rank on its ``LOCAL_RANK`` GPU when CUDA is present, else the CPU),
-  ``cpu`` or ``cuda``. Model, batches (pinned host memory, non-blocking copies), evaluation and
+  ``cpu`` or ``cuda``. ``GQC_TRAIN_SHARE_GPUS=1`` puts rank ``LOCAL_RANK mod GPUs`` on each GPU
+  (several ranks sharing one, with ``GQC_TRAIN_BACKEND=gloo``: NCCL refuses that). Model, batches (pinned host memory, non-blocking copies), evaluation and
   the controller's statistics live there; collectives use NCCL on CUDA and gloo on the CPU.
 * ``precision``: ``fp32``; ``bf16`` (autocast; FSDP2 keeps bf16 parameters for compute and
   reduces gradients in fp32; DeepSpeed gets its ``bf16`` section); ``fp16`` (autocast with the
@@ -35,6 +36,8 @@ def resolve_device(choice: str) -> torch.device:
         raise GQCConfigError("device 'cuda' was asked for, but torch sees no CUDA device "
                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None})")
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    if os.environ.get("GQC_TRAIN_SHARE_GPUS") == "1":  # several ranks per GPU (benchmarks/gpu_check.sh)
+        local %= torch.cuda.device_count()
     if local >= torch.cuda.device_count():
         raise GQCConfigError(f"LOCAL_RANK {local} has no GPU: this node has {torch.cuda.device_count()}")
     torch.cuda.set_device(local)

@@ -69,7 +69,9 @@ def init_distributed(engine: str, timeout_s: float = 300.0, device: str = "auto"
     job = os.environ.get("SLURM_JOB_ID")
     os.environ.setdefault("MASTER_PORT", str(15000 + int(job) % 5000) if job and job.isdigit() else "29500")
     resolved = resolve_device(device)
-    dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    # GQC_TRAIN_BACKEND=gloo: gloo on CUDA tensors, for ranks sharing a GPU (NCCL refuses that)
+    backend = os.environ.get("GQC_TRAIN_BACKEND") or ("nccl" if resolved.type == "cuda" else "gloo")
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return resolved
 
 

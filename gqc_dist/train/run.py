@@ -13,17 +13,25 @@ Outputs under ``out_dir`` (rank 0 writes shared files):
   state; taken right after an optimizer step), and ``checkpoints/latest``.
 * ``training.png``: loss against tokens, the window against what the rule asked for and the noise
   scale, the controller's value.
+
+The run owns its directory (``run_lock``) from its first write to its end. Per micro-step the
+loop takes one host sync and adds no collective: the micro-batch loss and the stop flag ride in
+the controller's all-reduce (``controller.carry``). A stop signal (``signals``) ends the run at
+the micro-step every rank sees it, with a checkpoint; a diverged run (``health``) ends without
+one. Every JSON written is strict (a non-finite number is ``null``).
 """
 
 import json
+import math
+import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
-import torch.distributed as dist
 
+from .. import collectives
 from ..errors import GQCConfigError, TrainError
 from ..packet import world_rank_and_size
 from .corpus import ByteBatches, evaluate_batches, load_corpus
@@ -32,20 +40,35 @@ from .plots import plot_run
 from .device import flops_per_token, peak_tflops
 from .progress import Budget
 from .throughput import Throughput
-from .run_dir import Checkpoints, prepare, truncate_metrics, write_atomic
+from .health import DivergenceWatch, TrainDiverged
+from .run_dir import Checkpoints, claim, prepare, truncate_metrics
+from .run_lock import RunLock
+from .signals import STOP, RunStopped, signal_name
+from .storage import Appender, write_atomic
 
 
 COST_KEYS = ("cost_micro_step_s", "cost_reduction_s", "cost_optimizer_step_s")  # gqc_dist.costs, per step
 
 
-def _global_mean(values, device=torch.device("cpu")) -> list:
-    """Mean over ranks of a list of floats (one small all-reduce, on ``device``: NCCL refuses
-    CPU tensors)."""
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return tensor.tolist()
+def _global_mean(values, device: torch.device) -> list:
+    """Mean over ranks of a list of floats, or of a 1-D tensor on ``device`` (the run's device:
+    NCCL refuses CPU tensors); one small all-reduce and one host read."""
+    return collectives.mean_over_ranks(values, device)
+
+
+def _strict(value):
+    """``value`` with every non-finite float replaced by ``None``: strict JSON, no bare NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(item) for item in value]
+    return value
+
+
+def _json(value, **kwargs) -> str:
+    return json.dumps(_strict(value), allow_nan=False, **kwargs)
 
 
 class _IntervalMean:
@@ -71,13 +94,13 @@ def _noise_text(noise_scale) -> str:
 
 def evaluate(engine: TrainEngine, eval_set, rank: int, world: int) -> float:
     """Validation loss (nats/token) over the fixed eval batches; each rank takes its rows."""
-    losses = []
+    total = torch.zeros(1, dtype=torch.float64, device=engine.device)  # summed on the device: one host read
     with torch.no_grad():
         for x, y in eval_set:
             rows = x.shape[0] // world
             mine = [t[rank * rows:(rank + 1) * rows].to(engine.device, non_blocking=True) for t in (x, y)]
-            losses.append(float(engine.loss(*mine)))
-    return _global_mean([sum(losses) / len(losses)], engine.device)[0]
+            total += engine.loss(*mine).detach().to(torch.float64)
+    return _global_mean(total / len(eval_set), engine.device)[0]
 
 
 def _warn_if_mostly_forced(engine: TrainEngine, steps: int) -> None:
@@ -115,7 +138,7 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
     # evaluation batches of at least 16 sequences (split over the ranks), whatever the micro-batch
     eval_batch = -(-max(global_batch, 16) // world) * world
     eval_set = evaluate_batches(val_data, seq_len, eval_batch, train_cfg["eval_batches"])
-    checkpoints = Checkpoints(out_dir, rank, world)
+    checkpoints = Checkpoints(out_dir, rank, world, engine.device)
     metrics_path = out_dir / "metrics.jsonl"
     counters = {"step": 0, "micro_step": 0, "micro_steps_in_steps": 0, "wall": 0.0}
     if resume:
@@ -125,15 +148,19 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
         counters = extra["counters"]
         batches.load_state_dict(extra["batches"])
         budget.steps_done, budget.micro_steps_done = counters["step"], counters["micro_step"]
-    if rank == 0:  # the run's files change only now, after the checks and the checkpoint load
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_dir / "config.json", json.dumps(config, indent=2) + "\n")
+    # the run's files change only now, after the checks and the checkpoint load, under the lock
+    claim(out_dir, RunLock.held(out_dir), resume, overwrite, rank, checkpoints.loaded, engine.device)
+    if rank == 0:
+        write_atomic(out_dir / "config.json", json.dumps(config, indent=2) + "\n", "config")
         if resume:
             truncate_metrics(metrics_path, counters["step"])
+            print(f"gqc-train: resuming {out_dir} from {checkpoints.root / checkpoints.loaded}: optimizer step "
+                  f"{counters['step']}, micro-step {counters['micro_step']}, "
+                  f"{counters['micro_step'] * global_batch * seq_len:,} tokens", file=sys.stderr, flush=True)
         else:
-            metrics_path.write_text("")
+            write_atomic(metrics_path, "", "metrics")
 
-    metrics = open(metrics_path, "a") if rank == 0 else None
+    metrics = Appender(metrics_path, "metrics") if rank == 0 else None
     bar = None
     if rank == 0 and progress and sys.stderr.isatty():  # a log file gets plain lines instead
         from tqdm import tqdm
@@ -141,7 +168,14 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
         bar = tqdm(total=100, initial=round(100 * budget.fraction), desc="gqc-train", unit="%",
                    dynamic_ncols=True, bar_format="{l_bar}{bar}| {n:.0f}/{total}% [{elapsed}<{remaining}{postfix}]")
     start = time.time() - counters["wall"]
-    window_loss, window_draws = 0.0, 0
+    # a checkpoint taken mid-window (a stop signal) carries the window's loss so far
+    window_loss, window_draws = counters.pop("window_loss", 0.0), counters.pop("window_draws", 0)
+    watch = DivergenceWatch(train_cfg["max_nonfinite_windows"])
+    # [1, signal number] once a stop signal arrived; summed over the ranks: [ranks asked to stop,
+    # sum of their signal numbers] (one signal alike on every rank: the sum over the count is it)
+    stop_flag = torch.zeros(2, dtype=torch.float64, device=engine.device)
+    flagged = False
+    stopped = None  # (signal number or 0 for a mixture, checkpoint folder) once every rank agreed
     shown = _IntervalMean()  # windows since the progress line last showed them
 
     def tokens_seen():
@@ -149,8 +183,14 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
 
     def write(record):
         if metrics is not None:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
+            metrics.write_line(_json(record))
+
+    def save_checkpoint(between_steps=False):
+        counters["wall"] = time.time() - start
+        return checkpoints.save(counters["step"], engine, {"counters": dict(counters, window_loss=window_loss,
+                                                                            window_draws=window_draws),
+                                                           "batches": batches.state_dict()},
+                                counters["micro_step"] if between_steps else None)
 
     pin = engine.device.type == "cuda"
     # the whole model's parameters: a DTensor's numel is global, ZeRO-3 keeps the full count in ds_numel
@@ -159,20 +199,35 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
                                                                       seq_len),
                        peak_tflops(engine.device, train_cfg["peak_tflops"]), engine.device)
     while not budget.exhausted():
-        x, y = (t.pin_memory().to(engine.device, non_blocking=True) if pin else t for t in batches.next())
+        x, y = (t.pin_memory().to(engine.device, non_blocking=True) if pin else t.to(engine.device)
+                for t in batches.next())
         loss = engine.loss(x, y)
         engine.backward(loss)
-        window_loss += float(loss.detach())
-        window_draws += 1
+        if STOP.signum and not flagged:  # a kernel, no sync; the flag then rides along
+            stop_flag.copy_(torch.tensor([1.0, STOP.signum], dtype=torch.float64), non_blocking=True)
+            flagged = True
+        # this micro-batch's loss and the stop flag ride in the controller's all-reduce: the loop
+        # adds no host sync and no collective of its own (and every rank sees every rank's flag)
+        engine.controller.carry(torch.cat([loss.detach().reshape(1).to(torch.float64), stop_flag]))
         counters["micro_step"] += 1
         budget.micro_steps_done = counters["micro_step"]
         threshold = engine.threshold()  # what this micro-step's decision uses
         meter.before_decision()
         stepped = engine.step(loss)
         meter.after_decision(stepped)
+        loss_sum, stopping, signal_sum = engine.controller.carried
+        signals = signal_sum / stopping if stopping else 0  # the signal, if every rank asked got the same
+        window_loss += loss_sum / world
+        window_draws += 1
         if not stepped:
             if engine.controller.num_draws == 0:  # a dropped (non-finite) window
+                watch.window(True, loss_sum / world, counters["step"], counters["micro_step"])
                 window_loss, window_draws = 0.0, 0
+                if watch.verdict():
+                    break
+            if signals:
+                stopped = (signals, save_checkpoint(between_steps=True))
+                break
             continue
         counters["step"] += 1
         budget.steps_done = counters["step"]
@@ -182,7 +237,7 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
         tokens = tokens_seen()
         record = {"kind": "step", "step": step, "tokens": tokens,
                   "samples": counters["micro_step"] * global_batch,
-                  "loss": _global_mean([window_loss / window_draws])[0], "draws": stats["last_num_draws"],
+                  "loss": window_loss / window_draws, "draws": stats["last_num_draws"],
                   "threshold": threshold, "mean_grad_norm": stats["mean_grad_norm"],
                   "noise_scale": stats.get("gradient_noise_scale_micro_batches"),
                   "target_draws": stats.get("wanted_draws"),
@@ -191,7 +246,10 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
                   **{key: stats[key] for key in COST_KEYS if key in stats},
                   **meter.window()}
         write(record)
+        watch.window(False, record["loss"], step, counters["micro_step"])
         window_loss, window_draws = 0.0, 0
+        if watch.verdict():
+            break
         shown.add(record["draws"])
         if bar is not None:  # the postfix first: update() then shows the steps just taken
             if round(100 * budget.fraction) != bar.n:
@@ -205,14 +263,26 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
                   f"{shown.mean():.2f} micro-batches | noise scale {_noise_text(record['noise_scale'])} micro-batches"
                   f" | {record['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
             shown.reset()
-        if step % train_cfg["eval_interval"] == 0 and not budget.exhausted():
+        if step % train_cfg["eval_interval"] == 0 and not budget.exhausted() and not signals:
             write({"kind": "val", "step": step, "tokens": tokens, "val_loss": evaluate(engine, eval_set, rank, world),
                    "wall_time": time.time() - start})
-        if step % train_cfg["checkpoint_interval"] == 0:
-            counters["wall"] = time.time() - start
-            checkpoints.save(step, engine, {"counters": dict(counters), "batches": batches.state_dict()})
+        saved = None
+        if step % train_cfg["checkpoint_interval"] == 0 or signals:
+            if watch.healthy:  # never a checkpoint of a run going non-finite over a good one
+                saved = save_checkpoint()
+            elif rank == 0:
+                print(f"gqc-train: warning: no checkpoint at step {step}: the recent windows went non-finite; "
+                      f"{checkpoints.latest_name(out_dir) or 'no checkpoint'} stays the latest", file=sys.stderr)
+        if signals:
+            stopped = (signals, saved)
+            break
     if bar is not None:
         bar.close()
+    if stopped is not None or watch.verdict():
+        if metrics is not None:
+            metrics.close()
+        _end_early(config, out_dir, rank, counters, stopped, watch, checkpoints, tokens_seen(),
+                   engine.controller.statistics()["dropped_windows"], start)
     # the final loss on more batches: float summation order alone moves an 8-batch loss by 0.3%
     final_set = evaluate_batches(val_data, seq_len, eval_batch, train_cfg["final_eval_batches"])
     val_loss = evaluate(engine, final_set, rank, world)
@@ -222,7 +292,8 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
                "optimizer_steps": counters["step"], "micro_steps": counters["micro_step"],
                "mean_micro_batches_per_step": counters["micro_steps_in_steps"] / max(1, counters["step"]),
                "wall_time": time.time() - start, "engine": config["engine"], "world_size": world,
-               "device": str(engine.device), "precision": config["precision"], "out_dir": str(out_dir)}
+               "device": str(engine.device), "precision": config["precision"], "out_dir": str(out_dir),
+               "dropped_windows": engine.controller.statistics()["dropped_windows"], "status": "finished"}
     summary["tokens_per_s"] = summary["tokens"] / max(summary["wall_time"], 1e-9)
     summary["tokens_per_s_per_rank"] = summary["tokens_per_s"] / world
     if meter.peak_tflops:
@@ -234,5 +305,31 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
             plot_run(metrics_path, out_dir / "training.png",
                      title=f"gqc-train {config['engine']} {config['gqc']['algorithm']}",
                      value_name=engine.spec.logged_value)
-        write_atomic(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        write_atomic(out_dir / "summary.json", _json(summary, indent=2) + "\n", "summary")
     return summary
+
+
+def _end_early(config, out_dir, rank, counters, stopped, watch, checkpoints, tokens, dropped, start):
+    """The run ends before its budget: a stop signal (after its checkpoint) or divergence (no
+    checkpoint, ``summary.json`` with ``"status": "diverged"``). Raises :class:`RunStopped` or
+    :class:`TrainDiverged` with the one line to print."""
+    latest = checkpoints.latest_name(out_dir)
+    where = f"optimizer step {counters['step']} (micro-step {counters['micro_step']}, {tokens:,} tokens)"
+    if stopped is not None:
+        signals, saved = stopped
+        what = f"checkpoint {saved} written" if saved else f"{latest or 'no checkpoint'} is the latest checkpoint"
+        name = signal_name(signals)  # 128 + the signal, as a shell reports it (SIGTERM's for a mixture)
+        raise RunStopped(f"stopped by {name} at {where}: {what}; continue with --resume --out-dir {out_dir}",
+                         128 + int(getattr(signal.Signals, name, signal.SIGTERM)))
+    lr = config["optimizer"]["lr"]
+    good = f"the last good checkpoint is {checkpoints.root / latest}" if latest else "no checkpoint was written before"
+    line = (f"training diverged: {watch.verdict()}; stopped at {where} without a checkpoint; {good}; likely fix: a lower "
+            f"optimizer.lr (now {lr:g}, e.g. --set optimizer.lr={lr / 10:g} in a new --out-dir)"
+            + ("; or bf16 instead of fp16" if config["precision"] == "fp16" else ""))
+    if rank == 0:
+        summary = {"status": "diverged", "reason": line, "val_loss": None, "tokens": tokens,
+                   "optimizer_steps": counters["step"], "micro_steps": counters["micro_step"],
+                   "dropped_windows": dropped, "last_good_checkpoint": latest,
+                   "wall_time": time.time() - start, "engine": config["engine"], "out_dir": str(out_dir)}
+        write_atomic(out_dir / "summary.json", _json(summary, indent=2) + "\n", "summary")
+    raise TrainDiverged(line)

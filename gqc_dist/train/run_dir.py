@@ -2,47 +2,79 @@
 
 * A new run refuses a directory that already holds a run (``--resume`` continues it,
   ``--overwrite`` replaces it) and a path that is a file; every rank agrees before any writes.
+* One run at a time: :func:`claim` takes the directory's lock (``run_lock``) once the run is
+  ready to write, re-checks under it, and only then clears a run being overwritten.
 * ``checkpoints/step_NNNNNN/rank{r}.pt`` (each rank its own state, written atomically) and the
-  ``checkpoints/latest`` pointer (renamed into place once every rank's file is complete).
+  ``checkpoints/latest`` pointer (renamed into place once every rank's file is complete: a
+  checkpoint whose writing failed on any rank is never named by it). A checkpoint taken between
+  optimizer steps (a stop signal) is ``step_NNNNNN_micro_MMMMMMMM``.
 * Checkpoints load with ``torch.load(weights_only=True)``: tensors and plain containers only,
   nothing that runs code. A missing, truncated, corrupt or foreign checkpoint is a
   :class:`TrainError` naming the file, raised before anything in the directory changes.
+* Every write goes through ``storage``: a full disk, a read-only or vanished directory is a
+  :class:`storage.RunFileError` naming the path and the cause, on every rank.
 """
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from .. import collectives
 from ..errors import GQCError, TrainError
+from .run_lock import LOCK_NAME, RunLock
+from .storage import RunFileError, cause_of, save_tensors, write_atomic, writing
+
+__all__ = ["prepare", "claim", "saved_config", "Checkpoints", "truncate_metrics", "write_atomic", "RUN_FILES"]
 
 RUN_FILES = ("config.json", "metrics.jsonl", "summary.json", "training.png", "checkpoints")
 
 
 def prepare(out_dir: Path, resume: bool, overwrite: bool, rank: int) -> None:
-    """Check ``out_dir`` for a new run (or a resumed one) on every rank, agree, then (rank 0)
-    clear it when ``overwrite``. Raises :class:`TrainError` on every rank, naming the path."""
-    problem = _problem(out_dir, resume, overwrite)
-    if dist.is_initialized():  # every rank checks before rank 0 writes, and all agree
-        flags = [None] * dist.get_world_size()
-        dist.all_gather_object(flags, problem)
-        problem = next((p for p in flags if p), None)
+    """Check ``out_dir`` for a new run (or a resumed one) on every rank and agree; writes nothing
+    (:func:`claim` takes the directory once the run is ready). Raises :class:`TrainError` on
+    every rank, naming the path."""
+    problem = next((p for p in collectives.gather_objects(_problem(out_dir, resume, overwrite)) if p), None)
     if problem:
         raise TrainError(problem)
-    if overwrite and rank == 0 and out_dir.exists():
-        for name in RUN_FILES:
-            path = out_dir / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
-    if dist.is_initialized():
-        dist.barrier()
+
+
+def claim(out_dir: Path, lock: RunLock, resume: bool, overwrite: bool, rank: int,
+          resumed_from: Optional[str], device: torch.device) -> None:
+    """Take ``out_dir`` for this run: rank 0 locks it (refused, naming the holder, while another
+    run lives there) and re-checks what :func:`prepare` checked, now that no other run can
+    start (a resume also checks that ``latest`` still names ``resumed_from``); every rank agrees;
+    the other ranks then hold a share of the lock; with ``overwrite`` rank 0 clears the old
+    run. Raises :class:`TrainError` on every rank."""
+    problem = None
+    if rank == 0:
+        try:
+            lock.acquire_owner()
+            problem = _problem(out_dir, resume, overwrite)
+            latest = Checkpoints.latest_name(out_dir)
+            if problem is None and resume and latest != resumed_from:
+                problem = (f"--resume: {out_dir} changed while this run was starting (latest checkpoint "
+                           f"{resumed_from} became {latest}): start it again")
+        except TrainError as error:
+            problem = str(error)
+    failed = next((p for p in collectives.gather_objects(problem) if p), None)
+    if failed:
+        lock.release()
+        raise TrainError(failed)
+    if rank != 0:
+        lock.join()
+    if overwrite and rank == 0:
+        with writing(out_dir, "(clearing the run being overwritten)"):
+            for name in RUN_FILES:
+                path = out_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.exists():
+                    path.unlink()
+    collectives.barrier(device)
 
 
 def _problem(out_dir: Path, resume: bool, overwrite: bool) -> Optional[str]:
@@ -58,7 +90,8 @@ def _problem(out_dir: Path, resume: bool, overwrite: bool) -> Optional[str]:
     if held and not overwrite:
         return (f"{out_dir} already holds a run ({', '.join(held)}): pass --resume to continue it, "
                 "--overwrite to replace it, or choose another --out-dir")
-    if out_dir.is_dir() and not held and any(out_dir.iterdir()) and overwrite:
+    foreign = out_dir.is_dir() and any(path.name != LOCK_NAME for path in out_dir.iterdir())
+    if not held and foreign and overwrite:
         return f"--overwrite: {out_dir} is not empty and holds no run; refusing to clear it"
     return None
 
@@ -80,36 +113,84 @@ def saved_config(out_dir: Path) -> Dict[str, Any]:
 class Checkpoints:
     """Per-rank checkpoint files under ``out_dir/checkpoints`` and the ``latest`` pointer."""
 
-    def __init__(self, out_dir: Path, rank: int, world: int):
+    def __init__(self, out_dir: Path, rank: int, world: int, device: Optional[torch.device] = None):
         self.root = out_dir / "checkpoints"
         self.rank, self.world = rank, world
+        self.device = device or torch.device("cpu")
+        #: the folder the run resumed from (``load_latest``)
+        self.loaded: Optional[str] = None
 
-    def save(self, step: int, engine, extra: Dict[str, Any]) -> None:
-        folder = self.root / f"step_{step:06d}"
-        folder.mkdir(parents=True, exist_ok=True)
+    @staticmethod
+    def latest_name(out_dir: Path) -> Optional[str]:
+        """The folder ``out_dir/checkpoints/latest`` names, or ``None``."""
+        try:
+            return (out_dir / "checkpoints" / "latest").read_text().strip() or None
+        except OSError:
+            return None
+
+    @staticmethod
+    def folder_name(step: int, micro_step: Optional[int] = None) -> str:
+        """``step_000012`` right after optimizer step 12; ``step_000012_micro_00000031`` at
+        micro-step 31, between steps (a stop signal): never the name of another checkpoint."""
+        return f"step_{step:06d}" + (f"_micro_{micro_step:08d}" if micro_step is not None else "")
+
+    def save(self, step: int, engine, extra: Dict[str, Any], micro_step: Optional[int] = None) -> Path:
+        """Write this rank's part of the checkpoint after optimizer step ``step`` (or at
+        ``micro_step``, between steps); then, once every rank's part is complete, rank 0 points
+        ``latest`` at it. A failed write on any rank is a :class:`RunFileError` on every rank and
+        leaves ``latest`` as it was. Returns the checkpoint's folder."""
+        folder = self.root / self.folder_name(step, micro_step)
+        error = None
+        try:
+            with writing(folder, "checkpoint"):
+                # not parents=True: a run directory removed under a running job must not be recreated
+                self.root.mkdir(exist_ok=True)
+                folder.mkdir(exist_ok=True)
+                self._write(folder, engine, extra)
+        except RunFileError as caught:
+            error = str(caught)
+        self._agree(error)
+        if self.rank == 0:  # after every rank's file is complete; atomic, so a kill never leaves half a name
+            try:
+                write_atomic(self.root / "latest", folder.name + "\n", "the checkpoint pointer")
+            except RunFileError as caught:
+                error = str(caught)
+        self._agree(error)
+        return folder
+
+    def _write(self, folder: Path, engine, extra: Dict[str, Any]) -> None:
         state = {"world_size": self.world, "extra": extra}
         if engine.ds_engine is not None:
             engine.ds_engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
         state["engine"] = engine.state_dict()
         if engine.resharding:  # model and optimizer resharded by DCP; the rest is rank-independent
-            dcp.save(engine.sharded_state_dict(), checkpoint_id=str(folder / "dcp"))
+            try:
+                dcp.save(engine.sharded_state_dict(), checkpoint_id=str(folder / "dcp"))
+            except dcp.api.CheckpointException as failed:  # raised on every rank alike
+                rank, (exc, _) = sorted(failed.failures.items())[0]
+                raise RunFileError(f"cannot write checkpoint {folder / 'dcp'} (rank {rank}): "
+                                   f"{cause_of(exc, folder)}", folder, cause_of(exc, folder)) from None
             name = "state.pt"
         else:
             name = f"rank{self.rank}.pt"
         if self.rank == 0 or not engine.resharding:
-            tmp = folder / (name + ".tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, folder / name)
-        if dist.is_initialized():
-            dist.barrier()
-        if self.rank == 0:  # after every rank's file is complete; atomic, so a kill never leaves half a name
-            write_atomic(self.root / "latest", folder.name + "\n")
+            save_tensors(state, folder / name)
+
+    def _agree(self, error: Optional[str]) -> None:
+        """Every rank raises the first failing rank's error (a lone failure would leave the other
+        ranks waiting in the next collective)."""
+        failures = [(rank, message) for rank, message in enumerate(collectives.gather_objects(error)) if message]
+        if failures:
+            rank, message = failures[0]
+            prefix = f"rank {rank}: " if self.world > 1 else ""
+            raise RunFileError(prefix + message, self.root, message)
 
     def load_latest(self, engine) -> Optional[Dict[str, Any]]:
         pointer = self.root / "latest"
         if not pointer.exists():
             return None
         folder = self.root / pointer.read_text().strip()
+        self.loaded = folder.name
         resharded = (folder / "state.pt").is_file()
         path = folder / ("state.pt" if resharded else f"rank{self.rank}.pt")
         if resharded != engine.resharding:
@@ -144,8 +225,9 @@ class Checkpoints:
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Keep the metrics records up to optimizer step ``step`` (the checkpoint resumed from). A last
-    line cut short by a killed run is dropped; a malformed line before it is an error."""
+    """Keep the metrics records up to optimizer step ``step`` (the checkpoint resumed from), less a
+    finished run's final evaluation. A last line cut short by a killed run (or a full disk) is
+    dropped; a malformed line before it is an error."""
     lines = path.read_text().splitlines() if path.exists() else []
     kept = []
     for number, line in enumerate(lines, 1):
@@ -155,15 +237,8 @@ def truncate_metrics(path: Path, step: int) -> None:
             if number == len(lines):
                 break
             raise TrainError(f"--resume: {path} line {number} is not JSON: {line[:80]!r}") from None
-        if record["step"] <= step:
-            kept.append(line)
-    write_atomic(path, "".join(line + "\n" for line in kept))
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that a kill leaves the old file or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        if record["step"] <= step and not (record["kind"] == "val" and "batches" in record):
+            kept.append(line)  # not a finished run's final evaluation: the resumed run ends with its own
+    write_atomic(path, "".join(line + "\n" for line in kept), "metrics")
 
 

@@ -10,7 +10,9 @@ over ranks, so 1 and N ranks see the same data); ``model.seq_len`` is in tokens 
 ``train.*_interval`` count optimizer steps. ``train.tokens`` is a token budget (global tokens
 consumed, micro-batches not stepped included): when set, the run ends there and the learning
 rate and the controller's schedule advance with tokens (``gqc_dist.train.progress``);
-``optimizer_steps`` and ``max_micro_steps`` remain caps.
+``optimizer_steps`` and ``max_micro_steps`` remain caps. ``train.max_nonfinite_windows`` ends a
+diverged run: that many windows in a row, or of the last twice as many, dropped for a non-finite
+gradient or stepped with a non-finite loss (``gqc_dist.train.health``).
 """
 
 import copy
@@ -44,7 +46,7 @@ DEFAULT_CONFIG: Dict[str, Any] = {
     "gqc": {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16},
     "train": {"tokens": 3_072_000, "optimizer_steps": 100_000, "max_micro_steps": 100_000, "eval_interval": 50,
               "eval_batches": 8, "final_eval_batches": 64, "checkpoint_interval": 100,
-              "collective_timeout_s": 300, "peak_tflops": None},
+              "collective_timeout_s": 300, "peak_tflops": None, "max_nonfinite_windows": 25},
     "deepspeed": {"zero_optimization": {"stage": 2}},
 }
 
@@ -74,7 +76,8 @@ SCHEMA = {
     "gqc": None,  # checked by gqc_dist.config.parse_section
     "train": {"tokens": _TOKENS, "optimizer_steps": _INT_POS, "max_micro_steps": _INT_POS, "eval_interval": _INT_POS,
               "eval_batches": _INT_POS, "final_eval_batches": _INT_POS, "checkpoint_interval": _INT_POS, "collective_timeout_s": _NUM_POS,
-              "peak_tflops": ((int, float, type(None)), lambda v: v is None or v > 0, "> 0 or null")},
+              "peak_tflops": ((int, float, type(None)), lambda v: v is None or v > 0, "> 0 or null"),
+              "max_nonfinite_windows": _INT_POS},
     "deepspeed": "any-object",  # a ds_config fragment, checked by gqc_dist.deepspeed
 }
 
