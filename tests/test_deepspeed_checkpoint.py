@@ -76,7 +76,9 @@ def _summary(engine, decisions):
         final = [p.detach().float().clone() for p in params]
     return {"decisions": decisions, "params": final, "global_steps": engine.global_steps,
             "global_samples": engine.global_samples, "lr": engine.get_lr(),
-            "stats": engine.gqc.statistics() if hasattr(engine, "gqc") else None}
+            # the controller's state; the measured costs (cost_*) are wall-clock timings, not state
+            "stats": {k: v for k, v in engine.gqc.statistics().items() if not k.startswith("cost_")}
+            if hasattr(engine, "gqc") else None}
 
 
 def _controller_state(engine):

@@ -61,6 +61,7 @@ class VirtualHosts:
             Path("/etc/netns", ns, "hosts").write_text(hosts_file)
             outside = f"{self.bridge}v{i}"
             _ip("link", "add", outside, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            self._created.append(("link", outside))  # removed itself, not left to the namespace's async teardown
             _ip("link", "set", outside, "master", self.bridge)
             _ip("link", "set", outside, "up")
             _ip("-n", ns, "addr", "add", f"{self.addresses[i]}/24", "dev", "eth0")
