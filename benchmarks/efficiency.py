@@ -93,6 +93,9 @@ MULTIPLIERS = (0.5, 1, 2)
 SEEDS = (0, 1, 2)
 
 
+SQRT = ["--set", "optimizer.lr_coupling=sqrt"]  # the grid's placement: lr x sqrt(k), whatever the default
+
+
 def arms():
     """Every arm: ``{name: (record fields, gqc-train arguments)}``."""
     out = {}
@@ -100,11 +103,11 @@ def arms():
         # k = 8 trails everywhere: two rates; k = 1's best lay at the grid's edge on main: one more
         for m in {1: MULTIPLIERS + (4,), 8: MULTIPLIERS[1:]}.get(k, MULTIPLIERS):
             out[f"fixed{k}@{m:g}"] = ({"kind": "fixed", "k": k, "lr_multiplier": m},
-                                      ["--baseline", str(k), "--set", f"optimizer.lr={BASE_LR * m!r}"])
+                                      ["--baseline", str(k), "--set", f"optimizer.lr={BASE_LR * m!r}", *SQRT])
     for k in (1.25, 1.5):  # between k = 1 and 2, at the rates that won for them
         for m in (1, 2):
             out[f"fixed{k:g}@{m}"] = ({"kind": "fixed", "k": k, "lr_multiplier": m},
-                                      ["--baseline", str(k), "--set", f"optimizer.lr={BASE_LR * m!r}"])
+                                      ["--baseline", str(k), "--set", f"optimizer.lr={BASE_LR * m!r}", *SQRT])
     for k in (2, 8):
         out[f"fixed{k}@flat"] = ({"kind": "untuned", "k": k, "lr_multiplier": None},
                                  ["--baseline", str(k), "--set", "optimizer.lr_coupling=none"])

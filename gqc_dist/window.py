@@ -25,7 +25,7 @@ from typing import Callable, List, Optional
 
 from .errors import GQCConfigError
 
-RULES = {"none": 0.0, "sqrt": 0.5, "linear": 1.0}
+RULES = {"none": 0.0, "sqrt": 0.5, "linear": 1.0, "noise": None}  # power of n / reference; noise: below
 
 
 @dataclass(frozen=True)
@@ -106,15 +106,19 @@ class StepValues:
 class LRCoupling:
     """A window hook: each step's learning rate (and weight decay) from the window it takes.
 
-    ``lr = base_lr * warmup(window) * schedule(window) * (n / reference_draws) ** p`` for a
-    window of ``n`` micro-batches, with ``p`` 0.5 for ``rule="sqrt"`` (Adam), 1 for
-    ``"linear"`` (SGD), 0 for ``"none"``; ``base_lr`` is what the group holds (a scheduler's
-    value, or a constant). With ``weight_decay`` true the group's weight decay is multiplied by
+    ``lr = base_lr * warmup(window) * schedule(window) * factor`` for a window of ``n``
+    micro-batches against ``r = reference_draws``: ``factor = (n / r) ** p`` with ``p`` 0.5 for
+    ``rule="sqrt"`` (Adam), 1 for ``"linear"`` (SGD), 0 for ``"none"``; ``"noise"`` is the square
+    root of the ratio of optimal learning rates, ``sqrt((1 + b / r) / (1 + b / n))`` with ``b``
+    the window's noise scale in micro-batches (McCandlish et al. 2018: the optimal step grows as
+    ``1 / (1 + B_noise / B)``): ``sqrt(n / r)`` where the noise scale is far above the window, 1
+    where it is far below (a larger batch then buys no larger step), 1 before an estimate.
+    ``base_lr`` is what the group holds (a scheduler's value, or a constant). With ``weight_decay`` true the group's weight decay is multiplied by
     the same factor, so AdamW's decay per sample, ``lr * wd / n``, stays that of the reference
     window under the sqrt rule.
 
     Args:
-        rule: ``"sqrt"``, ``"linear"`` or ``"none"``.
+        rule: ``"sqrt"``, ``"linear"``, ``"noise"`` or ``"none"``.
         schedule: ``schedule(window) -> multiplier``: the decay of the base lr, 1 at its peak
             (e.g. a cosine keyed on ``window.micro_batches_seen``); ``None``: 1.
         warmup: ``warmup(window) -> multiplier`` in (0, 1], 1 once warmed up; ``None``: 1.
@@ -144,14 +148,23 @@ class LRCoupling:
         self.reference_draws = reference_draws
         self.weight_decay = weight_decay
 
-    def factor(self, num_draws: int) -> float:
-        """The coupling factor for a window of ``num_draws`` micro-batches."""
-        return (num_draws / self.reference_draws) ** self.power
+    def factor(self, num_draws: int, noise_scale: Optional[float] = None) -> float:
+        """The coupling factor for a window of ``num_draws`` micro-batches (``noise_scale``: the
+        window's ``B_simple`` in micro-batches, read by the ``"noise"`` rule only)."""
+        ratio = num_draws / self.reference_draws
+        if self.power is not None:
+            return ratio ** self.power
+        if noise_scale is None:
+            return 1.0
+        if math.isinf(noise_scale):
+            return math.sqrt(ratio)
+        b = max(noise_scale, 0.0)
+        return math.sqrt((1 + b / self.reference_draws) / (1 + b / num_draws))
 
     def __call__(self, window: Window, groups: List[dict]) -> None:
         decay = 1.0 if self.schedule is None else float(self.schedule(window))
         warm = 1.0 if self.warmup is None else float(self.warmup(window))
-        factor = self.factor(window.num_draws)
+        factor = self.factor(window.num_draws, window.noise_scale)
         floor = math.floor(self.reference_draws / max(decay, 1e-12) + 1e-9) if self.seesaw else None
         for group in groups:
             group["lr"] = group["lr"] * warm * decay * factor

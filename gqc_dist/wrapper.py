@@ -1,12 +1,14 @@
 """The optimizer wrapper every GQC algorithm shares.
 
-(About 370 lines: the class is torch-gqc's public surface that every algorithm subclasses:
-counters, the micro-step, reporting, checkpoints. What can live apart does: the statistics
-collection in ``micro_step``, the checkpoint format in ``checkpoint_state``, the optimizer
-look-alike in ``optimizer_lookalike``, rank-local accumulation in ``local_mode``, argument checks
-in ``validation``.)
+(About 460 lines: the class is torch-gqc's public surface that every algorithm subclasses, and
+the decision API frameworks drive: counters, the micro-step, reporting, checkpoints. What can
+live apart does: the statistics collection in ``micro_step``, the checkpoint format in
+``checkpoint_state``, the optimizer look-alike in ``optimizer_lookalike``, rank-local
+accumulation in ``local_mode``, the noise estimate in ``noise_scale``, costs in ``costs``, the
+window hook in ``window``, argument checks in ``validation``.)
 
-Per micro-step (one ``step()`` call after one ``backward``) data flows one way:
+Per micro-step (one ``after_backward()`` / ``step()`` call after one ``backward``) data flows one
+way:
 
     gradients -> rank-local fused sums (grad_norms) -> one all-reduce (packet) -> decision (rules)
     -> optimizer step or keep accumulating

@@ -136,6 +136,13 @@ def test_lr_coupling_rules_and_seesaw_floor():
     # where the schedule decayed 10x: floor 10; with sqrt, 9 micro-batches: lr 0.1 * 3
     assert groups[0]["min_draws"] == 10.0 and groups[0]["lr"] == pytest.approx(0.3)
     assert groups[0]["weight_decay"] == pytest.approx(0.3)
+    noise = LRCoupling("noise", weight_decay=False)
+    for b, n in ((6.0, 4), (0.3, 8), (100.0, 2)):  # sqrt of McCandlish's ratio of optimal steps
+        groups = [{"lr": 1.0}]
+        noise(Window(step=3, num_draws=n, micro_batches_seen=9, micro_batch_size=8, noise_scale=b, forced=False),
+              groups)
+        assert groups[0]["lr"] == pytest.approx(math.sqrt((1 + b) / (1 + b / n)))
+    assert noise.factor(4, None) == 1.0 and noise.factor(4, math.inf) == pytest.approx(2.0)
     with pytest.raises(gqc_dist.GQCConfigError, match="rule"):
         LRCoupling("cubic")
     with pytest.raises(gqc_dist.GQCConfigError, match="seesaw needs a schedule"):
