@@ -12,7 +12,9 @@ Measured by the wrapper where they happen, with the host clock, on every rank:
   mode the engine reduces inside every backward, so it is part of ``micro_step_s``.
 * ``optimizer_step_s``: the window hook, averaging and the engine's optimizer step.
 
-Each is an exponential moving average (factor ``beta`` per sample). Every micro-step's packet
+Each is an exponential moving average (factor ``beta`` per sample) of samples capped at three
+times the average so far: the host loop's own pauses between two ``step()`` calls (an
+evaluation, a checkpoint) are not a micro-step's cost, and one of them must not swing it. Every micro-step's packet
 carries this rank's averages as a sum field (three floats), so every rank reads the mean over the
 ranks: ``statistics()`` is the same everywhere and a rule that decides on costs (``goodput``)
 decides alike without a new collective.
@@ -36,7 +38,10 @@ class CostMeter:
 
     def _add(self, name: str, seconds: float) -> None:
         old = self.local[name]
-        self.local[name] = seconds if old is None else self.beta * old + (1 - self.beta) * seconds
+        if old is None:
+            self.local[name] = seconds
+        else:
+            self.local[name] = self.beta * old + (1 - self.beta) * min(seconds, 3 * old)
 
     def reduced(self, seconds: float) -> None:
         """This call averaged the local sums over the ranks in ``seconds``."""

@@ -1,15 +1,19 @@
 """Build the model, optimizer and GQC controller for the engine a gqc-train config names.
 
-Every engine returns a :class:`TrainEngine` with the same small surface, so the training loop
-does not know which engine it drives: ``loss(x, y)``, ``backward(loss)``, ``step() -> bool``,
-``controller`` (the GQC wrapper, for statistics), ``lr()``, and checkpoint state. The learning
-rate of every step is set by a window hook on the controller (``progress.lr_hook``), the same on
-every engine.
+One class per engine (:class:`SingleEngine`, :class:`DDPEngine`, :class:`FSDP2Engine`,
+:class:`DeepSpeedEngine`), each owning its forward, backward, step and checkpoint files, with the
+same small surface, so the training loop and ``run_dir.Checkpoints`` do not know which engine
+they drive: ``loss(x, y)``, ``backward(loss)``, ``step(loss) -> bool``, ``controller`` (the GQC
+wrapper), ``lr()``, ``threshold()``, ``state_dict()`` / ``load_state_dict()`` and
+``save_files(folder)`` / ``load_files(folder)``. A new backend is a subclass. The learning rate
+of every step is set by a window hook on the controller (``progress.lr_hook``), the same on every
+engine.
 """
 
 import contextlib
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Dict
 
 import torch
@@ -76,47 +80,40 @@ def init_distributed(engine: str, timeout_s: float = 300.0, device: str = "auto"
 
 
 class TrainEngine:
-    """What the loop drives. ``forward_model`` is what forward runs through (DDP/FSDP2 wrappers
-    included); ``module`` is the GPT itself."""
+    """What the loop drives (the base: one process). ``module`` is the GPT itself,
+    ``forward_model`` what forward runs through."""
 
-    def __init__(self, name, module, controller, value_schedule, optimizer,
-                 forward_model=None, ds_engine=None, algorithm="gnts", device=torch.device("cpu"),
-                 precision="fp32", scaler=None):
-        self.name = name
-        self.device = device
-        self.precision = precision
-        self.scaler = scaler  # fp16 on the torch engines; the GQC wrapper updates it
-        self.local_accumulation = controller.local_accumulation
-        self.spec = algorithm_spec(algorithm)
+    name = "single"
+    #: checkpoints go through torch.distributed.checkpoint, so a run saved on N ranks resumes on M
+    resharding = False
+
+    def __init__(self, module, controller, value_schedule, optimizer, algorithm, device, precision,
+                 scaler=None, forward_model=None):
         self.module = module
         self.controller = controller
         self.value_schedule = value_schedule
         self.optimizer = optimizer
+        self.spec = algorithm_spec(algorithm)
+        self.device = device
+        self.precision = precision
+        self.scaler = scaler  # fp16 on the torch engines; the GQC wrapper updates it
         self.forward_model = forward_model or module
-        self.ds_engine = ds_engine
+        self.local_accumulation = controller.local_accumulation
+
+    def _forward_context(self):
+        """What the forward runs under: autocast (engines that cast parameters themselves: none)."""
+        return autocast(self.device, self.precision)
 
     def loss(self, x, y):
-        # FSDP2 and DeepSpeed cast parameters themselves; the others autocast the forward
-        cast = self.name not in ("fsdp2", "deepspeed")
-        # local accumulation: DDP's backward skips its all-reduce (decided at forward time)
-        local = self.name == "ddp" and self.local_accumulation
-        with autocast(self.device, self.precision) if cast else contextlib.nullcontext(), \
-                self.forward_model.no_sync() if local else contextlib.nullcontext():
-            return token_loss(self.forward_model(x), y)  # through DDP's wrapper, so its hooks run
+        with self._forward_context():
+            return token_loss(self.forward_model(x), y)
 
     def backward(self, loss) -> None:
-        if self.ds_engine is not None:
-            self.ds_engine.backward(loss)
-        elif self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def step(self, loss) -> bool:
         """One GQC decision after the backward of ``loss`` (this rank's micro-batch loss); on a
         step the threshold schedule advances once (the learning rate is the window hook's)."""
-        if self.ds_engine is not None:
-            return self.ds_engine.step()  # DeepSpeed's wrapper steps the value schedule
         stepped = self.spec.step(self.controller, loss)
         if stepped and self.value_schedule is not None:
             self.value_schedule.step()
@@ -131,48 +128,126 @@ class TrainEngine:
         key = self.spec.logged_value
         return None if key is None else self.optimizer.param_groups[0].get(key)
 
-    @property
-    def resharding(self) -> bool:
-        """Whether checkpoints go through torch.distributed.checkpoint (dense FSDP2), so a run
-        saved on N ranks resumes on M; otherwise each rank saves its own state."""
-        return self.name == "fsdp2" and not expert_parameters(self.module)
-
+    # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
-        """This rank's training state at a step boundary (model shards under FSDP2). With
-        :attr:`resharding` the model and optimizer are left to :meth:`sharded_state_dict`; on
-        DeepSpeed everything is in DeepSpeed's checkpoint (model, optimizer, lr scheduler and,
-        through ``gqc_dist.deepspeed``, the GQC controller and its schedule)."""
-        if self.ds_engine is not None:
-            return {}
-        own = not self.resharding
-        state = {"controller": self.controller.state_dict(include_optimizer=own)}
+        """This rank's training state at a step boundary (model shards under FSDP2)."""
+        state = {"controller": self.controller.state_dict(include_optimizer=not self.resharding)}
         if self.value_schedule is not None:
             state["value_schedule"] = self.value_schedule.state_dict()
-        if own:
+        if not self.resharding:
             state["model"] = self.module.state_dict()
         return state
 
-    def sharded_state_dict(self) -> Dict[str, Any]:
-        """Model and optimizer as DTensor state dicts for torch.distributed.checkpoint."""
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        model, optim = get_state_dict(self.module, self.optimizer)
-        return {"model": model, "optim": optim}
-
-    def load_sharded_state_dict(self, state: Dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
-
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if self.ds_engine is not None:
-            return  # DeepSpeed's load_checkpoint restored it all
         if "model" in state:
             self.module.load_state_dict(state["model"])
         self.controller.load_state_dict(state["controller"])
         if self.value_schedule is not None:
             self.value_schedule.load_state_dict(state["value_schedule"])
+
+    def save_files(self, folder: Path) -> None:
+        """Write what the engine checkpoints itself under ``folder`` (every rank; before the
+        state dicts are written)."""
+
+    def load_files(self, folder: Path) -> None:
+        """Read what :meth:`save_files` wrote (before :meth:`load_state_dict`)."""
+
+
+SingleEngine = TrainEngine
+
+
+class DDPEngine(TrainEngine):
+    """DistributedDataParallel; under local accumulation every forward runs in ``no_sync()`` (DDP
+    decides at forward time whether its backward all-reduces)."""
+
+    name = "ddp"
+
+    def _forward_context(self):
+        if not self.local_accumulation:
+            return super()._forward_context()
+        stack = contextlib.ExitStack()
+        stack.enter_context(super()._forward_context())
+        stack.enter_context(self.forward_model.no_sync())
+        return stack
+
+
+class FSDP2Engine(TrainEngine):
+    """``fully_shard``: FSDP2 casts its parameters itself (``MixedPrecisionPolicy``); a dense
+    model's checkpoint goes through torch.distributed.checkpoint and reshards."""
+
+    name = "fsdp2"
+
+    def _forward_context(self):
+        return contextlib.nullcontext()
+
+    @property
+    def resharding(self) -> bool:
+        return not expert_parameters(self.module)
+
+    def _sharded_state_dict(self) -> Dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optim = get_state_dict(self.module, self.optimizer)
+        return {"model": model, "optim": optim}
+
+    def save_files(self, folder: Path) -> None:
+        if not self.resharding:
+            return
+        import torch.distributed.checkpoint as dcp
+
+        from .storage import RunFileError, cause_of
+
+        try:
+            dcp.save(self._sharded_state_dict(), checkpoint_id=str(folder / "dcp"))
+        except dcp.api.CheckpointException as failed:  # raised on every rank alike
+            rank, (exc, _) = sorted(failed.failures.items())[0]
+            raise RunFileError(f"cannot write checkpoint {folder / 'dcp'} (rank {rank}): "
+                               f"{cause_of(exc, folder)}", folder, cause_of(exc, folder)) from None
+
+    def load_files(self, folder: Path) -> None:
+        if not self.resharding:
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        sharded = self._sharded_state_dict()  # this world's layout, filled in place
+        dcp.load(sharded, checkpoint_id=str(folder / "dcp"))
+        set_state_dict(self.module, self.optimizer, model_state_dict=sharded["model"],
+                       optim_state_dict=sharded["optim"])
+
+
+class DeepSpeedEngine(TrainEngine):
+    """A ``gqc_dist.deepspeed`` engine: DeepSpeed casts, backwards and steps (the step is the GQC
+    decision, which also advances the value schedule), and its own checkpoint carries everything:
+    model, optimizer and the GQC controller with its schedule."""
+
+    name = "deepspeed"
+
+    def __init__(self, ds_engine, optimizer, algorithm, precision):
+        super().__init__(ds_engine.module, ds_engine.gqc, ds_engine.gqc_schedule, optimizer, algorithm,
+                         ds_engine.device, precision)
+        self.ds_engine = ds_engine
+
+    def _forward_context(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss) -> None:
+        self.ds_engine.backward(loss)
+
+    def step(self, loss) -> bool:
+        return self.ds_engine.step()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass  # load_files restored it all
+
+    def save_files(self, folder: Path) -> None:
+        self.ds_engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+
+    def load_files(self, folder: Path) -> None:
+        self.ds_engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
 
 
 def build_engine(config: Dict[str, Any], budget: Budget, device: torch.device) -> TrainEngine:
@@ -224,8 +299,9 @@ def build_engine(config: Dict[str, Any], budget: Budget, device: torch.device) -
                                                   gradients=gradients,
                                                   window_hook=lr_hook(budget, config["optimizer"]))
     value_schedule = _keyed(value_schedule, config, budget, controller)
-    return TrainEngine(engine, module, controller, value_schedule, optimizer, forward_model,
-                       algorithm=config["gqc"]["algorithm"], device=device, precision=precision, scaler=scaler)
+    classes = {"single": SingleEngine, "ddp": DDPEngine, "fsdp2": FSDP2Engine}
+    return classes[engine](module, controller, value_schedule, optimizer, config["gqc"]["algorithm"], device,
+                           precision, scaler=scaler, forward_model=forward_model)
 
 
 def _keyed(value_schedule, config, budget, controller):
@@ -247,6 +323,4 @@ def _deepspeed_engine(config, module, optimizer, micro_batch, budget) -> TrainEn
     ds_engine, _, _, _ = gqc_deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     ds_engine.gqc.window_hook = lr_hook(budget, config["optimizer"])
     ds_engine.gqc_schedule = _keyed(ds_engine.gqc_schedule, config, budget, ds_engine.gqc)
-    return TrainEngine("deepspeed", ds_engine.module, ds_engine.gqc, ds_engine.gqc_schedule,
-                       optimizer, ds_engine=ds_engine, algorithm=config["gqc"]["algorithm"],
-                       device=ds_engine.device, precision=precision)
+    return DeepSpeedEngine(ds_engine, optimizer, config["gqc"]["algorithm"], precision)

@@ -21,12 +21,11 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
 
 from .. import collectives
 from ..errors import GQCError, TrainError
 from .run_lock import LOCK_NAME, RunLock
-from .storage import RunFileError, cause_of, save_tensors, write_atomic, writing
+from .storage import RunFileError, save_tensors, write_atomic, writing
 
 __all__ = ["prepare", "claim", "saved_config", "Checkpoints", "truncate_metrics", "write_atomic", "RUN_FILES"]
 
@@ -160,19 +159,10 @@ class Checkpoints:
 
     def _write(self, folder: Path, engine, extra: Dict[str, Any]) -> None:
         state = {"world_size": self.world, "extra": extra}
-        if engine.ds_engine is not None:
-            engine.ds_engine.save_checkpoint(str(folder / "deepspeed"), tag="state")
+        engine.save_files(folder)  # DeepSpeed's checkpoint, or the resharding model and optimizer (DCP)
         state["engine"] = engine.state_dict()
-        if engine.resharding:  # model and optimizer resharded by DCP; the rest is rank-independent
-            try:
-                dcp.save(engine.sharded_state_dict(), checkpoint_id=str(folder / "dcp"))
-            except dcp.api.CheckpointException as failed:  # raised on every rank alike
-                rank, (exc, _) = sorted(failed.failures.items())[0]
-                raise RunFileError(f"cannot write checkpoint {folder / 'dcp'} (rank {rank}): "
-                                   f"{cause_of(exc, folder)}", folder, cause_of(exc, folder)) from None
-            name = "state.pt"
-        else:
-            name = f"rank{self.rank}.pt"
+        # resharded: the rest of the state is rank-independent, rank 0 writes it
+        name = "state.pt" if engine.resharding else f"rank{self.rank}.pt"
         if self.rank == 0 or not engine.resharding:
             save_tensors(state, folder / name)
 
@@ -209,12 +199,7 @@ class Checkpoints:
             raise TrainError(f"--resume: checkpoint {folder} was written by {state.get('world_size')} ranks, "
                              f"this run has {self.world} (only dense FSDP2 checkpoints reshard)")
         try:
-            if engine.ds_engine is not None:
-                engine.ds_engine.load_checkpoint(str(folder / "deepspeed"), tag="state")
-            if resharded:
-                sharded = engine.sharded_state_dict()  # this world's layout, filled in place
-                dcp.load(sharded, checkpoint_id=str(folder / "dcp"))
-                engine.load_sharded_state_dict(sharded)
+            engine.load_files(folder)
             engine.load_state_dict(state["engine"])
         except GQCError as error:
             raise TrainError(f"--resume: checkpoint {path} does not fit this run: {error}") from error
