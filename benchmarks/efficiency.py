@@ -18,8 +18,10 @@ for every arm. Per setting (``SETTINGS``):
   2x, so the fixed frontier between k = 1 and 2 is measured, not interpolated;
 * ``untuned``: fixed k = 2 and 8 at the base learning rate, no coupling (a user who does not
   retune; k = 1 at the base rate is ``fixed1@1``);
-* controllers (``CONTROLLERS``), at the base learning rate: the default and variants that show
-  why it is the default;
+* controllers (``CONTROLLERS``) at fixed k = 1's best learning rate of the setting (the rate a
+  user tunes at their micro-batch; the controller couples it to its windows itself), so a
+  controller gets k = 1's tuning budget and no more: the default and variants that show why it
+  is the default;
 * seeds 1 and 2 (paired: same initialisation and data order per seed) for the arms that decide:
   the best fixed arm of the setting and the default controller.
 
@@ -39,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from efficiency_table import best_fixed, by_arm, table_text, verdicts  # noqa: E402
+from efficiency_table import best_fixed, best_fixed_per_k, by_arm, table_text, verdicts  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -71,7 +73,9 @@ SETTINGS = {
                 "arms": ["fixed1@1", "fixed1@2", "fixed1@4", "fixed1.25@1", "fixed1.25@2", "fixed1.5@1", "fixed1.5@2", "fixed2@1", "fixed2@2",
                          "fixed4@1", "fixed8@1", "cbc"]},
     "mb2": {"set": ["data.micro_batch_size=2"], "tokens": 6000 * 2 * 128,
-            "about": "2-sequence micro-batches, as memory-bound users have"},
+            "about": "2-sequence micro-batches, as memory-bound users have",
+            "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
+                     "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "cbc", "cbc-k0.5"]},
     "second": {"set": ["model.dim=192", "model.heads=6", "data.micro_batch_size=8", "data.path=@torch"],
                "tokens": 1000 * 8 * 128, "about": "torch's own sources, width 192, 8-sequence micro-batches"},
     "third": {"set": ["model.seq_len=64", "model.dim=64", "model.heads=2", "model.layers=4",
@@ -127,6 +131,15 @@ def result_path(setting: str, arm: str, seed: int) -> Path:
     return RESULTS / setting / f"{arm}@s{seed}.json"
 
 
+def k1_multiplier(setting: str) -> float:
+    """The learning-rate multiplier of fixed k = 1's best seed-0 run in ``setting``: the rate the
+    controllers run at."""
+    per_k = best_fixed_per_k(by_arm(load_results(setting)))
+    if 1 not in per_k:
+        raise SystemExit(f"[{setting}] controllers run at fixed k=1's best learning rate: run the fixed1@* arms first")
+    return ARMS[per_k[1]][0]["lr_multiplier"]
+
+
 def run(setting: str, arm: str, seed: int) -> Path:
     """Make one run (unless its result exists) and keep its compact result; returns its path."""
     path = result_path(setting, arm, seed)
@@ -134,15 +147,20 @@ def run(setting: str, arm: str, seed: int) -> Path:
         return path
     out = run_dir(setting, arm, seed)
     spec = SETTINGS[setting]
+    fields, arm_args = ARMS[arm]
+    if fields["kind"] == "controller":
+        multiplier = k1_multiplier(setting)
+        fields = {**fields, "lr_multiplier": multiplier}
+        arm_args = ["--set", f"optimizer.lr={BASE_LR * multiplier!r}", *arm_args]
     overrides = [s.replace("@torch", _torch_sources()) for s in spec["set"]]
     command = [sys.executable, "-m", "gqc_dist.train", "--no-progress", "--overwrite", "--out-dir", str(out),
                "--seed", str(seed), "--set", f"train.tokens={spec['tokens']}", "--set", "train.optimizer_steps=10000000",
                "--set", "train.max_micro_steps=10000000", "--set", "train.checkpoint_interval=10000000",
-               "--set", "train.eval_interval=50", *sum((["--set", s] for s in overrides), []), *ARMS[arm][1]]
+               "--set", "train.eval_interval=50", *sum((["--set", s] for s in overrides), []), *arm_args]
     print(f"[{setting}] {arm} seed {seed}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-    record = record_of(out, setting, arm, seed, command)
+    record = record_of(out, setting, arm, seed, command, fields)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, separators=(",", ":")) + "\n")
     return path
@@ -155,7 +173,7 @@ def _quantiles(values, qs=(0.1, 0.5, 0.9)):
     return [values[min(len(values) - 1, int(q * len(values)))] for q in qs]
 
 
-def record_of(out: Path, setting: str, arm: str, seed: int, command) -> dict:
+def record_of(out: Path, setting: str, arm: str, seed: int, command, fields: dict) -> dict:
     """The compact result of one run directory."""
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     steps = [r for r in records if r["kind"] == "step"]
@@ -171,7 +189,6 @@ def record_of(out: Path, setting: str, arm: str, seed: int, command) -> dict:
     if all(t is not None for t in target) and target:
         wanted = sum(max(1.0, min(16.0, t)) for t in target)  # what the clamped target asks for
         follow = sum(r["draws"] for r in half) / wanted
-    fields = ARMS[arm][0]
     return {"setting": setting, "arm": arm, "seed": seed, **fields,
             "command": " ".join(str(c) for c in command[3:]).replace(str(OUT), "benchmarks/out"),
             "val_loss": summary["val_loss"], "optimizer_steps": summary["optimizer_steps"],
@@ -201,12 +218,15 @@ def arms_of(setting: str, names):
 
 
 def plan(settings, names, seeds):
-    """The runs to make, in order: seed 0 of every fixed arm of every setting, then seed 0 of the
-    controllers, then the other seeds of the best fixed arm (known once seed 0 of the grid is in)
-    and of the default controller."""
-    first = [(s, a, 0) for s in settings for a in arms_of(s, names) if ARMS[a][0]["kind"] != "controller"]
-    first += [(s, a, 0) for s in settings for a in arms_of(s, names) if ARMS[a][0]["kind"] == "controller"]
-    return first, lambda: [(s, a, seed) for s in settings for seed in seeds if seed
+    """The runs to make, in three waves: seed 0 of fixed k = 1 (the controllers' learning rate
+    comes from it); seed 0 of the default controller, then of the other fixed arms and the
+    variants; then the other seeds of the best fixed arm (known once seed 0 of the grid is in) and
+    of the default controller."""
+    names = list(dict.fromkeys(names))
+    k1 = [(s, a, 0) for s in settings for a in arms_of(s, names) if ARMS[a][0]["k"] == 1]
+    rest = [(s, a, 0) for s in settings for a in arms_of(s, names) if (s, a, 0) not in k1]
+    rest.sort(key=lambda job: (job[1] != DEFAULT, ARMS[job[1]][0]["kind"] == "controller"))
+    return [k1, rest], lambda: [(s, a, seed) for s in settings for seed in seeds if seed
                            for a in sorted({best_fixed(by_arm(load_results(s))), DEFAULT} & set(names) - {None})]
 
 
@@ -262,9 +282,10 @@ def main() -> None:
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args()
     if not args.report_only:
-        first, later = plan(args.settings, args.arms, args.seeds)
+        waves, later = plan(args.settings, args.arms, args.seeds)
         with ThreadPoolExecutor(args.jobs) as pool:
-            list(pool.map(lambda job: run(*job), first))
+            for wave in waves:
+                list(pool.map(lambda job: run(*job), wave))
             list(pool.map(lambda job: run(*job), later()))
     report(args.settings)
 

@@ -6,17 +6,20 @@ fixed accumulation under DDP's ``no_sync``, on two hosts joined by a shaped link
 
 Two network namespaces act as two hosts (tests/virtual_cluster.py), each running one gqc-train
 rank (torchrun, static rendezvous) of the main job's model on DDP with rank-local accumulation:
-each rank draws 8 of the 16 sequences of a global micro-batch, gradients stay local between
-steps and are all-reduced once per window (DDP's ``no_sync``, what users do for accumulation
-today). The link between the hosts is shaped with ``tc tbf`` to 100 Mbit/s (one all-reduce of
-the 2.4 MB gradient costs more than a micro-step) and to 1 Gbit/s (it costs a fraction of one).
+each rank draws 1 of the 2 sequences of a global micro-batch (the regime where the noise scale
+is well above the micro-batch and accumulating can pay; with the main job's 16 sequences it is
+below one micro-batch and the best window is one whatever the link), gradients stay local
+between steps and are all-reduced once per window (DDP's ``no_sync``, what users do for
+accumulation today). The link between the hosts is shaped with ``tc tbf`` to 100 Mbit/s (one
+all-reduce of the 2.6 MB gradient costs several micro-steps) and to 1 Gbit/s (about one).
 Arms: fixed k = 1, 2, 4, 8 micro-batches per step (learning rate coupled by the square-root
 rule, as gqc-train does) and the goodput rule. Every run consumes the same tokens in the same
 order. Figures: wall-clock to reach each fixed run's final loss, loss at equal wall-clock,
 a plot of loss against seconds.
 
-The cost model (``model_seconds``) replays a single-process run of the same per-rank work (its
-measured micro-step and optimizer-step seconds and its noise-scale trajectory in samples) at
+The cost model (``model_seconds``) replays a single-process run of the same per-rank work (a
+micro-step's and a step's own seconds fitted to its windows, ``fit_window_seconds``, and its
+noise-scale trajectory in samples) at
 other bandwidths and world sizes, with a ring all-reduce (``2 (W - 1) / W`` of the gradient's
 bytes over each link, plus a per-hop latency); it is checked against the shaped runs.
 Results: one small JSON per run under ``benchmarks/results/goodput/``.
@@ -37,13 +40,20 @@ sys.path.insert(0, str(REPO / "tests"))
 OUT = HERE / "out" / "goodput"
 RESULTS = HERE / "results" / "goodput"
 
-TOKENS = 750 * 16 * 128  # half the main job's budget: 750 global micro-batches of 16 sequences
+SEQUENCES = 2  # global sequences per micro-batch: one per rank
+TOKENS = 2000 * SEQUENCES * 128  # 2000 global micro-batches
 COMMON = ["--set", f"train.tokens={TOKENS}", "--set", "train.optimizer_steps=10000000",
           "--set", "train.max_micro_steps=10000000", "--set", "train.checkpoint_interval=10000000",
-          "--set", "train.eval_interval=25", "--no-progress"]
+          "--set", "train.eval_interval=25", "--set", f"data.micro_batch_size={SEQUENCES}", "--no-progress"]
+_GOODPUT = ["--set", 'gqc={"algorithm": "goodput", "max_draws": 32, "local_accumulation": true}']
 ARMS = {**{f"fixed{k}": ["--baseline", str(k), "--set", "gqc.local_accumulation=true"] for k in (1, 2, 4, 8)},
-        "goodput": ["--set", 'gqc={"algorithm": "goodput", "max_draws": 32, "local_accumulation": true}']}
-LINKS = {"100mbit": 100, "1gbit": 1000}
+        "goodput": _GOODPUT,
+        # larger windows end a shared token budget at a higher loss: given 3x the tokens, when does the
+        # rule reach fixed k = 1's final loss?
+        "goodput-3x": _GOODPUT + ["--set", f"train.tokens={3 * TOKENS}"]}
+# Mbit/s; None: the veth pair unshaped (10-31 Gbit/s measured here), the "fast link" where a
+# reduction costs a fraction of a micro-step
+LINKS = {"100mbit": 100, "1gbit": 1000, "unshaped": None}
 
 
 def _env():
@@ -60,7 +70,8 @@ def run_two_hosts(link: str, arm: str) -> Path:
     out = OUT / link / arm
     hosts = VirtualHosts(2).start()
     try:
-        hosts.shape(LINKS[link])
+        if LINKS[link]:
+            hosts.shape(LINKS[link])
         procs = []
         for node in range(2):
             env = {**_env(), "NNODES": "2", "NODE_RANK": str(node), "NPROC": "1",
@@ -78,15 +89,68 @@ def run_two_hosts(link: str, arm: str) -> Path:
     return _keep(out, result, {"link": link, "arm": arm, "mbit": LINKS[link]})
 
 
+PROBE = """
+import os, sys, time, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+small, big = torch.zeros(9, dtype=torch.float64), torch.zeros(int(sys.argv[1]) // 4)
+for tensor, count in ((small, 20), (big, 2)):  # warm up
+    for _ in range(count):
+        dist.all_reduce(tensor)
+times = {}
+for name, tensor, count in (("small_all_reduce_s", small, 300), ("gradient_all_reduce_s", big, 10)):
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(count):
+        dist.all_reduce(tensor)
+    times[name] = (time.perf_counter() - start) / count
+if dist.get_rank() == 0:
+    print(repr(times))
+dist.destroy_process_group()
+"""
+
+
+def measure_link(link: str, gradient_bytes: int) -> Path:
+    """The shaped link's own figures, the cost model's inputs: the mean seconds of a 9-value
+    all-reduce (the packet: latency) and of one of the gradient's size, between the two hosts."""
+    from virtual_cluster import VirtualHosts
+
+    result = RESULTS / link / "link.json"
+    if result.exists():
+        return result
+    hosts = VirtualHosts(2).start()
+    try:
+        if LINKS[link]:
+            hosts.shape(LINKS[link])
+        procs = [subprocess.Popen(hosts.command(rank, [sys.executable, "-c", PROBE, gradient_bytes]),
+                                  env={**_env(), "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": hosts.addresses[0],
+                                       "MASTER_PORT": "29511"}, stdout=subprocess.PIPE, text=True)
+                 for rank in range(2)]
+        out = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        hosts.stop()
+    figures = eval(out[0].strip().splitlines()[-1])  # noqa: S307 -- our own probe's repr of a dict of floats
+    result.parent.mkdir(parents=True, exist_ok=True)
+    result.write_text(json.dumps({"link": link, "mbit": LINKS[link], **figures}) + "\n")
+    return result
+
+
+def gradient_size() -> int:
+    """Bytes of the main job's fp32 gradient."""
+    from gqc_dist.train.model import GPT, ModelConfig
+    from gqc_dist.train.settings import DEFAULT_CONFIG
+
+    return 4 * sum(p.numel() for p in GPT(ModelConfig(**DEFAULT_CONFIG["model"])).parameters())
+
+
 def run_single() -> Path:
-    """The single-process run the cost model replays: one rank's work (8 sequences per
+    """The single-process run the cost model replays: one rank's work (one sequence per
     micro-step), the default controller (its probes measure the noise scale)."""
     result = RESULTS / "single.json"
     if result.exists():
         return result
     out = OUT / "single"
     subprocess.run([sys.executable, "-m", "gqc_dist.train", "--overwrite", "--out-dir", str(out), *COMMON,
-                    "--set", f"train.tokens={TOKENS // 2}", "--set", "data.micro_batch_size=8"],
+                    "--set", f"train.tokens={TOKENS // 2}", "--set", f"data.micro_batch_size={SEQUENCES // 2}"],
                    env=_env(), check=True, stdout=subprocess.DEVNULL)
     return _keep(out, result, {"arm": "single"})
 
@@ -105,6 +169,7 @@ def _keep(out: Path, result: Path, fields: dict) -> Path:
         return sum(values) / len(values) if values else None
 
     record = {**fields, "val_loss": summary["val_loss"], "wall_time": round(summary["wall_time"], 2),
+              "fit": fit_window_seconds(records),
               "optimizer_steps": summary["optimizer_steps"], "micro_steps": summary["micro_steps"],
               "tokens": summary["tokens"], "windows": windows,
               "costs": {key: late_mean(key) for key in ("cost_micro_step_s", "cost_reduction_s", "cost_optimizer_step_s")},
@@ -116,6 +181,27 @@ def _keep(out: Path, result: Path, fields: dict) -> Path:
     result.parent.mkdir(parents=True, exist_ok=True)
     result.write_text(json.dumps(record, separators=(",", ":")) + "\n")
     return result
+
+
+def fit_window_seconds(records):
+    """``{"micro_step_s": c, "step_s": r0}`` fitted to a run's steps by least squares,
+    ``seconds of a window of n = n c + r0``, leaving out windows an evaluation interrupted (the
+    host loop's pause is not training's); ``None`` with fewer than two window lengths."""
+    rows, previous, evaluated = [], None, False
+    for r in records:
+        if r["kind"] == "val":
+            evaluated = True
+        elif r["kind"] == "step":
+            if previous is not None and not evaluated:
+                rows.append((r["draws"], r["wall_time"] - previous))
+            previous, evaluated = r["wall_time"], False
+    if len({n for n, _ in rows}) < 2:
+        return None
+    count = len(rows)
+    sn, st = sum(n for n, _ in rows), sum(t for _, t in rows)
+    snn, snt = sum(n * n for n, _ in rows), sum(n * t for n, t in rows)
+    c = (count * snt - sn * st) / (count * snn - sn * sn)
+    return {"micro_step_s": c, "step_s": (st - c * sn) / count}
 
 
 # ---------------------------------------------------------------- reading the runs
@@ -142,7 +228,7 @@ def loss_at(curve, seconds):
 
 
 # ---------------------------------------------------------------- the cost model
-def ring_all_reduce_s(gradient_bytes: float, world: int, mbit: float, hop_latency_s: float = 50e-6) -> float:
+def ring_all_reduce_s(gradient_bytes: float, world: int, mbit: float, hop_latency_s: float) -> float:
     """Seconds of a ring all-reduce: ``2 (W - 1) / W`` of the bytes cross each link, and
     ``2 (W - 1)`` hops each pay the link latency."""
     if world < 2:
@@ -150,17 +236,32 @@ def ring_all_reduce_s(gradient_bytes: float, world: int, mbit: float, hop_latenc
     return 2 * (world - 1) / world * gradient_bytes * 8 / (mbit * 1e6) + 2 * (world - 1) * hop_latency_s
 
 
+def link_mbit(link: dict, gradient_bytes: float) -> float:
+    """The link's bandwidth in Mbit/s: its shaping, or for an unshaped link the one its measured
+    gradient all-reduce implies under the ring model (2 ranks: the bytes once, plus 2 hops)."""
+    if link["mbit"]:
+        return link["mbit"]
+    return gradient_bytes * 8 / (link["gradient_all_reduce_s"] - 2 * hop_latency_s(link)) / 1e6
+
+
+def hop_latency_s(link: dict) -> float:
+    """Per-hop latency from a measured 9-value all-reduce on 2 ranks (2 hops)."""
+    return link["small_all_reduce_s"] / 2
+
+
 def model_seconds(policy, single: dict, world: int, mbit: float, gradient_bytes: float, tokens: int,
-                  sequences_per_rank: int = 8, seq_len: int = 128):
+                  hop_s: float, sequences_per_rank: int = SEQUENCES // 2, seq_len: int = 128):
     """Predicted ``(seconds, optimizer steps, windows)`` to consume ``tokens`` on ``world`` ranks
-    drawing ``sequences_per_rank`` each per micro-step, from a single-process run's measured
-    per-micro-step and optimizer-step seconds and its noise scale (samples) against tokens.
+    drawing ``sequences_per_rank`` each per micro-step: a micro-step costs the single-process
+    run's fitted compute plus the packet's all-reduce (``2 (W - 1)`` hops of ``hop_s``), a step
+    its fitted own work plus the ring all-reduce of the gradient and the exact packet's re-read.
+    The goodput rule's windows come from the single run's noise scale (samples) against tokens.
     ``policy``: a window length (fixed accumulation) or ``"goodput"``."""
     from gqc_dist.algorithms.goodput import goodput_draws
 
-    c = single["costs"]["cost_micro_step_s"]
-    t_opt = single["costs"]["cost_optimizer_step_s"]
-    r = ring_all_reduce_s(gradient_bytes, world, mbit) + t_opt
+    packet = 2 * (world - 1) * hop_s
+    c = single["fit"]["micro_step_s"] + packet
+    r = single["fit"]["step_s"] + ring_all_reduce_s(gradient_bytes, world, mbit, hop_s) + packet
     per_micro = world * sequences_per_rank * seq_len  # tokens of one global micro-step
     trajectory = [(t, b) for t, b in single["trajectory"] if b is not None]
     done, seconds, steps, windows = 0, 0.0, 0, {}
@@ -182,17 +283,27 @@ def model_seconds(policy, single: dict, world: int, mbit: float, gradient_bytes:
     return seconds, steps, windows
 
 
-def report() -> None:
-    from gqc_dist.train.model import GPT, ModelConfig
-    from gqc_dist.train.settings import DEFAULT_CONFIG
+def fmt_s(seconds: float) -> str:
+    return "never (not within its budget)" if seconds != seconds else f"{seconds:.0f} s"
 
-    gradient_bytes = 4 * sum(p.numel() for p in GPT(ModelConfig(**DEFAULT_CONFIG["model"])).parameters())
+
+def fmt_ratio(ratio: float) -> str:
+    return "-" if ratio != ratio else f"{ratio:.2f}x"
+
+
+def report() -> None:
+    gradient_bytes = gradient_size()
     single = json.loads((RESULTS / "single.json").read_text()) if (RESULTS / "single.json").exists() else None
     for link in LINKS:
-        runs = {p.stem: json.loads(p.read_text()) for p in sorted((RESULTS / link).glob("*.json"))}
-        if not runs:
+        runs = _runs(link)
+        if not runs or not (RESULTS / link / "link.json").exists():
             continue
-        print(f"\n{link}: 2 hosts, {TOKENS:,} tokens, gradient {gradient_bytes / 2**20:.1f} MiB per all-reduce")
+        measured = json.loads((RESULTS / link / "link.json").read_text())
+        hop, mbit = hop_latency_s(measured), link_mbit(measured, gradient_bytes)
+        print(f"\n{link} ({mbit:.0f} Mbit/s): 2 hosts, {TOKENS:,} tokens, gradient {gradient_bytes / 2**20:.1f} MiB per all-reduce; "
+              f"measured: 9-value all-reduce {1e3 * measured['small_all_reduce_s']:.2f} ms, gradient all-reduce "
+              f"{1e3 * measured['gradient_all_reduce_s']:.0f} ms (ring model "
+              f"{1e3 * ring_all_reduce_s(gradient_bytes, 2, mbit, hop):.0f} ms)")
         print(f"{'arm':8} {'val loss':>8} {'seconds':>8} {'steps':>6} {'reduction/micro-step':>20} "
               f"{'windows taken':>28} {'model s':>8} {'model err':>9}")
         for arm, run in runs.items():
@@ -201,34 +312,90 @@ def report() -> None:
             windows = " ".join(f"{n}:{c}" for n, c in sorted(run["windows"].items(), key=lambda kv: int(kv[0]))[:6])
             predicted = math.nan
             if single:
-                policy = "goodput" if arm == "goodput" else int(arm[5:])
-                predicted = model_seconds(policy, single, 2, LINKS[link], gradient_bytes, TOKENS)[0]
+                policy = "goodput" if arm.startswith("goodput") else int(arm[5:])
+                predicted = model_seconds(policy, single, 2, mbit, gradient_bytes, run["tokens"], hop)[0]
             print(f"{arm:8} {run['val_loss']:8.4f} {run['wall_time']:8.1f} {run['optimizer_steps']:6d} "
                   f"{ratio:20.2f} {windows:>28} {predicted:8.1f} {100 * (predicted / run['wall_time'] - 1):+8.1f}%")
-        if "goodput" in runs:
-            g = runs["goodput"]
-            for arm, run in runs.items():
-                if arm == "goodput":
-                    continue
+        for name in ("goodput", "goodput-3x"):
+            if name not in runs:
+                continue
+            g, fixed = runs[name], {arm: run for arm, run in runs.items() if arm.startswith("fixed")}
+            ends = g["wall_time"]
+            at_end = {arm: loss_at(run["val_curve"], ends) if run["wall_time"] > ends else run["val_loss"]
+                      for arm, run in fixed.items()}
+            best = min(at_end, key=at_end.get) if at_end else None
+            print(f"  {name} ends at {g['val_loss']:.4f} after {ends:.0f} s; at {ends:.0f} s the fixed runs are at "
+                  + ", ".join(f"{arm} {loss:.4f}" for arm, loss in at_end.items())
+                  + (f" (best {best})" if best else ""))
+            for arm, run in fixed.items():
                 reach = seconds_to_reach(g["val_curve"], run["val_loss"])
-                at = loss_at(g["val_curve"], run["wall_time"])
-                print(f"  goodput reaches {arm}'s final {run['val_loss']:.4f} after {reach:.0f} s "
-                      f"({reach / run['wall_time']:.2f}x its {run['wall_time']:.0f} s); at {run['wall_time']:.0f} s "
-                      f"goodput's loss is {at:.4f}")
-    if single:
-        print("\ncost model: predicted seconds for the same micro-steps per rank (W/2 times the tokens), fixed k = 1 "
-              "and the best fixed k against goodput")
+                print(f"    {name} reaches {arm}'s final {run['val_loss']:.4f} after {fmt_s(reach)} "
+                      f"({fmt_ratio(reach / run['wall_time'])} of its {run['wall_time']:.0f} s)")
+    print("\nTargets:")
+    for line in targets(gradient_bytes, single):
+        print("  " + line)
+    if single and (RESULTS / "1gbit" / "link.json").exists():
+        hop = hop_latency_s(json.loads((RESULTS / "1gbit" / "link.json").read_text()))
+        print(f"\ncost model: predicted seconds for the same micro-steps per rank (W/2 times the tokens), fixed k = 1 "
+              f"and the best fixed k against goodput ({1e6 * hop:.0f} us per hop, as measured on the 1 Gbit/s link)")
         print(f"{'ranks':>6} {'Gbit/s':>7} {'fixed1 s':>9} {'best fixed':>14} {'goodput s':>10} {'goodput windows':>24}")
         for world in (8, 64, 1000):
             for gbit in (1, 10, 100):
                 tokens = TOKENS * world // 2
-                fixed = {k: model_seconds(k, single, world, gbit * 1000, gradient_bytes, tokens)[0] for k in (1, 2, 4, 8)}
+                fixed = {k: model_seconds(k, single, world, gbit * 1000, gradient_bytes, tokens, hop)[0]
+                         for k in (1, 2, 4, 8)}
                 best = min(fixed, key=fixed.get)
-                seconds, _, windows = model_seconds("goodput", single, world, gbit * 1000, gradient_bytes, tokens)
+                seconds, _, windows = model_seconds("goodput", single, world, gbit * 1000, gradient_bytes, tokens, hop)
                 common = " ".join(f"{n}:{c}" for n, c in sorted(windows.items())[:4])
                 print(f"{world:6d} {gbit:7d} {fixed[1]:9.1f} {f'k={best} {fixed[best]:.1f}':>14} {seconds:10.1f} "
                       f"{common:>24}")
     plot()
+
+
+def _runs(link: str) -> dict:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((RESULTS / link).glob("*.json")) if p.stem != "link"}
+
+
+def targets(gradient_bytes: int, single) -> list:
+    """The issue's three targets, each a line saying met or missed with its numbers."""
+    out = []
+    slow = _runs("100mbit")
+    if {"fixed1", "goodput", "goodput-3x"} <= set(slow):
+        k1, g3, g = slow["fixed1"], slow["goodput-3x"], slow["goodput"]
+        reach = seconds_to_reach(g3["val_curve"], k1["val_loss"]) / k1["wall_time"]
+        fixed_at = {a: loss_at(r["val_curve"], g["wall_time"]) if r["wall_time"] > g["wall_time"] else r["val_loss"]
+                    for a, r in slow.items() if a.startswith("fixed")}
+        best = min(fixed_at, key=fixed_at.get)
+        out.append(f"slow link (100 Mbit/s): reaches fixed1's final loss in {fmt_ratio(reach)} its wall-clock "
+                   f"(target <= 0.70x): {'met' if reach <= 0.7 else 'missed'}; at its end ({g['wall_time']:.0f} s) "
+                   f"{g['val_loss']:.4f} against the best fixed there ({best}) {fixed_at[best]:.4f}: "
+                   f"{'met' if g['val_loss'] <= fixed_at[best] else 'missed'}")
+    fast = _runs("unshaped")
+    if "goodput" in fast and any(a.startswith("fixed") for a in fast):
+        g = fast["goodput"]
+        best = min((a for a in fast if a.startswith("fixed")), key=lambda a: fast[a]["val_loss"])
+        gap = g["val_loss"] / fast[best]["val_loss"] - 1
+        slower = g["wall_time"] / fast[best]["wall_time"]
+        out.append(f"fast link (unshaped): at equal tokens {100 * gap:+.2f}% against the best fixed ({best}), "
+                   f"{slower:.2f}x its wall-clock (target within 1% and not slower): "
+                   f"{'met' if gap <= 0.01 and slower <= 1.0 else 'missed'}")
+    if single:
+        errors = []
+        for link in LINKS:
+            if not (RESULTS / link / "link.json").exists():
+                continue
+            measured = json.loads((RESULTS / link / "link.json").read_text())
+            hop, mbit = hop_latency_s(measured), link_mbit(measured, gradient_bytes)
+            for arm, run in _runs(link).items():
+                policy = "goodput" if arm.startswith("goodput") else int(arm[5:])
+                predicted = model_seconds(policy, single, 2, mbit, gradient_bytes, run["tokens"], hop)[0]
+                errors.append((abs(predicted / run["wall_time"] - 1), f"{link} {arm}"))
+        if errors:
+            worst = max(errors)
+            within = sum(e <= 0.15 for e, _ in errors)
+            out.append(f"cost model: {within} of {len(errors)} shaped runs within 15%, worst {100 * worst[0]:.0f}% "
+                       f"({worst[1]}): {'met' if within == len(errors) else 'missed'}")
+    return out
 
 
 def plot() -> None:
@@ -239,8 +406,7 @@ def plot() -> None:
 
     fig, axes = plt.subplots(1, len(LINKS), figsize=(13, 4.5), squeeze=False)
     for ax, link in zip(axes[0], LINKS):
-        for path in sorted((RESULTS / link).glob("*.json")):
-            run = json.loads(path.read_text())
+        for run in _runs(link).values():
             curve = run["val_curve"]
             ax.plot([p[2] for p in curve], [p[3] for p in curve], "-" if run["arm"] == "goodput" else "--",
                     label=run["arm"])
@@ -264,6 +430,7 @@ def main() -> None:
     if not args.report_only:
         run_single()
         for link in args.links:
+            measure_link(link, gradient_size())
             for arm in args.arms:
                 run_two_hosts(link, arm)
     report()
