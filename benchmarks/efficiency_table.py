@@ -123,8 +123,11 @@ def setting_rows(records: Iterable[dict]) -> Tuple[List[dict], dict]:
         need = steps_on_frontier(loss, points) if first["kind"] == "controller" else math.nan
         noise = first.get("noise_scale", {}).get("second_half")
         target = first.get("target", {})
+        label = arm
+        if first["kind"] == "controller" and first.get("lr_multiplier"):
+            label = f"{arm}@{first['lr_multiplier']:g}"  # the learning rate it ran at (k = 1's best)
         rows.append({
-            "arm": arm, "kind": first["kind"], "seeds": len(runs),
+            "arm": label, "kind": first["kind"], "seeds": len(runs),
             "val_loss": mean(r["val_loss"] for r in runs),
             "gap": paired_gaps(runs, arms[best]) if best else [],
             "steps": first["optimizer_steps"], "micro_steps": first["micro_steps"],

@@ -341,10 +341,10 @@ class DeepSpeedVariant(Variant):
         initialize = gqc_deepspeed.initialize if gqc else deepspeed.initialize
         self.engine, _, _, _ = initialize(model=model, optimizer=optimizer, config=ds_config(stage, gqc, local))
         if gqc:
-            adapter = self.engine.gqc._gradients
+            zero = self.engine.gqc._gradients.zero  # the ZeRO stage's own class holds the copy all-reduce
             self.timers = {"copy_allreduce": 0.0}
-            if stage in (0, 1) and hasattr(adapter, "_reduced_copies"):
-                original = adapter._reduced_copies
+            if stage in (0, 1) and hasattr(zero, "_reduced_copies"):
+                original = zero._reduced_copies
                 timers = self.timers
 
                 def timed():
@@ -353,7 +353,7 @@ class DeepSpeedVariant(Variant):
                         return original()
                     finally:
                         timers["copy_allreduce"] += time.perf_counter() - start
-                adapter._reduced_copies = timed
+                zero._reduced_copies = timed
         self.reader = DeepSpeedGradients(self.engine, None)  # local pieces for the bare read
 
     def forward_backward(self, x, y):
@@ -371,13 +371,10 @@ class DeepSpeedVariant(Variant):
     def local_grads(self):
         if self.stage in (2, 3):  # ZeRO-2/3: this rank's partitions (no communication)
             return [piece.tensor for _, piece in self.reader.local_pieces()]
-        grads = []
-        for group in self.reader._module_param_groups():
-            for param in group:
-                grad = param.grad if param.grad is not None else getattr(param, "grad_accum", None)
-                if grad is not None:
-                    grads.append(grad)
-        return grads
+        from gqc_dist.engines.deepspeed_zero import _local_grad, _module_param_groups
+
+        grads = (_local_grad(param) for group in _module_param_groups(self.engine.optimizer) for param in group)
+        return [grad for grad in grads if grad is not None]
 
 
 # ---------------------------------------------------------------------- measuring
