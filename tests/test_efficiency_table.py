@@ -69,9 +69,13 @@ def test_rows_pair_seeds_and_place_the_controller_on_the_measured_frontier():
 
 
 def test_verdicts_say_met_or_missed_with_the_numbers():
-    lines = table.verdicts({"s": RUNS}, "cbc")
-    tuning = next(line for line in lines if "tuning-free" in line)
-    assert "MISSED" in tuning and "+2.50" in tuning  # seed 0 is 2.5% behind the best fixed
+    lines = table.verdicts({"s": RUNS}, "cbc", "cbc-base")
+    tuned = next(line for line in lines if "tuned as k=1" in line)
+    assert "MISSED" in tuned and "+2.50" in tuned  # seed 0 is 2.5% behind the best fixed
+    base = table.verdicts({"s": RUNS + [{**r, "arm": "cbc-base", "val_loss": 2.01} for r in RUNS if r["arm"] == "cbc"
+                                        and r["seed"] == 0]}, "cbc", "cbc-base")
+    tuning = next(line for line in base if "tuning-free" in line)
+    assert "cbc-base" in tuning and "+0.50% (1 seed)" in tuning and "met" in tuning
     steps = next(line for line in lines if "steps:" in line)
     # 400 steps; the frontier needs 800 * (667/800)^(2/3) = 709 for 2.05: ratio 0.56
     assert "median 5.0" in steps and "709" in steps and "ratio 0.56" in steps and "met" in steps
