@@ -76,7 +76,7 @@ SETTINGS = {
     "mb2": {"set": ["data.micro_batch_size=2"], "tokens": 6000 * 2 * 128,
             "about": "2-sequence micro-batches, as memory-bound users have",
             "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
-                     "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "cbc", "cbc-k0.5"]},
+                     "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "cbc", "cbc-base", "cbc-k0.5", "cbc-noise"]},
     "second": {"set": ["model.dim=192", "model.heads=6", "data.micro_batch_size=8", "data.path=@torch"],
                "tokens": 1000 * 8 * 128, "about": "torch's own sources, width 192, 8-sequence micro-batches"},
     "third": {"set": ["model.seq_len=64", "model.dim=64", "model.heads=2", "model.layers=4",
