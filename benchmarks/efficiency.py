@@ -81,7 +81,9 @@ SETTINGS = {
                "tokens": 1000 * 8 * 128, "about": "torch's own sources, width 192, 8-sequence micro-batches"},
     "third": {"set": ["model.seq_len=64", "model.dim=64", "model.heads=2", "model.layers=4",
                       "data.micro_batch_size=32"], "tokens": 600 * 32 * 64,
-              "about": "64-token sequences, width 64, 4 layers, 32-sequence micro-batches"},
+              "about": "64-token sequences, width 64, 4 layers, 32-sequence micro-batches",
+              "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
+                       "fixed4@0.5", "fixed4@1", "cbc", "cbc-base"]},
 }
 
 DEFAULT = "cbc"
