@@ -436,7 +436,7 @@ def plot() -> None:
     for ax, link in zip(axes[0], LINKS):
         for run in _runs(link).values():
             curve = run["val_curve"]
-            ax.plot([p[2] for p in curve], [p[3] for p in curve], "-" if run["arm"] == "goodput" else "--",
+            ax.plot([p[2] for p in curve], [p[3] for p in curve], "-" if run["arm"].startswith("goodput") else "--",
                     label=run["arm"])
         ax.set(xlabel="seconds", ylabel="val loss (nats/token)", title=f"2 hosts over {link}: loss against wall-clock")
         ax.grid(alpha=0.3)
