@@ -33,14 +33,6 @@ def world_rank_and_size():
     return 0, 1
 
 
-def host_values_to_device(values: Sequence[Number], device: torch.device) -> torch.Tensor:
-    """A float64 tensor of ``values`` on ``device`` without stalling the device stream."""
-    host = torch.tensor(list(values), dtype=torch.float64)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
 class StatsPacket:
     """Builder of the per-micro-step statistics vector; see the module docstring."""
 
@@ -108,7 +100,7 @@ class StatsPacket:
         device_count = sum(part.numel() for part in device_parts)
         distributed = self.world_size > 1
         if distributed and host_values:  # they ride in the same vector, the same all_reduce
-            device_parts.append(host_values_to_device(host_values, self.device))
+            device_parts.append(collectives.tensor_on(host_values, self.device))  # no stall of the stream
         vector = torch.cat(device_parts) if device_parts else torch.zeros(0, dtype=torch.float64)
         if distributed:
             _all_reduce(vector, self.device, timeout_s, self.rank, self.world_size)

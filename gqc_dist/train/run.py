@@ -50,12 +50,6 @@ from .storage import Appender, write_atomic
 COST_KEYS = ("cost_micro_step_s", "cost_reduction_s", "cost_optimizer_step_s")  # gqc_dist.costs, per step
 
 
-def _global_mean(values, device: torch.device) -> list:
-    """Mean over ranks of a list of floats, or of a 1-D tensor on ``device`` (the run's device:
-    NCCL refuses CPU tensors); one small all-reduce and one host read."""
-    return collectives.mean_over_ranks(values, device)
-
-
 def _strict(value):
     """``value`` with every non-finite float replaced by ``None``: strict JSON, no bare NaN."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -100,7 +94,7 @@ def evaluate(engine: TrainEngine, eval_set, rank: int, world: int) -> float:
             rows = x.shape[0] // world
             mine = [t[rank * rows:(rank + 1) * rows].to(engine.device, non_blocking=True) for t in (x, y)]
             total += engine.loss(*mine).detach().to(torch.float64)
-    return _global_mean(total / len(eval_set), engine.device)[0]
+    return collectives.mean_over_ranks(total / len(eval_set), engine.device)[0]
 
 
 def _warn_if_mostly_forced(engine: TrainEngine, steps: int) -> None:
