@@ -113,9 +113,9 @@ class LRCoupling:
     the window's noise scale in micro-batches (McCandlish et al. 2018: the optimal step grows as
     ``1 / (1 + B_noise / B)``): ``sqrt(n / r)`` where the noise scale is far above the window, 1
     where it is far below (a larger batch then buys no larger step), 1 before an estimate.
-    ``base_lr`` is what the group holds (a scheduler's value, or a constant). With ``weight_decay`` true the group's weight decay is multiplied by
-    the same factor, so AdamW's decay per sample, ``lr * wd / n``, stays that of the reference
-    window under the sqrt rule.
+    ``base_lr`` is what the group holds (a scheduler's value, or a constant). With
+    ``weight_decay`` true the group's weight decay is multiplied by the same factor, so AdamW's
+    decay per sample, ``lr * wd / n``, stays that of the reference window under the sqrt rule.
 
     Args:
         rule: ``"sqrt"``, ``"linear"``, ``"noise"`` or ``"none"``.
