@@ -10,15 +10,14 @@ Loading checks every rank's file before DeepSpeed loads anything, and one rank's
 every rank's (a lone refusal would leave the others in DeepSpeed's collective load).
 """
 
-import contextlib
 import copy
 import os
-import secrets
 from typing import Any, Dict, Optional
 
 import torch
 
 from . import checkpoint_state, collectives
+from .atomic_file import replace_atomically
 from .errors import CheckpointError
 from .packet import world_rank_and_size
 
@@ -58,16 +57,7 @@ def gqc_state(engine, controller) -> Dict[str, Any]:
 
 def write_gqc_state(checkpoint_dir: str, state: Dict[str, Any]) -> None:
     os.makedirs(checkpoint_dir, exist_ok=True)
-    path = state_file(checkpoint_dir, state["rank"])
-    # a name no other writer can pick (another job writing the same directory by mistake)
-    partial = f"{path}.{os.getpid()}.{secrets.token_hex(4)}.partial"
-    try:
-        torch.save(state, partial)
-        os.replace(partial, path)  # a reader never sees half a file
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(partial)  # a full disk gets its space back
-        raise
+    replace_atomically(state_file(checkpoint_dir, state["rank"]), lambda handle: torch.save(state, handle))
 
 
 def latest_tag(engine, load_dir) -> Optional[str]:

@@ -42,6 +42,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from ..algorithms.spec import get as algorithm_spec
+from ..atomic_file import replace_atomically
 from ..config import SECTION, build_controller, parse_section
 from ..engines import TorchOptimizerGradients
 from ..errors import CheckpointError, GQCConfigError, GQCUsageError
@@ -177,8 +178,8 @@ def write_state(directory: str, controller, schedule) -> str:
 
     os.makedirs(directory, exist_ok=True)
     path = state_path(directory, world_rank_and_size()[0])
-    torch.save(controller_state(controller, schedule), path + ".partial")
-    os.replace(path + ".partial", path)
+    state = controller_state(controller, schedule)
+    replace_atomically(path, lambda handle: torch.save(state, handle))
     return path
 
 

@@ -2,22 +2,19 @@
 
 Every write of gqc-train goes through here: a failure (disk full, read-only file system,
 permission denied, a directory that vanished, quota) raises :class:`RunFileError` naming the path
-and the cause in words, and leaves the previous version of the file in place. Temporary files
-carry the writer's host, pid and a random suffix, so two writers (another rank, another run) can
-never collide on one temporary name, and a failed write removes its own temporary file (which
-also gives back the space it took).
+and the cause in words, and leaves the previous version of the file in place (the atomic
+replacement itself is the library's, :mod:`gqc_dist.atomic_file`).
 """
 
 import contextlib
 import errno
 import os
-import secrets
-import socket
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import torch
 
+from ..atomic_file import replace_atomically
 from ..errors import TrainError
 
 # errno -> what the user reads; anything else gets the system's own strerror
@@ -71,12 +68,6 @@ def _full(path: Path) -> bool:
     return stats.f_bavail * stats.f_frsize < 1 << 20
 
 
-def temporary_name(path: Path) -> Path:
-    """A temporary name beside ``path`` that no other writer can pick: host, pid, random."""
-    host = socket.gethostname().split(".")[0] or "host"
-    return path.with_name(f".{path.name}.{host}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
 @contextlib.contextmanager
 def writing(path: Path, what: str) -> Iterator[None]:
     """Turn a failure inside the block into :class:`RunFileError` ("cannot write <what> <path>:
@@ -99,20 +90,9 @@ def _error(what: str, path: Path, error: BaseException) -> RunFileError:
 
 
 def _replace_atomically(path: Path, write: Callable[[object], None], what: str) -> None:
-    """``write(file)`` into a temporary file beside ``path``, flush it to the device, rename it
-    over ``path``: a reader (or a crash) sees the old file or the new one, never half."""
-    tmp = temporary_name(path)
+    """:func:`gqc_dist.atomic_file.replace_atomically`, a failure named by ``path`` and ``what``."""
     with writing(path, what):
-        try:
-            with open(tmp, "wb") as handle:
-                write(handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-            raise
+        replace_atomically(path, write)
 
 
 def write_atomic(path: Path, text: str, what: str = "file") -> None:
