@@ -51,6 +51,16 @@ def test_best_fixed_per_k_is_each_batchs_own_best_learning_rate():
     assert table.best_fixed(arms) == "fixed1@1"
 
 
+def test_best_fixed_is_the_lowest_mean_of_the_arms_run_on_the_most_seeds():
+    # fixed1@2 wins on seed 0 and diverges on seed 1; fixed1@1 holds on all three seeds
+    steady = [fixed(1, 1, loss, 1000, seed=s) for s, loss in enumerate((2.03, 2.01, 2.02))]
+    edge = [fixed(1, 2, loss, 1000, seed=s) for s, loss in enumerate((2.00, 2.40, 2.02))]
+    lucky = [fixed(2, 1, 1.95, 500)]  # one seed: not comparable with three-seed means
+    arms = table.by_arm(steady + edge + lucky)
+    assert table.best_fixed(arms) == "fixed1@1"
+    assert table.best_fixed(table.by_arm([r for r in steady + edge + lucky if r["seed"] == 0])) == "fixed2@1"
+
+
 def test_rows_pair_seeds_and_place_the_controller_on_the_measured_frontier():
     rows, info = table.setting_rows(RUNS)
     by_name = {row["arm"]: row for row in rows}
