@@ -24,16 +24,23 @@ def by_arm(records: Iterable[dict]) -> Dict[str, List[dict]]:
     return {arm: sorted(runs, key=lambda r: r["seed"]) for arm, runs in out.items()}
 
 
+def _steadiest(arms: Dict[str, List[dict]], names: Iterable[str]) -> str:
+    """Of ``names``, the arm with the lowest mean final loss among those run on the most seeds."""
+    names = list(names)
+    most = max(len(arms[name]) for name in names)
+    return min((name for name in names if len(arms[name]) == most),
+               key=lambda name: mean(r["val_loss"] for r in arms[name]))
+
+
+def _fixed(arms: Dict[str, List[dict]]) -> Dict[str, List[dict]]:
+    return {arm: runs for arm, runs in arms.items() if runs[0]["kind"] == "fixed" and runs[0]["seed"] == 0}
+
+
 def best_fixed_per_k(arms: Dict[str, List[dict]]) -> Dict[float, str]:
-    """For every fixed ``k``, the arm (learning rate) with the lowest seed-0 final loss."""
-    best: Dict[float, Tuple[float, str]] = {}
-    for arm, runs in arms.items():
-        first = runs[0]
-        if first["kind"] != "fixed" or first["seed"] != 0:
-            continue
-        if first["k"] not in best or first["val_loss"] < best[first["k"]][0]:
-            best[first["k"]] = (first["val_loss"], arm)
-    return {k: arm for k, (_, arm) in sorted(best.items())}
+    """For every fixed ``k``, its best arm (learning rate) by the rule of :func:`best_fixed`."""
+    fixed = _fixed(arms)
+    ks = sorted({runs[0]["k"] for runs in fixed.values()})
+    return {k: _steadiest(fixed, [arm for arm, runs in fixed.items() if runs[0]["k"] == k]) for k in ks}
 
 
 def best_fixed(arms: Dict[str, List[dict]]) -> Optional[str]:
@@ -41,12 +48,8 @@ def best_fixed(arms: Dict[str, List[dict]]) -> Optional[str]:
     arms run on the most seeds, the one with the lowest mean final loss. Until seeds are added
     that is the lowest seed-0 loss, the arm that then gets them; a rate that won on seed 0 and
     diverges on another seed loses to a steadier arm that was run on as many seeds."""
-    fixed = {arm: runs for arm, runs in arms.items() if runs[0]["kind"] == "fixed" and runs[0]["seed"] == 0}
-    if not fixed:
-        return None
-    most = max(len(runs) for runs in fixed.values())
-    return min((arm for arm, runs in fixed.items() if len(runs) == most),
-               key=lambda arm: mean(r["val_loss"] for r in fixed[arm]))
+    fixed = _fixed(arms)
+    return _steadiest(fixed, fixed) if fixed else None
 
 
 def frontier(points: Sequence[Tuple[float, float]]) -> List[Tuple[float, float]]:
@@ -189,14 +192,15 @@ def verdicts(settings: Dict[str, Sequence[dict]], controller: str, tuning_free: 
             out.append(f"{setting}: no {controller} runs or no fixed runs yet")
             continue
         runs = arms[controller]
-        for arm in (controller, tuning_free):
+        # where k = 1's best rate is the base rate, the controller's runs are the tuning-free ones
+        same = tuning_free and tuning_free not in arms and runs[0].get("lr_multiplier") == 1
+        for claim, arm in (("tuned as k=1", controller), ("tuning-free", controller if same else tuning_free)):
             if arm in arms:
                 gaps = paired_gaps(arms[arm], arms[best])
                 worst = max(gaps) if gaps else math.nan
                 lr = f"{arms[arm][0].get('lr_multiplier') or 1:g}x base lr"
-                out.append(f"{setting}: {'tuning-free' if arm == tuning_free else 'tuned as k=1'}: {arm} ({lr}) vs best "
-                           f"fixed {best}: {spread_text(gaps)} -> {'met' if worst <= 0.01 else 'MISSED'} "
-                           "(target: worst seed <= +1.00%)")
+                out.append(f"{setting}: {claim}: {arm} ({lr}) vs best fixed {best}: {spread_text(gaps)} -> "
+                           f"{'met' if worst <= 0.01 else 'MISSED'} (target: worst seed <= +1.00%)")
         for arm, untuned in arms.items():
             if untuned[0]["kind"] == "untuned" or (untuned[0]["kind"] == "fixed" and untuned[0]["k"] == 1
                                                    and untuned[0]["lr_multiplier"] == 1):

@@ -86,6 +86,11 @@ def test_verdicts_say_met_or_missed_with_the_numbers():
                                         and r["seed"] == 0]}, "cbc", "cbc-base")
     tuning = next(line for line in base if "tuning-free" in line)
     assert "cbc-base" in tuning and "+0.50% (1 seed)" in tuning and "met" in tuning
+    # no cbc-base run: cbc ran at the base rate, so its runs are the tuning-free ones
+    at_base = table.verdicts({"s": [{**r, "lr_multiplier": 1} if r["arm"] == "cbc" else r for r in RUNS]},
+                             "cbc", "cbc-base")
+    assert any("tuning-free: cbc (1x base lr)" in line and "+2.50]" in line for line in at_base)
+    assert not any("tuning-free" in line for line in lines)  # cbc ran at k = 1's rate, not the base one
     steps = next(line for line in lines if "steps:" in line)
     # 400 steps; the frontier needs 800 * (667/800)^(2/3) = 709 for 2.05: ratio 0.56
     assert "median 5.0" in steps and "709" in steps and "ratio 0.56" in steps and "met" in steps
