@@ -192,8 +192,9 @@ def verdicts(settings: Dict[str, Sequence[dict]], controller: str, tuning_free: 
             out.append(f"{setting}: no {controller} runs or no fixed runs yet")
             continue
         runs = arms[controller]
-        # where k = 1's best rate is the base rate, the controller's runs are the tuning-free ones
-        same = tuning_free and tuning_free not in arms and runs[0].get("lr_multiplier") == 1
+        # where k = 1's best rate is the base rate, the controller's runs (all its seeds) are the
+        # tuning-free ones
+        same = runs[0].get("lr_multiplier") == 1
         for claim, arm in (("tuned as k=1", controller), ("tuning-free", controller if same else tuning_free)):
             if arm in arms:
                 gaps = paired_gaps(arms[arm], arms[best])

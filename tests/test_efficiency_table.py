@@ -86,8 +86,9 @@ def test_verdicts_say_met_or_missed_with_the_numbers():
                                         and r["seed"] == 0]}, "cbc", "cbc-base")
     tuning = next(line for line in base if "tuning-free" in line)
     assert "cbc-base" in tuning and "+0.50% (1 seed)" in tuning and "met" in tuning
-    # no cbc-base run: cbc ran at the base rate, so its runs are the tuning-free ones
-    at_base = table.verdicts({"s": [{**r, "lr_multiplier": 1} if r["arm"] == "cbc" else r for r in RUNS]},
+    # cbc ran at the base rate, so its three seeds are the tuning-free runs (not cbc-base's one)
+    at_base = table.verdicts({"s": [{**r, "lr_multiplier": 1} if r["arm"] == "cbc" else r for r in RUNS]
+                              + [{**RUNS[-3], "arm": "cbc-base", "lr_multiplier": 1, "val_loss": 2.01}]},
                              "cbc", "cbc-base")
     assert any("tuning-free: cbc (1x base lr)" in line and "+2.50]" in line for line in at_base)
     assert not any("tuning-free" in line for line in lines)  # cbc ran at k = 1's rate, not the base one
