@@ -16,8 +16,8 @@ Each is an exponential moving average (factor ``beta`` per sample) of samples ca
 times the average so far: the host loop's own pauses between two ``step()`` calls (an
 evaluation, a checkpoint) are not a micro-step's cost, and one of them must not swing it. Every
 micro-step's packet carries this rank's averages as a sum field (three floats), so every rank
-reads the mean over the ranks: ``statistics()`` is the same everywhere and a rule that decides on costs (``goodput``)
-decides alike without a new collective.
+reads the mean over the ranks: ``statistics()`` is the same everywhere and a rule that decides
+on costs (``goodput``) decides alike without a new collective.
 """
 
 import time
