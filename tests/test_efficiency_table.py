@@ -11,10 +11,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import efficiency_table as table  # noqa: E402
 
 
-def fixed(k, m, loss, steps, seed=0, kind="fixed"):
-    return {"setting": "s", "arm": f"fixed{k:g}@{m:g}" if kind == "fixed" else f"fixed{k}@flat", "seed": seed,
-            "kind": kind, "k": k, "lr_multiplier": m if kind == "fixed" else None, "val_loss": loss,
-            "optimizer_steps": steps, "micro_steps": int(steps * k), "windows": {str(math.ceil(k)): steps}}
+def fixed(k, m, loss, steps, seed=0):
+    return {"setting": "s", "arm": f"fixed{k:g}@{m:g}", "seed": seed, "kind": "fixed", "k": k, "lr_multiplier": m,
+            "val_loss": loss, "optimizer_steps": steps, "micro_steps": int(steps * k),
+            "windows": {str(math.ceil(k)): steps}}
 
 
 def controller(loss, steps, seed=0, windows=None, noise=(3.0, 5.0, 8.0), follow=1.1):
@@ -30,7 +30,6 @@ RUNS = [
     fixed(2, 0.5, 2.20, 500), fixed(2, 1, 2.10, 500), fixed(2, 2, 2.12, 500),
     fixed(4, 1, 2.30, 250), fixed(4, 0.5, 2.25, 250),
     fixed(1, 1, 2.01, 1000, seed=1), fixed(1, 1, 1.99, 1000, seed=2),
-    fixed(2, None, 2.40, 500, kind="untuned"),
     controller(2.05, 400), controller(2.0301, 410, seed=1), controller(2.0099, 405, seed=2),
 ]
 
@@ -95,8 +94,13 @@ def test_verdicts_say_met_or_missed_with_the_numbers():
     steps = next(line for line in lines if "steps:" in line)
     # 400 steps; the frontier needs 800 * (667/800)^(2/3) = 709 for 2.05: ratio 0.56
     assert "median 5.0" in steps and "709" in steps and "ratio 0.56" in steps and "met" in steps
-    untuned = next(line for line in lines if "untuned fixed k=2" in line)
-    assert "+20.00%" in untuned and "met" in untuned
+    one_rate = next(line for line in lines if "at one learning rate" in line)
+    assert "fixed1@1" in one_rate and "+0.00%" in one_rate and "MISSED" in one_rate  # one setting: its own best
+    # a second setting whose best is k = 2: only the arms run in both count, each at its worst setting
+    other = {"t": [{**fixed(1, 1, 2.12, 1000), "setting": "t"}, {**fixed(2, 1, 2.00, 500), "setting": "t"}]}
+    one_rate = next(line for line in table.verdicts({"s": RUNS, **other}, "cbc") if "at one learning rate" in line)
+    assert "(2 arms run in every setting)" in one_rate and "fixed2@1" in one_rate and "+5.00% behind in s" in one_rate
+    assert "met" in one_rate
     small = table.verdicts({"s": RUNS[:-3] + [controller(2.004, 960, noise=(0.2, 0.5, 0.8),
                                                          windows={"1": 960, "2": 40})]}, "cbc")
     assert any("windows of one 96.0%" in line and "+0.20%" in line and "met" in line for line in small)
