@@ -12,6 +12,7 @@ Keys (``algorithm`` decides which others are allowed)::
      "timeout_s": 300,               # bound on the per-micro-step collective (default: none)
      "local_accumulation": false,    # ZeRO-0/1 (or DDP no_sync, FSDP2 sync off): predicted norm
      "lr_coupling": "sqrt",          # each step's lr (and weight decay) x sqrt(window / 1): none | sqrt | linear
+     "window_gradient": "sqrt",      # the optimizer steps on the window's sum / sqrt(n) (default mean)
      "threshold": 0.5,               # gnts: a constant threshold, or ...
      "schedule": {"num_training_steps": 1000, "num_warmup_steps": 100,
                   "initial_threshold": 0.95, "final_threshold": 0.25, "warmup_multiplier": 10}}
@@ -34,13 +35,15 @@ import torch_schedule_anything as tsa
 from .algorithms.spec import REQUIRED, AlgorithmSpec, algorithms
 from .errors import GQCConfigError
 from .schedules import hidden_initial_lr, synchronous
-from .window import RULES, LRCoupling
+from .window import RULES, WINDOW_GRADIENTS, LRCoupling
 
 SECTION = "gradient_quality_control"
 
 # keys every algorithm takes: rank-divergence checks, the noise-scale estimate's smoothing
 _COMMON = {"verify": ("bool", False), "noise_beta": ("prob", None), "timeout_s": ("num+", None),
-           "local_accumulation": ("bool", False), "lr_coupling": ("rule", "none")}
+           "local_accumulation": ("bool", False), "lr_coupling": ("rule", "none"),
+           "window_gradient": ("window_gradient", "mean")}
+_CHOICES = {"rule": tuple(RULES), "window_gradient": tuple(WINDOW_GRADIENTS)}
 _STEPS = {"num_training_steps": ("int+", REQUIRED), "num_warmup_steps": ("int0", REQUIRED)}
 _WANTED = {"num0": ">= 0", "num+": "> 0", "num1": ">= 1", "prob": "in (0, 1]"}
 
@@ -53,9 +56,9 @@ def _check_value(path: str, value: Any, kind: str):
         if value < (1 if kind == "int+" else 0):
             raise GQCConfigError(f"{path} must be {'>= 1' if kind == 'int+' else '>= 0'}, got {value}")
         return value
-    if kind == "rule":
-        if value not in RULES:
-            raise GQCConfigError(f"{path} must be one of {', '.join(RULES)}, got {value!r}")
+    if kind in _CHOICES:
+        if not isinstance(value, str) or value not in _CHOICES[kind]:
+            raise GQCConfigError(f"{path} must be one of {', '.join(_CHOICES[kind])}, got {value!r}")
         return value
     if kind == "bool":
         if not is_bool:
@@ -162,6 +165,7 @@ def build_controller(
     wrapper = spec.build(optimizer, section, {"physical_batch_size": physical_batch_size},
                          verify=section["verify"], noise_beta=section.get("noise_beta"),
                          timeout_s=section.get("timeout_s"), local_accumulation=section["local_accumulation"],
+                         window_gradient=section["window_gradient"],
                          **{"window_hook": _coupling(section["lr_coupling"]), **wrapper_kwargs})
     for key, (_, group_key) in spec.values.items():
         if key in section:

@@ -54,7 +54,7 @@ from .optimizer_lookalike import OptimizerLookalike
 from .packet import StatsPacket, world_rank_and_size
 from .reduction import POLICY_KEY
 from .validation import check_number, check_wrapper_args
-from .window import Decision, StepValues, Window, WindowHook
+from .window import WINDOW_GRADIENTS, Decision, StepValues, Window, WindowHook, window_gradient_factor
 
 _CARRIED = "carried"  # the packet field of carry()'s values
 
@@ -92,6 +92,12 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             :class:`gqc_dist.window.Window` it is taken on; what it writes to ``lr`` and
             ``weight_decay`` holds for that step only (e.g. :class:`gqc_dist.LRCoupling`, the
             square-root rule). Also settable later as the ``window_hook`` attribute.
+        window_gradient: what the optimizer steps on for a window of ``n`` micro-batches:
+            ``"mean"`` (default: the mean, as a fixed-accumulation loop takes) or ``"sqrt"``
+            (the sum over ``sqrt(n)``: every window's noise the size of one micro-batch's, so
+            Adam's second moment fits every window when windows vary; see
+            :func:`gqc_dist.window.window_gradient_factor`). Clipping (the engine adapter's
+            ``clip``) bounds the norm of what the optimizer receives.
 
     The wrapper duck-types as the optimizer (``param_groups``, ``state``, ``add_param_group`` ...)
     but owns ``zero_grad``: calling it raises :class:`GQCUsageError`.
@@ -115,6 +121,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         timeout_s: Optional[float] = None,
         local_accumulation: bool = False,
         window_hook: Optional[WindowHook] = None,
+        window_gradient: str = "mean",
     ):
         check_wrapper_args(optimizer, max_batch_draws, distributed_mode, grad_scaler, verify, gradients,
                            micro_batch_size, noise_beta, timeout_s)
@@ -130,6 +137,10 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         self._costs = CostMeter()
         self._counters: Dict[str, Any] = checkpoint_state.new_counters()
         self._extend_param_groups(optimizer.param_groups)
+        if window_gradient not in WINDOW_GRADIENTS:
+            raise GQCConfigError(f"window_gradient must be one of {', '.join(WINDOW_GRADIENTS)}, "
+                                 f"got {window_gradient!r}")
+        self.window_gradient = window_gradient
         if window_hook is not None and not callable(window_hook):
             raise GQCConfigError(f"window_hook must be callable, got {type(window_hook).__name__}")
         self.window_hook: Optional[WindowHook] = window_hook
@@ -290,7 +301,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         groups = self._optimizer.param_groups
         values = StepValues(self.window_hook, window, groups)
         self.last_window = dataclasses.replace(window, lr=groups[0].get("lr"))
-        multiplier = self._rescale_factor(stats)
+        multiplier = self._rescale_factor(stats) * window_gradient_factor(self.window_gradient, num_draws)
         step_norm = stats.mean_grad_norm * abs(multiplier)
         try:
             self._gradients.apply_step(multiplier, num_draws, stats.scale, step_norm)

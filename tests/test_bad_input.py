@@ -106,6 +106,8 @@ CASES = [
                                       '"final_threshold": 0.8}}'], "num_warmup_steps"),
     ("lr coupling in gqc", lambda t, r: [*QUICK, *_set(gqc__lr_coupling="sqrt")], "optimizer.lr_coupling"),
     ("lr coupling unknown", lambda t, r: [*QUICK, *_set(optimizer__lr_coupling="cubic")], "optimizer.lr_coupling"),
+    ("window gradient unknown", lambda t, r: [*QUICK, *_set(gqc__window_gradient="sum")],
+     "gqc.window_gradient must be one of mean, sqrt, got 'sum'"),
     ("baseline 0", lambda t, r: [*QUICK, "--baseline", "0"], "accumulation_steps"),
     ("tokens 0", lambda t, r: [*QUICK, *_set(train__tokens=0)], "train.tokens"),
     ("negative timeout", lambda t, r: [*QUICK, "--collective-timeout", "-5"], "collective_timeout_s"),

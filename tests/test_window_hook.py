@@ -1,10 +1,11 @@
 """The window hook: the learning rate (and weight decay) applied at a step that used ``n``
 micro-batches is the rule's value, identical on every rank, on DDP, FSDP2 and DeepSpeed ZeRO-2,
-while the engine's own scheduler keeps its values; the Seesaw floor; gqc-train's schedule.
+while the engine's own scheduler keeps its values; the Seesaw floor; gqc-train's schedule. With
+``window_gradient="sqrt"`` the optimizer steps on the window's sum over ``sqrt(n)``.
 
-Oracle: a single-process replay on the same global micro-batches that averages each window's
-gradients and takes SGD's step by hand with ``lr = base * schedule(step) * sqrt(n)`` and weight
-decay ``wd * sqrt(n)``.
+Oracle: a single-process replay on the same global micro-batches that sums each window's
+gradients, divides by ``n`` (or ``sqrt(n)``) and takes SGD's step by hand with
+``lr = base * schedule(step) * sqrt(n)`` and weight decay ``wd * sqrt(n)``.
 """
 
 import math
@@ -28,7 +29,7 @@ def schedule(step):
     return 1.0 / (1.0 + 0.5 * step)
 
 
-def oracle(world_size):
+def oracle(world_size, gradient="mean"):
     """Parameters after the replay, and the (n, lr) of every step."""
     model = make_mlp()
     batches = micro_batches(MICRO_STEPS, batch=ROWS * world_size)
@@ -42,13 +43,13 @@ def oracle(world_size):
         lr, wd = LR * schedule(step) * math.sqrt(n), WD * math.sqrt(n)
         with torch.no_grad():
             for p in model.parameters():
-                p -= lr * (p.grad / len(window) + wd * p)
+                p -= lr * (p.grad / (len(window) if gradient == "mean" else math.sqrt(len(window))) + wd * p)
         steps.append((n, lr))
         index, step = index + n, step + 1
     return [p.detach().clone() for p in model.parameters()], steps
 
 
-def _torch_run(rank, world_size, layout):
+def _torch_run(rank, world_size, layout, gradient="mean"):
     model = make_mlp()
     forward = model
     if layout == "ddp":
@@ -59,7 +60,7 @@ def _torch_run(rank, world_size, layout):
 
         fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, weight_decay=WD)
-    wrapper = gqc_dist.OptimizerWrapperFixed(optimizer, K, window_hook=LRCoupling("sqrt"))
+    wrapper = gqc_dist.OptimizerWrapperFixed(optimizer, K, window_hook=LRCoupling("sqrt"), window_gradient=gradient)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     steps = []
     for x, y in micro_batches(MICRO_STEPS, batch=ROWS * world_size):
@@ -73,13 +74,14 @@ def _torch_run(rank, world_size, layout):
     return params, steps
 
 
-def _zero2_run(rank, world_size):
+def _zero2_run(rank, world_size, gradient="mean"):
     model = make_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, weight_decay=WD)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     config = {"train_micro_batch_size_per_gpu": ROWS, "gradient_clipping": 0.0, "steps_per_print": 10**9,
               "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
-              "gradient_quality_control": {"algorithm": "fixed", "accumulation_steps": K, "lr_coupling": "sqrt"}}
+              "gradient_quality_control": {"algorithm": "fixed", "accumulation_steps": K, "lr_coupling": "sqrt",
+                                           "window_gradient": gradient}}
     engine, _, _, _ = gqc_deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=config)
     steps = []
@@ -94,8 +96,8 @@ def _zero2_run(rank, world_size):
     return [safe_get_full_fp32_param(p).detach().clone() for p in engine.module.parameters()], steps
 
 
-def _check(results, world_size):
-    want_params, want_steps = oracle(world_size)
+def _check(results, world_size, gradient="mean"):
+    want_params, want_steps = oracle(world_size, gradient)
     assert results[0][1] == results[1][1]  # every rank applied the same values
     params, steps = results[0]
     assert [n for n, _, _, _ in steps] == [n for n, _ in want_steps]
@@ -107,17 +109,24 @@ def _check(results, world_size):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("layout", ["ddp", "fsdp2"])
-def test_the_hook_sets_each_steps_learning_rate_on_torch_engines(layout):
-    _check(run_distributed(_torch_run, 2, layout, timeout=240), 2)
+@pytest.mark.parametrize("layout,gradient", [("ddp", "mean"), ("ddp", "sqrt"), ("fsdp2", "mean")])
+def test_the_hook_sets_each_steps_learning_rate_on_torch_engines(layout, gradient):
+    _check(run_distributed(_torch_run, 2, layout, gradient, timeout=240), 2, gradient)
 
 
-def test_the_hook_sets_each_steps_learning_rate_on_zero2():
-    _check(run_distributed(_zero2_run, 2, timeout=300), 2)
+@pytest.mark.parametrize("gradient", ["mean", "sqrt"])
+def test_the_hook_sets_each_steps_learning_rate_on_zero2(gradient):
+    _check(run_distributed(_zero2_run, 2, gradient, timeout=300), 2, gradient)
 
 
-def test_the_hook_on_one_process_matches_the_replay():
-    _check([_torch_run(0, 1, "single")] * 2, 1)
+@pytest.mark.parametrize("gradient", ["mean", "sqrt"])
+def test_the_hook_on_one_process_matches_the_replay(gradient):
+    _check([_torch_run(0, 1, "single", gradient)] * 2, 1, gradient)
+
+
+def test_window_gradient_rejects_an_unknown_kind():
+    with pytest.raises(gqc_dist.GQCConfigError, match="window_gradient must be one of mean, sqrt, got 'sum'"):
+        gqc_dist.OptimizerWrapperFixed(torch.optim.SGD(make_mlp().parameters(), lr=LR), 2, window_gradient="sum")
 
 
 def _window(step=0, n=1, seen=1):
@@ -171,3 +180,33 @@ def test_seesaw_raises_cbcs_floor_as_the_schedule_decays():
             n = 0
     assert lengths[2:10] == [1] * 8 and lengths[11:20] == [2] * 9 and lengths[21:30] == [4] * 9
     assert lrs[15] == pytest.approx(0.5 * math.sqrt(2)) and lrs[25] == pytest.approx(0.25 * 2)
+
+
+def test_clipping_bounds_what_the_optimizer_receives_under_sqrt():
+    """Windows of 2 and 3 at SGD lr 1 without momentum: the step is the sum over sqrt(n),
+    scaled to norm ``clip`` where it is longer (oracle: by hand)."""
+    from gqc_dist.engines import TorchOptimizerGradients
+
+    for clip in (0.0, 0.05):
+        model, want = make_mlp(), make_mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        wrapper = gqc_dist.OptimizerWrapperFixed(optimizer, 2.5, window_gradient="sqrt",
+                                                 gradients=TorchOptimizerGradients(optimizer, clip=clip))
+        batches = micro_batches(5)
+        for batch in batches:
+            loss_of(model, batch).backward()
+            wrapper.step()
+        for window in (batches[:2], batches[2:]):  # 2.5: windows of 2, then 3
+            grads = [torch.zeros_like(p) for p in want.parameters()]
+            for batch in window:
+                for g, piece in zip(grads, torch.autograd.grad(loss_of(want, batch), list(want.parameters()))):
+                    g += piece
+            grads = [g / math.sqrt(len(window)) for g in grads]
+            norm = torch.sqrt(sum((g * g).sum() for g in grads))
+            factor = min(1.0, clip / (float(norm) + 1e-6)) if clip else 1.0
+            assert not clip or float(norm) > clip  # the clip is in force
+            with torch.no_grad():
+                for p, g in zip(want.parameters(), grads):
+                    p -= factor * g
+        for got, expected in zip(model.parameters(), want.parameters()):
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)

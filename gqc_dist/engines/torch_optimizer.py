@@ -19,7 +19,8 @@ from .base import GradientAdapter, GradientState, clip_coefficient
 
 class TorchOptimizerGradients(GradientAdapter):
     """``param.grad`` of the optimizer's parameters, with an optional AMP ``GradScaler`` and
-    optional clipping of the mean gradient to ``clip`` (exact global norm, torch's rule).
+    optional clipping of the gradient it hands the optimizer (the window's mean, or what the
+    wrapper's ``window_gradient`` makes of it) to ``clip`` (exact global norm, torch's rule).
 
     The scaler is updated here, once per window, from the global overflow flag (GradScaler's own
     ``update()`` would use rank-local flags and let ranks' scales drift apart); the user must not
@@ -29,7 +30,7 @@ class TorchOptimizerGradients(GradientAdapter):
     def __init__(self, optimizer: torch.optim.Optimizer, distributed_mode: Optional[str] = None,
                  grad_scaler: Optional[torch.amp.GradScaler] = None, clip: float = 0.0):
         self.optimizer = optimizer
-        self.clip = clip  # max global norm of the mean gradient (0: no clipping)
+        self.clip = clip  # max global norm of the gradient the optimizer steps on (0: no clipping)
         self.distributed_mode = distributed_mode
         self.grad_scaler = grad_scaler
         self._fsdp2_groups = None  # found at the first micro-step, after FSDP2's lazy init
