@@ -73,29 +73,29 @@ SETTINGS = {
              "about": "gqc-train's default job (Python stdlib corpus, width 128, 16-sequence micro-batches)",
              "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1@4", "fixed1.25@2", "fixed1.5@1", "fixed1.5@2",
                       "fixed2@0.5", "fixed2@1", "fixed2@2", "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "cbc",
-                      "cbc-base", "cbc-lr4", "cbc-noise"]},
+                      "cbc-sqrtg", "cbc-base", "cbc-lr4", "cbc-noise"]},
     # twice the budget, twice the time per run: the learning rates main's grid favours, and fewer arms
     "main-2x": {"set": [], "tokens": 2 * 1500 * 16 * 128, "about": "the main job at twice its budget",
-                "arms": ["fixed1@1", "fixed1@2", "fixed1.5@2", "fixed2@2", "cbc"]},
+                "arms": ["fixed1@1", "fixed1@2", "fixed1.5@2", "fixed2@2", "cbc", "cbc-sqrtg"]},
     "mb2": {"set": ["data.micro_batch_size=2"], "tokens": 6000 * 2 * 128,
             "about": "2-sequence micro-batches, as memory-bound users have",
             "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
-                     "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "cbc", "cbc-base", "cbc-k0.5", "cbc-k0.5-base",
-                     "cbc-seesaw"]},
+                     "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg",
+                     "cbc-base", "cbc-k0.5", "cbc-k0.5-base", "cbc-seesaw"]},
     # mb2 without gradient clipping: there clipping at 1.0 costs k = 1 and helps the 1.5 pattern
     "mb2-noclip": {"set": ["data.micro_batch_size=2", "optimizer.grad_clip=0"], "tokens": 6000 * 2 * 128,
                    "about": "mb2 without gradient clipping",
                    "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@0.5", "fixed1.5@1", "fixed2@0.5",
-                            "fixed2@1", "cbc"]},
+                            "fixed2@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg"]},
     "second": {"set": ["model.dim=192", "model.heads=6", "data.micro_batch_size=8", "data.path=@torch"],
                "tokens": 1000 * 8 * 128, "about": "torch's own sources, width 192, 8-sequence micro-batches",
                "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
-                        "fixed4@0.5", "fixed4@1", "fixed8@1", "cbc", "cbc-base"]},
+                        "fixed4@0.5", "fixed4@1", "fixed8@1", "cbc", "cbc-sqrtg", "cbc-base"]},
     "third": {"set": ["model.seq_len=64", "model.dim=64", "model.heads=2", "model.layers=4",
                       "data.micro_batch_size=32"], "tokens": 600 * 32 * 64,
               "about": "64-token sequences, width 64, 4 layers, 32-sequence micro-batches",
               "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
-                       "fixed4@0.5", "fixed4@1", "cbc", "cbc-base"]},
+                       "fixed4@0.5", "fixed4@1", "cbc", "cbc-sqrtg", "cbc-base"]},
 }
 
 DEFAULT = "cbc"
@@ -105,6 +105,8 @@ CONTROLLERS = {
     "cbc": ["--set", "gqc=" + json.dumps(_CBC)],
     "cbc-k0.5": ["--set", "gqc=" + json.dumps({**_CBC, "kappa": 0.5})],
     "cbc-seesaw": ["--set", "gqc=" + json.dumps(_CBC), "--set", "optimizer.seesaw=true"],
+    # the optimizer steps on the window's sum / sqrt(n): Adam's second moment fits every window length
+    "cbc-sqrtg": ["--set", "gqc=" + json.dumps({**_CBC, "window_gradient": "sqrt"})],
     # the learning rate grows with the window only as far as the noise scale says it pays
     "cbc-noise": ["--set", "gqc=" + json.dumps(_CBC), "--set", "optimizer.lr_coupling=noise"],
 }
@@ -135,6 +137,9 @@ def arms():
         for m in MULTIPLIERS:
             out[f"fixed{k:g}@{m}"] = ({"kind": "fixed", "k": k, "lr_multiplier": m},
                                       ["--baseline", str(k), "--set", f"optimizer.lr={BASE_LR * m!r}", *SQRT])
+    # the 1,2 pattern stepping on each window's sum / sqrt(n) (CONTROLLERS' cbc-sqrtg): varying windows alone
+    out["fixed1.5@1-sqrtg"] = ({"kind": "fixed", "k": 1.5, "lr_multiplier": 1},
+                               [*out["fixed1.5@1"][1], "--set", "gqc.window_gradient=sqrt"])
     for name, args in CONTROLLERS.items():  # lr_multiplier None: fixed k = 1's best (k1_multiplier)
         out[name] = ({"kind": "controller", "k": None, "lr_multiplier": None}, args)
     for name, (controller, multiplier) in AT_FIXED_RATE.items():
@@ -163,11 +168,8 @@ def k1_multiplier(setting: str) -> float:
     return ARMS[per_k[1]][0]["lr_multiplier"]
 
 
-def run(setting: str, arm: str, seed: int) -> Path:
-    """Make one run (unless its result exists) and keep its compact result; returns its path."""
-    path = result_path(setting, arm, seed)
-    if path.exists():
-        return path
+def command_of(setting: str, arm: str, seed: int):
+    """The gqc-train command of one run, and its record's fields (a controller's rate resolved)."""
     out = run_dir(setting, arm, seed)
     spec = SETTINGS[setting]
     fields, arm_args = ARMS[arm]
@@ -180,6 +182,16 @@ def run(setting: str, arm: str, seed: int) -> Path:
                "--seed", str(seed), "--set", f"train.tokens={spec['tokens']}", "--set", "train.optimizer_steps=10000000",
                "--set", "train.max_micro_steps=10000000", "--set", "train.checkpoint_interval=10000000",
                "--set", "train.eval_interval=50", *sum((["--set", s] for s in overrides), []), *arm_args]
+    return command, fields
+
+
+def run(setting: str, arm: str, seed: int) -> Path:
+    """Make one run (unless its result exists) and keep its compact result; returns its path."""
+    path = result_path(setting, arm, seed)
+    if path.exists():
+        return path
+    out = run_dir(setting, arm, seed)
+    command, fields = command_of(setting, arm, seed)
     print(f"[{setting}] {arm} seed {seed}", flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
