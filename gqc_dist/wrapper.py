@@ -125,6 +125,11 @@ class GQCOptimizerWrapper(OptimizerLookalike):
     ):
         check_wrapper_args(optimizer, max_batch_draws, distributed_mode, grad_scaler, verify, gradients,
                            micro_batch_size, noise_beta, timeout_s)
+        # checked before the optimizer's param groups gain keys: bad input changes nothing
+        if not isinstance(window_gradient, str) or window_gradient not in WINDOW_GRADIENTS:
+            raise GQCConfigError(f"window_gradient must be one of {', '.join(WINDOW_GRADIENTS)}, "
+                                 f"got {window_gradient!r}")
+        self.window_gradient = window_gradient
         self._timeout_s = timeout_s
         self._optimizer = optimizer
         self._max_draws = max_batch_draws
@@ -137,10 +142,6 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         self._costs = CostMeter()
         self._counters: Dict[str, Any] = checkpoint_state.new_counters()
         self._extend_param_groups(optimizer.param_groups)
-        if window_gradient not in WINDOW_GRADIENTS:
-            raise GQCConfigError(f"window_gradient must be one of {', '.join(WINDOW_GRADIENTS)}, "
-                                 f"got {window_gradient!r}")
-        self.window_gradient = window_gradient
         if window_hook is not None and not callable(window_hook):
             raise GQCConfigError(f"window_hook must be callable, got {type(window_hook).__name__}")
         self.window_hook: Optional[WindowHook] = window_hook

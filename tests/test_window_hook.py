@@ -125,8 +125,11 @@ def test_the_hook_on_one_process_matches_the_replay(gradient):
 
 
 def test_window_gradient_rejects_an_unknown_kind():
-    with pytest.raises(gqc_dist.GQCConfigError, match="window_gradient must be one of mean, sqrt, got 'sum'"):
-        gqc_dist.OptimizerWrapperFixed(torch.optim.SGD(make_mlp().parameters(), lr=LR), 2, window_gradient="sum")
+    optimizer = torch.optim.SGD(make_mlp().parameters(), lr=LR)
+    for bad, shown in (("sum", "'sum'"), (["sqrt"], r"\['sqrt'\]")):
+        with pytest.raises(gqc_dist.GQCConfigError, match=f"window_gradient must be one of mean, sqrt, got {shown}"):
+            gqc_dist.OptimizerWrapperFixed(optimizer, 2, window_gradient=bad)
+    assert set(optimizer.param_groups[0]) == set(torch.optim.SGD(make_mlp().parameters(), lr=LR).param_groups[0])
 
 
 def _window(step=0, n=1, seen=1):
