@@ -20,9 +20,11 @@ for every arm. Each setting (``SETTINGS``) lists the arms it runs, of these:
   >= 3% behind somewhere (``efficiency_table.verdicts``);
 * controllers (``CONTROLLERS``) at fixed k = 1's best learning rate of the setting (the rate a
   user tunes at their micro-batch; the controller couples it to its windows itself), so a
-  controller gets k = 1's tuning budget and no more: the default and variants; and
-  ``cbc-base``, the default at gqc-train's one learning rate in every setting (the tuning-free
-  claim; where k = 1's best rate is that one, ``cbc`` is the same run);
+  controller gets k = 1's tuning budget and no more: the default (``cbc-sqrtg``, gqc-train's
+  default CBC with ``window_gradient`` sqrt), ``cbc`` (the earlier default, stepping on each
+  window's mean) and variants; and ``cbc-sqrtg-base`` and ``cbc-base``, the two at gqc-train's
+  one learning rate in every setting (the tuning-free claim; where k = 1's best rate is that
+  one, they are the same runs as ``cbc-sqrtg`` and ``cbc``);
 * seeds 1 and 2 (paired: same initialisation and data order per seed) for the arms that decide:
   the best fixed arm of the setting and the default controller. The best arm is the lowest mean
   among the arms run on the most seeds (``efficiency_table.best_fixed``): seed 0 picks the arm
@@ -73,7 +75,7 @@ SETTINGS = {
              "about": "gqc-train's default job (Python stdlib corpus, width 128, 16-sequence micro-batches)",
              "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1@4", "fixed1.25@2", "fixed1.5@1", "fixed1.5@2",
                       "fixed2@0.5", "fixed2@1", "fixed2@2", "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "cbc",
-                      "cbc-sqrtg", "cbc-base", "cbc-lr4", "cbc-noise"]},
+                      "cbc-sqrtg", "cbc-base", "cbc-sqrtg-base", "cbc-lr4", "cbc-noise"]},
     # twice the budget, twice the time per run: the learning rates main's grid favours, and fewer arms
     "main-2x": {"set": [], "tokens": 2 * 1500 * 16 * 128, "about": "the main job at twice its budget",
                 "arms": ["fixed1@1", "fixed1@2", "fixed1.5@2", "fixed2@2", "cbc", "cbc-sqrtg"]},
@@ -81,7 +83,7 @@ SETTINGS = {
             "about": "2-sequence micro-batches, as memory-bound users have",
             "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
                      "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg",
-                     "cbc-base", "cbc-k0.5", "cbc-k0.5-base", "cbc-seesaw"]},
+                     "cbc-base", "cbc-sqrtg-base", "cbc-k0.5", "cbc-k0.5-base", "cbc-seesaw"]},
     # mb2 without gradient clipping: there clipping at 1.0 costs k = 1 and helps the 1.5 pattern
     "mb2-noclip": {"set": ["data.micro_batch_size=2", "optimizer.grad_clip=0"], "tokens": 6000 * 2 * 128,
                    "about": "mb2 without gradient clipping",
@@ -98,14 +100,15 @@ SETTINGS = {
                        "fixed4@0.5", "fixed4@1", "cbc", "cbc-sqrtg", "cbc-base"]},
 }
 
-DEFAULT = "cbc"
-TUNING_FREE = "cbc-base"
-_CBC = {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16}  # gqc-train's default
+DEFAULT = "cbc-sqrtg"  # gqc-train's default controller
+TUNING_FREE = "cbc-sqrtg-base"
+_CBC = {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16}  # gqc-train's default before window_gradient sqrt
 CONTROLLERS = {
-    "cbc": ["--set", "gqc=" + json.dumps(_CBC)],
+    "cbc": ["--set", "gqc=" + json.dumps(_CBC)],  # the earlier default: each window's mean gradient
     "cbc-k0.5": ["--set", "gqc=" + json.dumps({**_CBC, "kappa": 0.5})],
     "cbc-seesaw": ["--set", "gqc=" + json.dumps(_CBC), "--set", "optimizer.seesaw=true"],
-    # the optimizer steps on the window's sum / sqrt(n): Adam's second moment fits every window length
+    # gqc-train's default: the optimizer steps on the window's sum / sqrt(n), so Adam's second
+    # moment fits every window length
     "cbc-sqrtg": ["--set", "gqc=" + json.dumps({**_CBC, "window_gradient": "sqrt"})],
     # the learning rate grows with the window only as far as the noise scale says it pays
     "cbc-noise": ["--set", "gqc=" + json.dumps(_CBC), "--set", "optimizer.lr_coupling=noise"],
@@ -113,9 +116,11 @@ CONTROLLERS = {
 # controllers at a fixed multiple of the base rate instead of k = 1's best: {arm: (controller, multiplier)}
 AT_FIXED_RATE = {
     TUNING_FREE: (DEFAULT, 1),  # the default at gqc-train's one learning rate in every setting
+    "cbc-base": ("cbc", 1),  # the earlier default, likewise
     "cbc-k0.5-base": ("cbc-k0.5", 1),
-    # main: the default at 4x, where k = 1 won on seed 0 and diverged on seed 1 (k = 1's best by its mean is 2x)
-    "cbc-lr4": (DEFAULT, 4),
+    # main: the earlier default at 4x, where k = 1 won on seed 0 and diverged on seed 1 (k = 1's
+    # best by its mean is 2x)
+    "cbc-lr4": ("cbc", 4),
 }
 KS = (1, 2, 4, 8)
 MULTIPLIERS = (0.5, 1, 2)

@@ -93,9 +93,10 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             ``weight_decay`` holds for that step only (e.g. :class:`gqc_dist.LRCoupling`, the
             square-root rule). Also settable later as the ``window_hook`` attribute.
         window_gradient: what the optimizer steps on for a window of ``n`` micro-batches:
-            ``"mean"`` (default: the mean, as a fixed-accumulation loop takes) or ``"sqrt"``
-            (the sum over ``sqrt(n)``: every window's noise the size of one micro-batch's, so
-            Adam's second moment fits every window when windows vary; see
+            ``"mean"`` (default: the mean, as a fixed-accumulation loop and torch-gqc take) or
+            ``"sqrt"`` (the sum over ``sqrt(n)``: every window's noise the size of one
+            micro-batch's, so Adam's second moment fits every window when windows vary; what
+            gqc-train's default CBC uses; see
             :func:`gqc_dist.window.window_gradient_factor`). Clipping (the engine adapter's
             ``clip``) bounds the norm of what the optimizer receives.
 
