@@ -45,8 +45,12 @@ figures() {
 import json, sys
 s = json.load(open(sys.argv[1] + "/summary.json"))
 mfu = f"{100 * s['mfu']:.1f}%" if s.get("mfu") is not None else "n/a (unknown GPU peak: --peak-tflops)"
+steps = [json.loads(line) for line in open(sys.argv[1] + "/metrics.jsonl")]
+share = sorted(r["gqc_fraction"] for r in steps if r.get("kind") == "step" and r.get("gqc_fraction") is not None)
+share = f"{100 * share[len(share) // 2]:.1f}% (median over {len(share)} steps)" if share else "not sampled"
 print(f"{s['tokens_per_s']:,.0f} tokens/s ({s['tokens_per_s_per_rank']:,.0f} per rank), MFU {mfu}, "
-      f"val loss {s['val_loss']:.4f}, {s['optimizer_steps']} steps, {s['wall_time']:.0f} s on {s['device']}")
+      f"GQC statistics {share} of a micro-step, val loss {s['val_loss']:.4f}, {s['optimizer_steps']} steps, "
+      f"{s['wall_time']:.0f} s on {s['device']}")
 EOF
 }
 
@@ -77,7 +81,7 @@ two_ranks() {  # $1: backend, $2: out dir
 if two_ranks nccl "$OUT/two-nccl" >"$OUT/two-nccl.log" 2>&1; then
     say "2 ranks, NCCL: $(figures "$OUT/two-nccl")"
 else
-    say "NCCL refused 2 ranks on one GPU ($(grep -m1 -io 'duplicate gpu[^.]*' "$OUT/two-nccl.log" || echo "see $OUT/two-nccl.log")): gloo on CUDA tensors"
+    say "NCCL refused 2 ranks on one GPU ($(grep -m1 '^gqc-train:' "$OUT/two-nccl.log" || echo "see $OUT/two-nccl.log")): gloo on CUDA tensors"
     if two_ranks gloo "$OUT/two-gloo"; then
         say "2 ranks, gloo on CUDA tensors: $(figures "$OUT/two-gloo")"
     else

@@ -54,13 +54,18 @@ def check_device(name: str, device: torch.device, *tensors: torch.Tensor, group=
                                       f"{next(t.device for t in tensors if t.device.type != 'cuda')}")
 
 
-def tensor_on(values: Sequence[float], device: torch.device, dtype=torch.float64) -> torch.Tensor:
-    """A 1-D tensor of host ``values`` on ``device`` (pinned and non-blocking on CUDA)."""
-    host = torch.tensor(list(values), dtype=dtype, device="cpu")
+def host_to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` (a CPU tensor) on ``device``; on CUDA through pinned memory, non-blocking: a
+    pageable copy would synchronise the host with the device."""
     device = torch.device(device)
     if device.type == "cuda":
         return host.pin_memory().to(device, non_blocking=True)
     return host.to(device)
+
+
+def tensor_on(values: Sequence[float], device: torch.device, dtype=torch.float64) -> torch.Tensor:
+    """A 1-D tensor of host ``values`` on ``device`` (pinned and non-blocking on CUDA)."""
+    return host_to_device(torch.tensor(list(values), dtype=dtype, device="cpu"), device)
 
 
 def all_reduce(tensor: torch.Tensor, device: torch.device, op=None, group=None,

@@ -19,6 +19,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
+from .collectives import host_to_device
 from .reduction import Piece
 
 
@@ -59,7 +60,7 @@ class WeightCache:
             for row, (group, piece) in enumerate(pieces):
                 matrix[row, group] = 1.0 / piece.rho
                 matrix[row, num_groups] = float(piece.check_replicated)
-            self._matrix = matrix.to(device)
+            self._matrix = host_to_device(matrix, device)
             self._key = key
         self._version = layout_version
         return self._matrix

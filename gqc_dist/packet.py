@@ -42,9 +42,17 @@ class StatsPacket:
         self._parts: List[torch.Tensor] = []
         self._fields: List[tuple] = []  # (name, kind, length per rank)
 
+    def _host_if_cpu(self, values):
+        """A CPU tensor for a packet on an accelerator rides as host numbers: reading it costs no
+        sync, where a pageable copy to the device would synchronise the host."""
+        if isinstance(values, torch.Tensor) and values.device.type == "cpu" and self.device.type != "cpu":
+            return values.reshape(-1).tolist()
+        return values
+
     def add_sum(self, name: str, values: Union[torch.Tensor, Sequence[Number]]) -> None:
         """Add values every rank contributes (a tensor, or host numbers that ride with the host
         part of the vector); the result is the sum over ranks."""
+        values = self._host_if_cpu(values)
         if not isinstance(values, torch.Tensor):
             values = list(values)
             self._fields.append((name, "sum", len(values)))
@@ -56,6 +64,7 @@ class StatsPacket:
 
     def add_root(self, name: str, values: Union[torch.Tensor, Sequence[Number]]) -> None:
         """Add values of which only rank 0's survive; every rank gets rank 0's values."""
+        values = self._host_if_cpu(values)
         if isinstance(values, torch.Tensor):
             values = values.reshape(-1).to(device=self.device, dtype=torch.float64)
             if self.rank != 0:
@@ -71,6 +80,7 @@ class StatsPacket:
 
     def add_per_rank(self, name: str, values: Union[torch.Tensor, Sequence[Number]]) -> None:
         """Add this rank's values into its own slot; every rank gets all ranks' values."""
+        values = self._host_if_cpu(values)
         if isinstance(values, torch.Tensor):
             values = values.reshape(-1).to(device=self.device, dtype=torch.float64)
             length = values.numel()

@@ -231,6 +231,24 @@ def test_single_engine_under_a_multi_rank_launcher_is_refused(tmp_path, capsys, 
     assert not (tmp_path / "x").exists()
 
 
+def test_an_nccl_refusal_is_one_line_naming_it_not_a_lost_peer(tmp_path, capsys, monkeypatch):
+    """NCCL's invalid-usage error (what an H200 printed for two ranks on one GPU) is a setup error,
+    not a stalled or lost peer."""
+    import gqc_dist.train.run as run
+
+    printed = ("NCCL error in: /pytorch/torch/csrc/distributed/c10d/NCCLUtils.cpp:93, invalid usage (run with "
+               "NCCL_DEBUG=WARN for details), NCCL version 2.28.9")
+
+    def refused(*args, **kwargs):
+        raise torch.distributed.DistBackendError(printed)
+
+    monkeypatch.setattr(run, "train", refused)
+    assert main([*QUICK, "--out-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("gqc-train: NCCL refused "), err
+    assert "not a lost peer" in err and "invalid usage" in err and "stalled" not in err, err
+
+
 def test_there_are_at_least_forty_cases():
     assert len(CASES) + 1 >= 40
 

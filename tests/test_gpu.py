@@ -2,15 +2,19 @@
 
 * the wrapper on CUDA takes the decisions it takes on the CPU, with the same norms (fp32);
 * gqc-train's loop on CUDA synchronises the host once per micro-step, as counted by CUDA's own
-  sync debug mode (the CPU suite counts tensor reads with ``device_tracer`` instead);
+  sync debug mode (the CPU suite counts tensor reads with ``device_tracer`` instead), and so does
+  every algorithm's wrapper from its first micro-step on (a pageable host-to-device copy syncs too);
 * the collectives' device check sees real CUDA tensors: a host tensor is refused, the device's
-  own passes.
+  own passes;
+* two ranks on one GPU under NCCL end in one gqc-train line before NCCL starts.
 """
 
+import os
 import warnings
 
 import pytest
 import torch
+from distributed_harness import run_launcher, torchrun_command
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -80,6 +84,43 @@ def test_gpu_loop_syncs_once_per_micro_step(tmp_path, monkeypatch):
     assert len(per_micro_step) >= 10 and all(n == 1 for n in per_micro_step), per_micro_step
 
 
+# a section per algorithm under which it steps several times in 40 micro-steps
+SECTIONS = {"cbc": {"kappa": 0.25, "window_gradient": "sqrt"}, "fixed": {"accumulation_steps": 3},
+            "gnr": {"target_norm": 0.5}, "gns": {"tolerance": 0.5}, "gnts": {"threshold": 2.0},
+            "goodput": {}, "mht": {"confidence_level": 0.9, "percent_error_threshold": 0.5},
+            "sbc": {"logical_batch_size": 40}}
+
+
+@pytest.mark.parametrize("algorithm", sorted(SECTIONS))
+def test_gpu_every_algorithm_syncs_once_per_micro_step(algorithm):
+    from gqc_dist.config import algorithms, build_controller
+
+    assert set(SECTIONS) == set(algorithms()), "an algorithm without a section here"
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    wrapper, _ = build_controller({"algorithm": algorithm, **SECTIONS[algorithm]}, optimizer, physical_batch_size=16)
+    data = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 32, generator=data).cuda(), torch.randn(16, 1, generator=data).cuda())
+               for _ in range(40)]
+    torch.cuda.synchronize()
+    per_micro_step, steps = [], 0
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for x, y in batches:
+                before = len(caught)
+                loss = torch.nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                steps += bool(wrapper.step(loss.detach()) if algorithm == "mht" else wrapper.step())
+                per_micro_step.append(sum(1 for w in caught[before:] if "synchroniz" in str(w.message)))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert steps >= 2, f"{algorithm} stepped {steps} times: the stepping micro-steps were not covered"
+    assert all(n == 1 for n in per_micro_step), per_micro_step
+
+
 def test_gpu_collective_device_check():
     from gqc_dist import collectives
 
@@ -87,3 +128,15 @@ def test_gpu_collective_device_check():
         collectives.check_device("all_reduce", torch.device("cuda", torch.cuda.current_device()), torch.zeros(1))
     collectives.check_device("all_reduce", torch.device("cuda", torch.cuda.current_device()),
                              torch.zeros(1, device="cuda"))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="needs two ranks on one GPU")
+def test_gpu_two_ranks_on_one_gpu_under_nccl_is_refused_in_one_line(tmp_path):
+    command = torchrun_command(2, "-m", "gqc_dist.train", "--engine", "ddp", "--device", "cuda", "--quick",
+                               "--no-progress", "--out-dir", tmp_path / "run")
+    env = {**os.environ, "GQC_TRAIN_SHARE_GPUS": "1"}
+    env.pop("GQC_TRAIN_BACKEND", None)
+    finished = run_launcher(command, env=env, timeout=120)
+    assert finished.returncode != 0
+    assert ("gqc-train: 2 ranks on this node's 1 GPU(s), and NCCL refuses two ranks on one GPU: "
+            "set GQC_TRAIN_BACKEND=gloo as well") in finished.stderr, finished.stderr[-3000:]

@@ -62,12 +62,13 @@ class OptimizerWrapperMHT(GQCOptimizerWrapper):
         if metric is None:
             raise GQCConfigError("MHT needs the micro-batch's metric: step(metric) or after_backward(loss)")
         if isinstance(metric, torch.Tensor):
-            if metric.numel() != 1:
-                raise GQCConfigError(f"metric must be a scalar, got a tensor of shape {tuple(metric.shape)}")
-            metric = metric.item()
+            if metric.numel() != 1 or metric.is_complex() or metric.dtype == torch.bool:
+                raise GQCConfigError(f"metric must be a real scalar, got a {metric.dtype} tensor of shape "
+                                     f"{tuple(metric.shape)}")
+            return {"metric": metric.detach().reshape(1)}  # read with the packet: no host sync of its own
         if isinstance(metric, bool) or not isinstance(metric, Number):
             raise GQCConfigError(f"metric must be a number, got {type(metric).__name__}")
-        return {"metric": float(metric)}
+        return {"metric": [float(metric)]}
 
     def _settings(self):
         confidence = self._group_values("confidence_level")
@@ -79,7 +80,7 @@ class OptimizerWrapperMHT(GQCOptimizerWrapper):
         }
 
     def _add_fields(self, packet, inputs):
-        packet.add_per_rank("metric", [inputs["metric"]])
+        packet.add_per_rank("metric", inputs["metric"])
 
     def _record(self, stats: MicroStepStats):
         metrics = [row[0] for row in stats.fields["metric"]]

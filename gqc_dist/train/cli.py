@@ -159,8 +159,17 @@ def compare_main(argv) -> int:
     return 0
 
 
+def _nccl_refused(error: RuntimeError) -> bool:
+    """NCCL refused the call itself (its invalid-usage or invalid-argument codes, such as two
+    ranks on one GPU): a setup error, whatever the other ranks do."""
+    text = str(error).lower()
+    return "nccl" in text and ("invalid usage" in text or "invalid argument" in text)
+
+
 def _peer_lost(error: RuntimeError) -> bool:
     """A process-group collective gave up on a peer (gloo/NCCL timeout or a closed connection)."""
+    if _nccl_refused(error):
+        return False
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
     text = str(error).lower()
@@ -218,9 +227,13 @@ def main(argv=None) -> int:
         print(f"gqc-train: file error{where}: {cause_of(error)}", file=sys.stderr)
         return 2
     except RuntimeError as error:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if _nccl_refused(error):
+            print(f"gqc-train: NCCL refused {_collective_of(error)} on rank {rank}: a setup error, not a lost "
+                  f"peer; NCCL_DEBUG=WARN prints NCCL's reason ({str(error).splitlines()[0]})", file=sys.stderr)
+            return 2
         if not _peer_lost(error):
             raise
-        rank = dist.get_rank() if dist.is_initialized() else 0
         print(f"gqc-train: {_collective_of(error)} did not complete on rank {rank} (bound: "
               f"train.collective_timeout_s={config['train']['collective_timeout_s']:g} s): another rank is "
               f"stalled or gone ({str(error).splitlines()[0]})", file=sys.stderr)

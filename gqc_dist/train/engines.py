@@ -75,6 +75,12 @@ def init_distributed(engine: str, timeout_s: float = 300.0, device: str = "auto"
     resolved = resolve_device(device)
     # GQC_TRAIN_BACKEND=gloo: gloo on CUDA tensors, for ranks sharing a GPU (NCCL refuses that)
     backend = os.environ.get("GQC_TRAIN_BACKEND") or ("nccl" if resolved.type == "cuda" else "gloo")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's; other launchers: NCCL says it
+    if backend == "nccl" and resolved.type == "cuda" and local_world > torch.cuda.device_count():
+        fix = ("set GQC_TRAIN_BACKEND=gloo as well" if os.environ.get("GQC_TRAIN_SHARE_GPUS") == "1"
+               else "start one rank per GPU")
+        raise TrainError(f"{local_world} ranks on this node's {torch.cuda.device_count()} GPU(s), and NCCL refuses "
+                         f"two ranks on one GPU: {fix}")
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return resolved
 
