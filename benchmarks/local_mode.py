@@ -3,6 +3,7 @@ FSDP2 and DeepSpeed ZeRO-1 with 2 ranks.
 
     python benchmarks/local_mode.py                  # the main job's token budget
     python benchmarks/local_mode.py --tokens 400000  # shorter
+    python benchmarks/local_mode.py --report-only    # the table from benchmarks/results/local_mode/
 
 For each engine and world size it runs gqc-train twice on the same data (the default
 controller): exact mode (DDP all-reduces every micro-step, FSDP2 reduce-scatters every
@@ -15,6 +16,10 @@ run), the final validation losses and their
 relative difference, and the gradient bytes all-reduced per optimizer step by each mode
 (computed from the parameter count: exact mode moves the gradient once per micro-step, local
 mode once per step; the small statistics packet is the same in both and left out).
+
+Each run leaves one small JSON in ``benchmarks/results/local_mode/`` (its summary, every step's
+window and the last prediction error), from which the table is rebuilt; a run whose JSON exists
+is not rerun.
 """
 
 import argparse
@@ -25,6 +30,7 @@ import sys
 from pathlib import Path
 
 OUT = Path(__file__).resolve().parent / "out" / "local_mode"
+RESULTS = Path(__file__).resolve().parent / "results" / "local_mode"
 
 
 RUNS = [("ddp", 2), ("ddp", 4), ("fsdp2", 2), ("deepspeed", 2)]  # (engine, ranks)
@@ -34,10 +40,16 @@ def _out(engine: str, world: int, local: bool, tokens) -> Path:
     return OUT / f"{engine}-w{world}-{'local' if local else 'exact'}-{tokens or 'default'}"
 
 
-def run(engine: str, world: int, local: bool, tokens) -> Path:
+def _result(engine: str, world: int, local: bool, tokens) -> Path:
+    return RESULTS / f"{_out(engine, world, local, tokens).name}.json"
+
+
+def run(engine: str, world: int, local: bool, tokens) -> dict:
+    """The run's record (summary, windows, last prediction error), from its JSON or a fresh run."""
+    result = _result(engine, world, local, tokens)
+    if result.exists():
+        return json.loads(result.read_text())
     out = _out(engine, world, local, tokens)
-    if (out / "summary.json").exists():
-        return out
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world),
                "--master_port", str(29600 + world * 2 + local), "-m", "gqc_dist.train", "--engine", engine,
                "--no-progress", "--overwrite", "--out-dir", str(out), "--set", "train.checkpoint_interval=1000000",
@@ -48,11 +60,13 @@ def run(engine: str, world: int, local: bool, tokens) -> Path:
         command += ["--set", "deepspeed.zero_optimization.stage=1"]
     print(" ".join(command[3:]), flush=True)
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
-    return out
-
-
-def _steps(out: Path):
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "step"]
+    summary = json.loads((out / "summary.json").read_text())
+    record = {"command": " ".join(command[3:]), "val_loss": summary["val_loss"], "tokens": summary["tokens"],
+              "draws": [r["draws"] for r in steps], "prediction_error": steps[-1].get("prediction_error")}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    result.write_text(json.dumps(record, separators=(",", ":")) + "\n")
+    return record
 
 
 def _parameters() -> int:
@@ -65,26 +79,28 @@ def _parameters() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=None, help="default: the main job's own budget")
+    parser.add_argument("--report-only", action="store_true", help="no runs: the table from the kept JSONs")
     args = parser.parse_args()
     gradient_bytes = 4 * _parameters()
     print(f"\n{'engine':>9} {'ranks':>5} {'aligned prefix':>15} {'same length, by index':>22} {'val exact':>10} {'val local':>10} {'diff':>7} "
           f"{'exact MB/step':>14} {'local MB/step':>14} {'last pred. err':>15}")
     for engine, world in RUNS:
-        exact, local = (_steps(run(engine, world, mode, args.tokens)) for mode in (False, True))
+        if args.report_only and not all(_result(engine, world, mode, args.tokens).exists() for mode in (False, True)):
+            print(f"{engine:>9} {world:5d}   not run")
+            continue
+        exact, local = (run(engine, world, mode, args.tokens) for mode in (False, True))
         same, start_exact, start_local = 0, 0, 0
-        for a, b in zip(exact, local):  # windows compared while they start on the same micro-step
+        for a, b in zip(exact["draws"], local["draws"]):  # windows compared while they start on the same micro-step
             if start_exact != start_local:
                 break
-            same += a["draws"] == b["draws"]
-            start_exact += a["draws"]
-            start_local += b["draws"]
-        compared = min(len(exact), len(local))
-        by_index = sum(a["draws"] == b["draws"] for a, b in zip(exact, local))
-        val = [json.loads((_out(engine, world, mode, args.tokens) / "summary.json").read_text())["val_loss"]
-               for mode in (False, True)]
-        draws = [sum(r["draws"] for r in s) / len(s) for s in (exact, local)]
-        stats = local[-1]
-        error = stats.get("prediction_error")
+            same += a == b
+            start_exact += a
+            start_local += b
+        compared = min(len(exact["draws"]), len(local["draws"]))
+        by_index = sum(a == b for a, b in zip(exact["draws"], local["draws"]))
+        val = [exact["val_loss"], local["val_loss"]]
+        draws = [sum(r["draws"]) / len(r["draws"]) for r in (exact, local)]
+        error = local["prediction_error"]
         print(f"{engine:>9} {world:5d} {same:>6d} / {compared:<6d} {100 * by_index / compared:21.1f}% {val[0]:10.4f} {val[1]:10.4f} {100 * (val[1] / val[0] - 1):+6.2f}% "
               f"{(draws[0] + (engine == 'deepspeed')) * gradient_bytes / 1e6:14.2f} {gradient_bytes / 1e6:14.2f} "
               f"{'n/a' if error is None else f'{error:+.3f}':>15}")

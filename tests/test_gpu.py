@@ -91,15 +91,18 @@ SECTIONS = {"cbc": {"kappa": 0.25, "window_gradient": "sqrt"}, "fixed": {"accumu
             "sbc": {"logical_batch_size": 40}}
 
 
-@pytest.mark.parametrize("algorithm", sorted(SECTIONS))
-def test_gpu_every_algorithm_syncs_once_per_micro_step(algorithm):
+@pytest.mark.parametrize("algorithm, fp16", [(name, False) for name in sorted(SECTIONS)] + [("cbc", True)])
+def test_gpu_every_algorithm_syncs_once_per_micro_step(algorithm, fp16):
+    """fp16: under a GradScaler, whose scale rides in the packet and whose update stays on the device."""
     from gqc_dist.config import algorithms, build_controller
 
     assert set(SECTIONS) == set(algorithms()), "an algorithm without a section here"
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1)).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    wrapper, _ = build_controller({"algorithm": algorithm, **SECTIONS[algorithm]}, optimizer, physical_batch_size=16)
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**10) if fp16 else None
+    wrapper, _ = build_controller({"algorithm": algorithm, **SECTIONS[algorithm]}, optimizer, physical_batch_size=16,
+                                  grad_scaler=scaler)
     data = torch.Generator().manual_seed(1)
     batches = [(torch.randn(16, 32, generator=data).cuda(), torch.randn(16, 1, generator=data).cuda())
                for _ in range(40)]
@@ -111,8 +114,9 @@ def test_gpu_every_algorithm_syncs_once_per_micro_step(algorithm):
             warnings.simplefilter("always")
             for x, y in batches:
                 before = len(caught)
-                loss = torch.nn.functional.mse_loss(model(x), y)
-                loss.backward()
+                with torch.autocast("cuda", dtype=torch.float16, enabled=fp16):
+                    loss = torch.nn.functional.mse_loss(model(x).float(), y)
+                (scaler.scale(loss) if fp16 else loss).backward()
                 steps += bool(wrapper.step(loss.detach()) if algorithm == "mht" else wrapper.step())
                 per_micro_step.append(sum(1 for w in caught[before:] if "synchroniz" in str(w.message)))
     finally:
