@@ -17,9 +17,9 @@ relative difference, and the gradient bytes all-reduced per optimizer step by ea
 (computed from the parameter count: exact mode moves the gradient once per micro-step, local
 mode once per step; the small statistics packet is the same in both and left out).
 
-Each run leaves one small JSON in ``benchmarks/results/local_mode/`` (its summary, every step's
-window and the last prediction error), from which the table is rebuilt; a run whose JSON exists
-is not rerun.
+Each run leaves one small JSON in ``benchmarks/results/local_mode/`` (its command, final loss,
+tokens, every step's window and the last prediction error), from which the table is rebuilt; a
+run whose JSON exists is not rerun.
 """
 
 import argparse
@@ -45,7 +45,8 @@ def _result(engine: str, world: int, local: bool, tokens) -> Path:
 
 
 def run(engine: str, world: int, local: bool, tokens) -> dict:
-    """The run's record (summary, windows, last prediction error), from its JSON or a fresh run."""
+    """The run's record (command, final loss, tokens, windows, last prediction error), from its
+    JSON or a fresh run."""
     result = _result(engine, world, local, tokens)
     if result.exists():
         return json.loads(result.read_text())

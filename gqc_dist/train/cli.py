@@ -167,9 +167,8 @@ def _nccl_refused(error: RuntimeError) -> bool:
 
 
 def _peer_lost(error: RuntimeError) -> bool:
-    """A process-group collective gave up on a peer (gloo/NCCL timeout or a closed connection)."""
-    if _nccl_refused(error):
-        return False
+    """A process-group collective gave up on a peer (gloo/NCCL timeout or a closed connection).
+    Ask :func:`_nccl_refused` first: NCCL's own refusals are DistErrors too."""
     if isinstance(error, getattr(dist, "DistError", ())):
         return True
     text = str(error).lower()
