@@ -146,13 +146,14 @@ def assert_matches_oracle(results, oracle):
             torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-def reference_windows(grads, wanted, max_draws, probe, growth=2.0, min_draws=1):
+def reference_windows(grads, wanted, max_draws, probe, growth=2.0, min_draws=1, dither=False):
     """Window lengths of a noise-scale controller by hand, on gradients ``grads`` set as each
     micro-batch's gradient: accumulate; ``||G_n||^2`` of the accumulated gradient; per window, the
     increments ``d_n = ||G_n||^2 - ||G_{n-1}||^2 = (2n - 1) S + T`` fitted by least squares with
     weights ``1/n``; windows averaged with weights ``(N - 1) * position`` (the past scaled by
     old/new position at each fold); the window asks for ``ceil(wanted(T_sum, S_sum))``
-    micro-batches (2 before an estimate; ``inf``: one more than the last window), at most
+    micro-batches (``dither``: ``floor(wanted + frac(i * 0.618...))`` for the ``i``-th window) (2
+    before an estimate; ``inf``: one more than the last window), at most
     ``max(2, ceil(growth * last))``, in ``[min_draws, max_draws]``, and 2 on every
     ``probe``-th window while that is 1."""
     lengths, accumulated, n, previous, steps, last = [], None, 0, 0.0, 0, None
@@ -172,7 +173,12 @@ def reference_windows(grads, wanted, max_draws, probe, growth=2.0, min_draws=1):
         for i, value in enumerate((w * a * a, w * a, w, w * a * d, w * d)):
             fit[i] += value
         asked = 2 if informative == 0 else wanted(noise, signal)
-        target = (last or 1) + 1 if math.isinf(asked) else math.ceil(asked - 1e-9)
+        if math.isinf(asked):
+            target = (last or 1) + 1
+        elif dither and informative:
+            target = math.floor(min(asked, max_draws) + math.fmod(steps * (math.sqrt(5) - 1) / 2, 1.0))
+        else:
+            target = math.ceil(asked - 1e-9)
         if last is not None:
             target = min(target, max(2, math.ceil(growth * last - 1e-9)))
         target = min(max(target, min_draws), max_draws)

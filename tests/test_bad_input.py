@@ -108,6 +108,8 @@ CASES = [
     ("lr coupling unknown", lambda t, r: [*QUICK, *_set(optimizer__lr_coupling="cubic")], "optimizer.lr_coupling"),
     ("window gradient unknown", lambda t, r: [*QUICK, *_set(gqc__window_gradient="sum")],
      "gqc.window_gradient must be one of mean, sqrt, got 'sum'"),
+    ("window rounding unknown", lambda t, r: [*QUICK, *_set(gqc__rounding="round")],
+     "gqc.rounding must be one of ceil, dither, got 'round'"),
     ("baseline 0", lambda t, r: [*QUICK, "--baseline", "0"], "accumulation_steps"),
     ("tokens 0", lambda t, r: [*QUICK, *_set(train__tokens=0)], "train.tokens"),
     ("negative timeout", lambda t, r: [*QUICK, "--collective-timeout", "-5"], "collective_timeout_s"),

@@ -184,10 +184,10 @@ def synthetic_gradients(count, dim, noise_scale, seed=0, drift=None):
     return out
 
 
-def reference_cbc(grads, kappa, max_draws, probe, growth=2.0, min_draws=1):
-    """Hand-written CBC: ``ceil(kappa * T / S)`` from the hand-written estimate."""
+def reference_cbc(grads, kappa, max_draws, probe, growth=2.0, min_draws=1, rounding="ceil"):
+    """Hand-written CBC: ``kappa * T / S`` from the hand-written estimate, rounded up or dithered."""
     return reference_windows(grads, lambda noise, signal: kappa * max(0.0, noise) / signal if signal > 0 else math.inf,
-                             max_draws, probe, growth, min_draws)
+                             max_draws, probe, growth, min_draws, dither=rounding == "dither")
 
 
 def _cbc_lengths(grads, kappa, max_draws, probe, world=1, rank=0, **kwargs):
@@ -220,12 +220,29 @@ def _cbc_on_ranks(rank, world_size, count, noise_scale, kappa, max_draws, probe)
     return _cbc_lengths(synthetic_gradients(count, 256, noise_scale), kappa, max_draws, probe)
 
 
-@pytest.mark.parametrize("noise_scale, kappa", [(0.3, 0.25), (24.0, 0.25), (24.0, 1.0)])
-def test_cbc_windows_match_the_hand_written_rule(noise_scale, kappa):
+@pytest.mark.parametrize("noise_scale, kappa, rounding", [(0.3, 0.25, "ceil"), (24.0, 0.25, "ceil"), (24.0, 1.0, "ceil"),
+                                                      (0.3, 0.25, "dither"), (10.0, 0.25, "dither")])
+def test_cbc_windows_match_the_hand_written_rule(noise_scale, kappa, rounding):
     grads = synthetic_gradients(3000, 256, noise_scale)
-    want = reference_cbc(grads, kappa, max_draws=16, probe=24)
-    assert _cbc_lengths(grads, kappa, 16, 24) == want
+    want = reference_cbc(grads, kappa, max_draws=16, probe=24, rounding=rounding)
+    assert _cbc_lengths(grads, kappa, 16, 24, rounding=rounding) == want
     assert len(set(want)) > 1  # the rule adapted: windows of different lengths
+
+
+def test_dithered_windows_average_the_rule_where_ceil_overshoots():
+    """B_simple 24 micro-batches, kappa 0.1: the rule asks for 2.4. Rounded up, every settled
+    window takes 3 (25% over); dithered, the windows take 2 and 3 and average 2.4 (within the
+    estimate's own spread)."""
+    grads = synthetic_gradients(6000, 256, 24.0)
+    late = {}
+    for rounding in ("ceil", "dither"):
+        lengths = _cbc_lengths(grads, 0.1, 16, 24, rounding=rounding)
+        late[rounding] = lengths[len(lengths) // 2:]
+    assert sum(late["ceil"]) / len(late["ceil"]) >= 2.9
+    assert sum(late["dither"]) / len(late["dither"]) == pytest.approx(2.4, rel=0.1)
+    assert {2, 3} <= set(late["dither"]) and max(late["dither"]) <= 4
+    with pytest.raises(gqc_dist.GQCConfigError, match="rounding must be one of ceil, dither, got 'round'"):
+        gqc_dist.OptimizerWrapperCBC(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.0), 4, rounding="round")
 
 
 def test_cbc_settles_where_the_noise_scale_is_constant():

@@ -23,6 +23,14 @@ gradient norm: nothing to tune per model.
   larger ``B_simple`` and ``kappa * B_simple`` can feed on itself. With the learning rate
   coupled to the window by the square-root rule (:class:`gqc_dist.LRCoupling`, gqc-train's
   default) the measured value grows only as ``sqrt(n)`` and the loop has a stable fixed point.
+* **Windows of ``kappa * B_simple`` in the mean** (``rounding="dither"``, gqc-train's default).
+  The default ``"ceil"`` (torch-gqc's rule) rounds every window up, which overshoots by up to
+  one micro-batch: by 22% on the mean window where the rule asks for 2 to 3 (measured,
+  ``benchmarks/efficiency.py``, 2-sequence micro-batches). Dithering takes ``floor(wanted + u)``
+  with ``u`` the ``i``-th point of the golden-ratio sequence for the ``i``-th window: the windows
+  average ``wanted`` (a rule asking 1.5 takes 1 and 2 alternately), ``u`` is a function of the
+  step count alone, so every rank and a resumed run take the same windows, and nothing new is
+  saved.
 * ``min_draws`` is also a param-group key (rank 0's value decides): a schedule or a window hook
   (Seesaw) may raise the floor during the run.
 """
@@ -41,26 +49,41 @@ from ..wrapper import GQCOptimizerWrapper, MicroStepStats
 from .spec import REQUIRED, AlgorithmSpec
 
 
+ROUNDINGS = ("ceil", "dither")
+GOLDEN = (math.sqrt(5) - 1) / 2  # the golden-ratio sequence frac(i * GOLDEN) fills [0, 1) most evenly
+
+
+def dither_offset(windows: int) -> float:
+    """The ``windows``-th point of the golden-ratio sequence, in ``[0, 1)``: over any run of
+    windows the points are spread almost evenly, so ``floor(wanted + u)`` averages ``wanted``."""
+    return (windows * GOLDEN) % 1.0
+
+
 def target_draws(noise_scale: Optional[float], kappa: float, windows: int, min_draws: int,
                  max_draws: int, probe_interval: Optional[int], last_draws: Optional[int] = None,
-                 growth: float = 2.0) -> int:
-    """Micro-batches the window should take: ``ceil(kappa * noise_scale)`` (``noise_scale`` in
-    micro-batches; ``None`` before an estimate), bounded by :func:`bounded_draws`."""
+                 growth: float = 2.0, rounding: str = "ceil") -> int:
+    """Micro-batches the window should take: ``kappa * noise_scale`` (``noise_scale`` in
+    micro-batches; ``None`` before an estimate) rounded and bounded by :func:`bounded_draws`."""
     wanted = None if noise_scale is None else kappa * noise_scale
-    return bounded_draws(wanted, windows, min_draws, max_draws, probe_interval, last_draws, growth)
+    return bounded_draws(wanted, windows, min_draws, max_draws, probe_interval, last_draws, growth, rounding)
 
 
 def bounded_draws(wanted: Optional[float], windows: int, min_draws: int, max_draws: int,
-                  probe_interval: Optional[int], last_draws: Optional[int] = None, growth: float = 2.0) -> int:
-    """``ceil(wanted)`` micro-batches (``None``: no estimate yet, 2; ``inf``, a signal estimate
-    that is not positive: one more than the last window), at most
-    ``max(2, ceil(growth * last_draws))`` after a window of ``last_draws``, clamped to
-    ``[min_draws, max_draws]``; at least 2 on every ``probe_interval``-th window (``windows``:
-    steps so far) while that is 1 (``probe_interval`` ``None``: every window informs, no probes)."""
+                  probe_interval: Optional[int], last_draws: Optional[int] = None, growth: float = 2.0,
+                  rounding: str = "ceil") -> int:
+    """``wanted`` micro-batches rounded up (``rounding`` ``"ceil"``) or to ``floor(wanted + u)``
+    with ``u`` :func:`dither_offset` of ``windows`` (``"dither"``: the windows average
+    ``wanted``) (``None``: no estimate yet, 2; ``inf``, a signal estimate that is not positive:
+    one more than the last window), at most ``max(2, ceil(growth * last_draws))`` after a window
+    of ``last_draws``, clamped to ``[min_draws, max_draws]``; at least 2 on every
+    ``probe_interval``-th window (``windows``: steps so far) while that is 1 (``probe_interval``
+    ``None``: every window informs, no probes)."""
     if wanted is None:
         wanted = 2 if probe_interval is not None else 1
     elif math.isinf(wanted):  # the signal is unknown, not infinitely small: creep up, do not burst
         wanted = (last_draws or 1) + 1
+    elif rounding == "dither":
+        wanted = math.floor(min(wanted, max_draws) + dither_offset(windows))
     else:
         wanted = math.ceil(wanted - 1e-9)
     if last_draws is not None:
@@ -85,6 +108,8 @@ class OptimizerWrapperCBC(GQCOptimizerWrapper):
         probe_interval: while the target is 1, every ``probe_interval``-th window takes 2.
         growth: a window takes at most ``growth`` times the previous one's micro-batches (and
             at least 2 may always be taken); ``>= 1``.
+        rounding: ``"ceil"`` (every window ``ceil(kappa * B_simple)``, torch-gqc's rule) or
+            ``"dither"`` (the windows average ``kappa * B_simple``; see the module).
         **kwargs: see :class:`gqc_dist.wrapper.GQCOptimizerWrapper` (``micro_batch_size``,
             ``noise_beta``, ``window_hook``, ``grad_scaler``, ``verify``, ``gradients``).
     """
@@ -94,8 +119,10 @@ class OptimizerWrapperCBC(GQCOptimizerWrapper):
 
     def __init__(self, optimizer: torch.optim.Optimizer, max_batch_draws: int = 64,
                  distributed_mode: Optional[str] = None, *, min_draws: int = 1, probe_interval: int = 24,
-                 growth: float = 2.0, **kwargs):
+                 growth: float = 2.0, rounding: str = "ceil", **kwargs):
         check_number("min_draws", min_draws, minimum=1, integer=True)
+        if rounding not in ROUNDINGS:
+            raise GQCConfigError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
         check_number("probe_interval", probe_interval, minimum=1, integer=True)
         check_number("growth", growth, minimum=1)
         if isinstance(max_batch_draws, int) and min_draws > max_batch_draws:
@@ -106,6 +133,7 @@ class OptimizerWrapperCBC(GQCOptimizerWrapper):
         super().__init__(optimizer, max_batch_draws, distributed_mode, **kwargs)
         self._probe_interval = probe_interval
         self._growth = growth
+        self._rounding = rounding
 
     def _settings(self):
         kappas = self._group_values("critical_batch_fraction")
@@ -120,7 +148,8 @@ class OptimizerWrapperCBC(GQCOptimizerWrapper):
         max_draws = int(settings["max_draws"])
         self_informing = self.local_accumulation and world_rank_and_size()[1] > 1
         return bounded_draws(self._wanted(settings, min_draws, max_draws), self.num_steps, min_draws, max_draws,
-                             None if self_informing else self._probe_interval, self.last_num_draws, self._growth)
+                             None if self_informing else self._probe_interval, self.last_num_draws, self._growth,
+                             self._rounding)
 
     def _wanted(self, settings: dict, min_draws: int, max_draws: int) -> Optional[float]:
         """Micro-batches the rule asks for before bounds (``None``: no estimate yet)."""
@@ -171,18 +200,20 @@ WINDOW_OPTIONS = {"max_draws": ("int+", 64), "min_draws": ("int+", 1), "probe_in
                   "growth": ("num1", 2.0)}
 
 
-def builder(cls):
-    """``AlgorithmSpec.build`` for ``cls``, a wrapper taking :data:`WINDOW_OPTIONS`."""
+def builder(cls, *extra):
+    """``AlgorithmSpec.build`` for ``cls``, a wrapper taking :data:`WINDOW_OPTIONS` and the
+    options named in ``extra``."""
     def build(optimizer, section, context, **kwargs):
         return cls(optimizer, section["max_draws"], min_draws=section["min_draws"],
-                   probe_interval=section["probe_interval"], growth=section["growth"], **kwargs)
+                   probe_interval=section["probe_interval"], growth=section["growth"],
+                   **{key: section[key] for key in extra}, **kwargs)
     return build
 
 
 SPEC = AlgorithmSpec(
     name="cbc",
-    build=builder(OptimizerWrapperCBC),
-    options=WINDOW_OPTIONS,
+    build=builder(OptimizerWrapperCBC, "rounding"),
+    options={**WINDOW_OPTIONS, "rounding": ("rounding", "ceil")},
     values={"kappa": ("num+", "critical_batch_fraction")},
     schedule={"initial_kappa": ("num+", REQUIRED), "final_kappa": ("num+", REQUIRED)},
     make_schedules=lambda wrapper, s: [_kappa_schedule(wrapper, s["initial_kappa"], s["final_kappa"],
