@@ -20,15 +20,22 @@ for every arm. Each setting (``SETTINGS``) lists the arms it runs, of these:
   >= 3% behind somewhere (``efficiency_table.verdicts``);
 * controllers (``CONTROLLERS``) at fixed k = 1's best learning rate of the setting (the rate a
   user tunes at their micro-batch; the controller couples it to its windows itself), so a
-  controller gets k = 1's tuning budget and no more: the default (``cbc-sqrtg``, gqc-train's
-  default CBC with ``window_gradient`` sqrt), ``cbc`` (the earlier default, stepping on each
-  window's mean) and variants; and ``cbc-sqrtg-base`` and ``cbc-base``, the two at gqc-train's
-  one learning rate in every setting (the tuning-free claim; where k = 1's best rate is that
-  one, they are the same runs as ``cbc-sqrtg`` and ``cbc``);
+  controller gets k = 1's tuning budget and no more: the default (``cbc-sqrtg-dither``,
+  gqc-train's default CBC: ``window_gradient`` sqrt, ``rounding`` dither), ``cbc-sqrtg`` (the
+  earlier default, windows rounded up), ``cbc`` (before it, stepping on each window's mean) and
+  variants; and ``cbc-sqrtg-dither-base``, ``cbc-sqrtg-base`` and ``cbc-base``, the same at
+  gqc-train's one learning rate in every setting (the tuning-free claim; where k = 1's best rate
+  is that one, they are the same runs as the controllers');
+* twins (``fixed1@1-twin``, ...): the setting's best fixed arm again with its learning rate
+  nudged by a part in a million, a change with no systematic effect: the paired gap between
+  twins is the benchmark's noise floor (how far a run's final loss moves when its trajectory is
+  perturbed in the last bits, as another CPU or summation order does);
 * seeds 1 and 2 (paired: same initialisation and data order per seed) for the arms that decide:
-  the best fixed arm of the setting and the default controller. The best arm is the lowest mean
+  the best fixed arm of the setting, the default controller (and at the base rate), the
+  candidates to replace it (``CANDIDATES``) and the twins. The best arm is the lowest mean
   among the arms run on the most seeds (``efficiency_table.best_fixed``): seed 0 picks the arm
   that gets seeds, and a rate that then diverges loses to a steadier one run on as many.
+  ``mb2-8seeds`` repeats ``mb2`` with every arm on seeds 0-7.
 
 Each run's outcome is kept as one small JSON under ``benchmarks/results/<setting>/<arm>@s<seed>.json``
 (final loss on 64 evaluation batches, steps, the histogram of windows taken, the noise scale's
@@ -75,33 +82,41 @@ SETTINGS = {
              "about": "gqc-train's default job (Python stdlib corpus, width 128, 16-sequence micro-batches)",
              "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1@4", "fixed1.25@2", "fixed1.5@1", "fixed1.5@2",
                       "fixed2@0.5", "fixed2@1", "fixed2@2", "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "cbc",
-                      "cbc-sqrtg", "cbc-base", "cbc-sqrtg-base", "cbc-lr4", "cbc-noise"]},
+                      "cbc-sqrtg", "cbc-base", "cbc-sqrtg-base", "cbc-lr4", "cbc-noise", "fixed1@2-twin", "cbc-sqrtg-dither", "cbc-sqrtg-dither-base"]},
     # twice the budget, twice the time per run: the learning rates main's grid favours, and fewer arms
     "main-2x": {"set": [], "tokens": 2 * 1500 * 16 * 128, "about": "the main job at twice its budget",
-                "arms": ["fixed1@1", "fixed1@2", "fixed1.5@2", "fixed2@2", "cbc", "cbc-sqrtg"]},
+                "arms": ["fixed1@1", "fixed1@2", "fixed1.5@2", "fixed2@2", "cbc", "cbc-sqrtg",
+                         "cbc-sqrtg-dither"]},
     "mb2": {"set": ["data.micro_batch_size=2"], "tokens": 6000 * 2 * 128,
             "about": "2-sequence micro-batches, as memory-bound users have",
             "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
                      "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg",
-                     "cbc-base", "cbc-sqrtg-base", "cbc-k0.5", "cbc-k0.5-base", "cbc-seesaw"]},
+                     "cbc-base", "cbc-sqrtg-base", "cbc-k0.5", "cbc-k0.5-base", "cbc-seesaw", "fixed1.5@1-twin", "cbc-sqrtg-dither", "cbc-sqrtg-dither-base"]},
+    # mb2 again on 8 seeds, every arm on every seed, all runs at once on one other machine (the
+    # H200 host's 16 CPU cores, torch 2.11, Python 3.12, mb2's corpus carried byte for byte as
+    # data.path); its controllers at mb2's k = 1 rate (0.5x) or the base rate
+    "mb2-8seeds": {"set": ["data.micro_batch_size=2"], "tokens": 6000 * 2 * 128, "seeds": tuple(range(8)),
+                   "k1_multiplier": 0.5, "about": "mb2 on 8 seeds, one other machine",
+                   "arms": ["fixed1@1", "fixed1.5@1", "fixed1.5@1-twin", "cbc-sqrtg-base", "cbc-sqrtg-dither",
+                            "cbc-sqrtg-dither-base"]},
     # mb2 without gradient clipping: there clipping at 1.0 costs k = 1 and helps the 1.5 pattern
     "mb2-noclip": {"set": ["data.micro_batch_size=2", "optimizer.grad_clip=0"], "tokens": 6000 * 2 * 128,
                    "about": "mb2 without gradient clipping",
                    "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@0.5", "fixed1.5@1", "fixed2@0.5",
-                            "fixed2@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg"]},
+                            "fixed2@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg", "fixed1@1-twin", "cbc-sqrtg-dither"]},
     "second": {"set": ["model.dim=192", "model.heads=6", "data.micro_batch_size=8", "data.path=@torch"],
                "tokens": 1000 * 8 * 128, "about": "torch's own sources, width 192, 8-sequence micro-batches",
                "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
-                        "fixed4@0.5", "fixed4@1", "fixed8@1", "cbc", "cbc-sqrtg", "cbc-base"]},
+                        "fixed4@0.5", "fixed4@1", "fixed8@1", "cbc", "cbc-sqrtg", "cbc-base", "fixed1@1-twin", "cbc-sqrtg-dither"]},
     "third": {"set": ["model.seq_len=64", "model.dim=64", "model.heads=2", "model.layers=4",
                       "data.micro_batch_size=32"], "tokens": 600 * 32 * 64,
               "about": "64-token sequences, width 64, 4 layers, 32-sequence micro-batches",
               "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
-                       "fixed4@0.5", "fixed4@1", "cbc", "cbc-sqrtg", "cbc-base"]},
+                       "fixed4@0.5", "fixed4@1", "cbc", "cbc-sqrtg", "cbc-base", "fixed1@1-twin", "cbc-sqrtg-dither"]},
 }
 
-DEFAULT = "cbc-sqrtg"  # gqc-train's default controller
-TUNING_FREE = "cbc-sqrtg-base"
+DEFAULT = "cbc-sqrtg-dither"  # gqc-train's default controller
+TUNING_FREE = "cbc-sqrtg-dither-base"
 _CBC = {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16}  # gqc-train's default before window_gradient sqrt
 CONTROLLERS = {
     "cbc": ["--set", "gqc=" + json.dumps(_CBC)],  # the earlier default: each window's mean gradient
@@ -112,6 +127,8 @@ CONTROLLERS = {
     "cbc-sqrtg": ["--set", "gqc=" + json.dumps({**_CBC, "window_gradient": "sqrt"})],
     # the learning rate grows with the window only as far as the noise scale says it pays
     "cbc-noise": ["--set", "gqc=" + json.dumps(_CBC), "--set", "optimizer.lr_coupling=noise"],
+    # the default with windows of kappa * B_simple in the mean instead of its ceiling
+    "cbc-sqrtg-dither": ["--set", "gqc=" + json.dumps({**_CBC, "window_gradient": "sqrt", "rounding": "dither"})],
 }
 # controllers at a fixed multiple of the base rate instead of k = 1's best: {arm: (controller, multiplier)}
 AT_FIXED_RATE = {
@@ -121,8 +138,13 @@ AT_FIXED_RATE = {
     # main: the earlier default at 4x, where k = 1 won on seed 0 and diverged on seed 1 (k = 1's
     # best by its mean is 2x)
     "cbc-lr4": ("cbc", 4),
+    "cbc-sqrtg-dither-base": ("cbc-sqrtg-dither", 1),
 }
+# variants run on every seed, like the default, because they may replace it
+CANDIDATES = ("cbc-sqrtg-dither", "cbc-sqrtg-dither-base")
 KS = (1, 2, 4, 8)
+TWINNED = ("fixed1@1", "fixed1@2", "fixed1.5@1")  # the settings' best fixed arms
+TWIN_NUDGE = 1e-6
 MULTIPLIERS = (0.5, 1, 2)
 SEEDS = (0, 1, 2)
 
@@ -149,6 +171,13 @@ def arms():
         out[name] = ({"kind": "controller", "k": None, "lr_multiplier": None}, args)
     for name, (controller, multiplier) in AT_FIXED_RATE.items():
         out[name] = ({"kind": "controller", "k": None, "lr_multiplier": multiplier}, CONTROLLERS[controller])
+    # the best fixed arms again with the learning rate moved by one part in a million: a change
+    # with no systematic effect, so the twins' paired gaps are the benchmark's noise floor
+    for name in TWINNED:
+        fields, args = out[name]
+        rate = BASE_LR * fields["lr_multiplier"] * (1 + TWIN_NUDGE)
+        out[f"{name}-twin"] = ({**fields, "kind": "twin"},
+                               ["--baseline", f"{fields['k']:g}", "--set", f"optimizer.lr={rate!r}", *SQRT])
     return out
 
 
@@ -166,7 +195,10 @@ def result_path(setting: str, arm: str, seed: int) -> Path:
 def k1_multiplier(setting: str) -> float:
     """The learning-rate multiplier of fixed k = 1's best arm in ``setting`` (the rule of
     ``efficiency_table.best_fixed``: seed 0, or the mean where seeds were added): the rate the
-    controllers run at."""
+    controllers run at; a setting that repeats another on more seeds names the other's
+    (``k1_multiplier``)."""
+    if "k1_multiplier" in SETTINGS[setting]:
+        return SETTINGS[setting]["k1_multiplier"]
     per_k = best_fixed_per_k(by_arm(load_results(setting)))
     if 1 not in per_k:
         raise SystemExit(f"[{setting}] controllers run at fixed k=1's best learning rate: run the fixed1@* arms first")
@@ -261,8 +293,11 @@ def plan(settings, names, seeds):
     k1 = [(s, a, 0) for s in settings for a in arms_of(s, names) if ARMS[a][0]["k"] == 1]
     rest = [(s, a, 0) for s in settings for a in arms_of(s, names) if (s, a, 0) not in k1]
     rest.sort(key=lambda job: (job[1] != DEFAULT, ARMS[job[1]][0]["kind"] == "controller"))
-    return [k1, rest], lambda: [(s, a, seed) for s in settings for seed in seeds if seed
-                           for a in sorted({best_fixed(by_arm(load_results(s))), DEFAULT} & set(names) - {None})]
+    seeded = {DEFAULT, TUNING_FREE, *CANDIDATES} | {a for a in names if ARMS[a][0]["kind"] == "twin"}
+    return [k1, rest], lambda: [
+        (s, a, seed) for s in settings for seed in SETTINGS[s].get("seeds", seeds) if seed
+        for a in sorted((set(names) if "seeds" in SETTINGS[s] else {best_fixed(by_arm(load_results(s)))} | seeded)
+                        & set(arms_of(s, names)) - {None})]
 
 
 def plot(settings) -> Path:

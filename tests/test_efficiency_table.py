@@ -94,6 +94,8 @@ def test_verdicts_say_met_or_missed_with_the_numbers():
     steps = next(line for line in lines if "steps:" in line)
     # 400 steps; the frontier needs 800 * (667/800)^(2/3) = 709 for 2.05: ratio 0.56
     assert "median 5.0" in steps and "709" in steps and "ratio 0.56" in steps and "met" in steps
+    below = table.verdicts({"s": RUNS[:-3] + [controller(1.9, 400)]}, "cbc")  # below every fixed arm
+    assert any("steps:" in line and "not measured" in line for line in below)
     one_rate = next(line for line in lines if "at one learning rate" in line)
     assert "fixed1@1" in one_rate and "+0.00%" in one_rate and "MISSED" in one_rate  # one setting: its own best
     # a second setting whose best is k = 2: only the arms run in both count, each at its worst setting
@@ -104,6 +106,22 @@ def test_verdicts_say_met_or_missed_with_the_numbers():
     small = table.verdicts({"s": RUNS[:-3] + [controller(2.004, 960, noise=(0.2, 0.5, 0.8),
                                                          windows={"1": 960, "2": 40})]}, "cbc")
     assert any("windows of one 96.0%" in line and "+0.20%" in line and "met" in line for line in small)
+
+
+def test_a_twin_measures_the_noise_floor_and_is_never_the_best_fixed_arm():
+    twins = [{**fixed(1, 1, loss, 1000, seed=s), "arm": "fixed1@1-twin", "kind": "twin"}
+             for s, loss in enumerate((1.9, 2.0103, 1.99))]  # lower than every fixed arm on seed 0
+    arms = table.by_arm(RUNS + twins)
+    assert table.best_fixed(arms) == "fixed1@1" and table.best_fixed_per_k(arms)[1] == "fixed1@1"
+    lines = table.verdicts({"s": RUNS + twins}, "cbc")
+    floor = next(line for line in lines if "noise floor" in line)
+    assert "fixed1@1-twin" in floor and f"{100 * (1 - 1.9 / 2.0):.4f}% (3 seeds)" in floor
+    rows = [row["arm"] for row in table.setting_rows(RUNS + twins)[0]]
+    assert rows.index("fixed1@1-twin") == rows.index("fixed1@1") + 1
+    # cbc's worst seed (+2.50%) misses the target and lies inside the 5% floor: said so
+    tuned = next(line for line in lines if "tuned as k=1" in line)
+    assert "MISSED" in tuned and "inside the noise floor (5.00%)" in tuned
+    assert not any("noise floor (" in line for line in table.verdicts({"s": RUNS}, "cbc"))  # no twins, no floor
 
 
 def test_histogram_text_keeps_the_common_lengths():
