@@ -82,7 +82,8 @@ SETTINGS = {
              "about": "gqc-train's default job (Python stdlib corpus, width 128, 16-sequence micro-batches)",
              "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1@4", "fixed1.25@2", "fixed1.5@1", "fixed1.5@2",
                       "fixed2@0.5", "fixed2@1", "fixed2@2", "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "cbc",
-                      "cbc-sqrtg", "cbc-base", "cbc-sqrtg-base", "cbc-lr4", "cbc-noise", "fixed1@2-twin", "cbc-sqrtg-dither", "cbc-sqrtg-dither-base"]},
+                      "cbc-sqrtg", "cbc-base", "cbc-sqrtg-base", "cbc-lr4", "cbc-noise", "fixed1@2-twin",
+                      "cbc-sqrtg-dither", "cbc-sqrtg-dither-base"]},
     # twice the budget, twice the time per run: the learning rates main's grid favours, and fewer arms
     "main-2x": {"set": [], "tokens": 2 * 1500 * 16 * 128, "about": "the main job at twice its budget",
                 "arms": ["fixed1@1", "fixed1@2", "fixed1.5@2", "fixed2@2", "cbc", "cbc-sqrtg",
@@ -91,7 +92,8 @@ SETTINGS = {
             "about": "2-sequence micro-batches, as memory-bound users have",
             "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
                      "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg",
-                     "cbc-base", "cbc-sqrtg-base", "cbc-k0.5", "cbc-k0.5-base", "cbc-seesaw", "fixed1.5@1-twin", "cbc-sqrtg-dither", "cbc-sqrtg-dither-base"]},
+                     "cbc-base", "cbc-sqrtg-base", "cbc-k0.5", "cbc-k0.5-base", "cbc-seesaw", "fixed1.5@1-twin",
+                     "cbc-sqrtg-dither", "cbc-sqrtg-dither-base"]},
     # mb2 again on 8 seeds, every arm on every seed, all runs at once on one other machine (the
     # H200 host's 16 CPU cores, torch 2.11, Python 3.12, mb2's corpus carried byte for byte as
     # data.path); its controllers at mb2's k = 1 rate (0.5x) or the base rate
@@ -103,16 +105,19 @@ SETTINGS = {
     "mb2-noclip": {"set": ["data.micro_batch_size=2", "optimizer.grad_clip=0"], "tokens": 6000 * 2 * 128,
                    "about": "mb2 without gradient clipping",
                    "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@0.5", "fixed1.5@1", "fixed2@0.5",
-                            "fixed2@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg", "fixed1@1-twin", "cbc-sqrtg-dither"]},
+                            "fixed2@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg", "fixed1@1-twin",
+                            "cbc-sqrtg-dither"]},
     "second": {"set": ["model.dim=192", "model.heads=6", "data.micro_batch_size=8", "data.path=@torch"],
                "tokens": 1000 * 8 * 128, "about": "torch's own sources, width 192, 8-sequence micro-batches",
                "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
-                        "fixed4@0.5", "fixed4@1", "fixed8@1", "cbc", "cbc-sqrtg", "cbc-base", "fixed1@1-twin", "cbc-sqrtg-dither"]},
+                        "fixed4@0.5", "fixed4@1", "fixed8@1", "cbc", "cbc-sqrtg", "cbc-base", "fixed1@1-twin",
+                        "cbc-sqrtg-dither"]},
     "third": {"set": ["model.seq_len=64", "model.dim=64", "model.heads=2", "model.layers=4",
                       "data.micro_batch_size=32"], "tokens": 600 * 32 * 64,
               "about": "64-token sequences, width 64, 4 layers, 32-sequence micro-batches",
               "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
-                       "fixed4@0.5", "fixed4@1", "cbc", "cbc-sqrtg", "cbc-base", "fixed1@1-twin", "cbc-sqrtg-dither"]},
+                       "fixed4@0.5", "fixed4@1", "cbc", "cbc-sqrtg", "cbc-base", "fixed1@1-twin",
+                       "cbc-sqrtg-dither"]},
 }
 
 DEFAULT = "cbc-sqrtg-dither"  # gqc-train's default controller
