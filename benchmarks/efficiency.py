@@ -292,17 +292,27 @@ def arms_of(setting: str, names):
 def plan(settings, names, seeds):
     """The runs to make, in three waves: seed 0 of fixed k = 1 (the controllers' learning rate
     comes from it); seed 0 of the default controller, then of the other fixed arms and the
-    variants; then the other seeds of the best fixed arm (known once seed 0 of the grid is in) and
-    of the default controller."""
+    variants; then the other seeds (a setting's own ``seeds`` where it names them) of the arms
+    that decide: the best fixed arm (known once seed 0 of the grid is in), the default (also at
+    the base rate), the candidates and the twins, or every arm where the setting names its seeds."""
     names = list(dict.fromkeys(names))
     k1 = [(s, a, 0) for s in settings for a in arms_of(s, names) if ARMS[a][0]["k"] == 1]
     rest = [(s, a, 0) for s in settings for a in arms_of(s, names) if (s, a, 0) not in k1]
     rest.sort(key=lambda job: (job[1] != DEFAULT, ARMS[job[1]][0]["kind"] == "controller"))
     seeded = {DEFAULT, TUNING_FREE, *CANDIDATES} | {a for a in names if ARMS[a][0]["kind"] == "twin"}
-    return [k1, rest], lambda: [
-        (s, a, seed) for s in settings for seed in SETTINGS[s].get("seeds", seeds) if seed
-        for a in sorted((set(names) if "seeds" in SETTINGS[s] else {best_fixed(by_arm(load_results(s)))} | seeded)
-                        & set(arms_of(s, names)) - {None})]
+
+    def deciding(setting):
+        if "seeds" in SETTINGS[setting]:
+            return set(names)
+        return seeded | {best_fixed(by_arm(load_results(setting)))}
+
+    def later():
+        jobs = []
+        for setting in settings:
+            arms_ = sorted(deciding(setting) & set(arms_of(setting, names)))
+            jobs += [(setting, a, seed) for seed in SETTINGS[setting].get("seeds", seeds) if seed for a in arms_]
+        return jobs
+    return [k1, rest], later
 
 
 def plot(settings) -> Path:

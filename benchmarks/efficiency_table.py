@@ -195,11 +195,14 @@ def verdicts(settings: Dict[str, Sequence[dict]], controller: str, tuning_free: 
         for arm in _fixed(arms) if best else ():
             one_rate.setdefault(arm, []).append((max(paired_gaps(arms[arm], arms[best])), setting))
         floor = 0.0  # the largest paired gap between twins: what this setting cannot resolve
-        for twin in (a for a in arms if arms[a][0]["kind"] == "twin" and a[:-len("-twin")] in arms):
-            gaps = paired_gaps(arms[twin], arms[twin[:-len("-twin")]])
-            floor = max(floor, *map(abs, gaps))
-            out.append(f"{setting}: noise floor: {twin} (learning rate nudged) vs {twin[:-len('-twin')]}: largest "
-                       f"paired gap {100 * max(map(abs, gaps)):.4f}% ({len(gaps)} seed{'s' * (len(gaps) > 1)})")
+        for twin in (a for a in arms if arms[a][0]["kind"] == "twin"):
+            arm = twin[:-len("-twin")]
+            if arm not in arms:
+                continue
+            gaps = [abs(gap) for gap in paired_gaps(arms[twin], arms[arm])]
+            floor = max(floor, *gaps)
+            out.append(f"{setting}: noise floor: {twin} (learning rate nudged) vs {arm}: largest paired gap "
+                       f"{100 * max(gaps):.4f}% ({len(gaps)} seed{'s' * (len(gaps) > 1)})")
         if controller not in arms or best is None:
             out.append(f"{setting}: no {controller} runs or no fixed runs yet")
             continue
