@@ -20,7 +20,7 @@ Keys (``algorithm`` decides which others are allowed)::
 Which other keys an algorithm takes (its constant value, its schedule's keys, its options) is
 said once, by its descriptor next to its wrapper class (``gqc_dist.algorithms.spec``); e.g. cbc
 takes ``kappa`` (or ``initial_kappa`` / ``final_kappa``), ``min_draws``, ``probe_interval``,
-``rounding``.
+``rounding``, ``probe``.
 
 Schedules here drive only the algorithm's value (one ``schedule.step()`` per optimizer step);
 the learning rate belongs to the engine's own scheduler.
@@ -33,7 +33,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch_schedule_anything as tsa
 
-from .algorithms.cbc import ROUNDINGS
+from .algorithms.cbc import PROBES, ROUNDINGS
 from .algorithms.spec import REQUIRED, AlgorithmSpec, algorithms
 from .errors import GQCConfigError
 from .schedules import hidden_initial_lr, synchronous
@@ -45,7 +45,7 @@ SECTION = "gradient_quality_control"
 _COMMON = {"verify": ("bool", False), "noise_beta": ("prob", None), "timeout_s": ("num+", None),
            "local_accumulation": ("bool", False), "lr_coupling": ("rule", "none"),
            "window_gradient": ("window_gradient", "mean")}
-_CHOICES = {"rule": tuple(RULES), "window_gradient": tuple(WINDOW_GRADIENTS), "rounding": ROUNDINGS}
+_CHOICES = {"rule": tuple(RULES), "window_gradient": tuple(WINDOW_GRADIENTS), "rounding": ROUNDINGS, "probe": PROBES}
 _STEPS = {"num_training_steps": ("int+", REQUIRED), "num_warmup_steps": ("int0", REQUIRED)}
 _WANTED = {"num0": ">= 0", "num+": "> 0", "num1": ">= 1", "prob": "in (0, 1]"}
 

@@ -14,9 +14,14 @@ What the returned engine adds:
 * ``engine.gqc``: the controller: ``engine.gqc.statistics()``, ``engine.gqc.vital_statistics()``,
   ``engine.gqc.num_steps`` ...
 * ``engine.step()`` returns True when the optimizer stepped (``engine.gqc_stepped`` holds the
-  last result, ``engine.gqc_decision`` the last :class:`~gqc_dist.window.Decision`). DeepSpeed's ``global_steps`` counts optimizer steps, ``global_samples`` the
-  samples that went into them; the lr scheduler steps once per optimizer step, and so does the
+  last result, ``engine.gqc_decision`` the last :class:`~gqc_dist.window.Decision`).
+  DeepSpeed's ``global_steps`` counts optimizer steps, ``global_samples`` the samples that went
+  into them; the lr scheduler steps once per optimizer step, and so does the
   threshold schedule of the section (``engine.gqc_schedule``).
+* ``engine.gqc_after_part(fraction)``: a micro-batch in two parts (CBC's split probes,
+  ``engine.gqc.split_next``): ``backward`` of the first part (its loss times ``fraction``),
+  ``gqc_after_part``, ``backward`` of the rest (times ``1 - fraction``), ``step()``. See
+  :meth:`gqc_dist.wrapper.GQCOptimizerWrapper.after_part`.
 * ``engine.save_checkpoint(dir, ...)`` / ``engine.load_checkpoint(dir, ...)`` (DeepSpeed's own
   arguments and return values) also carry the controller: counters, algorithm state, noise-scale
   estimate, the value schedule's position and, when saved mid-window, this rank's accumulated
@@ -229,6 +234,14 @@ def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> Non
         backwards["since_step"] += 1
         return result
 
+    def after_part(fraction=0.5):
+        if backwards["since_step"] != 1:
+            raise GQCUsageError(
+                f"engine.gqc_after_part() must follow exactly one engine.backward() (got {backwards['since_step']}): "
+                "the first part of a split micro-batch")
+        controller.after_part(fraction)
+        backwards["since_step"] = 0  # the rest of the micro-batch: one more backward, then step()
+
     def step(lr_kwargs_=None):
         if backwards["since_step"] != 1:
             raise GQCUsageError(
@@ -283,6 +296,7 @@ def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> Non
     engine.step = step
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
+    engine.gqc_after_part = after_part
     engine.gqc = controller
     engine.gqc_schedule = schedule
     engine.gqc_stepped = False

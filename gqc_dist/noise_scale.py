@@ -25,7 +25,8 @@ but it stops moving when windows of two come only every 24 steps). ``beta`` repl
 fixed EMA factor per informative window. Signal and noise are averaged separately and the gradient noise scale is their
 ratio, ``B_simple = T / |G|^2`` in micro-batches (times ``B``: in samples). A window of one
 micro-batch carries no information; controllers that want ``n = 1`` keep the estimate alive
-with an occasional window of two (``algorithms.cbc``). Inputs are the exact global norms every
+with an occasional window of two, or of one micro-batch taken in two halves with the first
+half's norm observed at ``n = 1/2`` (``algorithms.cbc``, ``probe="split"``: no extra data). Inputs are the exact global norms every
 rank already holds, so every rank computes the same estimate.
 """
 
@@ -51,7 +52,9 @@ class NoiseScaleEstimator:
         self.beta = beta
         self.micro_batch_size = micro_batch_size
         self._last_sq: Optional[float] = None  # ||G_{n-1}||^2 of the open window
-        # the open window's weighted normal equations: sum w a a^T (3 entries), sum w a d (2)
+        self._last_n: Optional[float] = None  # its n (not saved: n - 1 after a load, see observe)
+        # the open window's weighted normal equations over rows (a, c): sum w a a, w a c, w c c,
+        # w a d, w c d
         self._window = [0.0] * 5
         self._ema_signal = 0.0
         self._ema_noise = 0.0
@@ -59,40 +62,46 @@ class NoiseScaleEstimator:
         self._windows = 0  # informative windows folded in
         self._position = 0  # micro-batches seen at the last fold
 
-    def observe(self, num_draws: int, total_sq_norm: float) -> None:
+    def observe(self, num_draws: float, total_sq_norm: float) -> None:
         """Record the exact global ``||G_n||^2`` after micro-batch ``n = num_draws`` of the open
-        window (sum of ``n`` micro-batch gradients, unscaled)."""
-        if num_draws == 1:
-            self._window = [0.0] * 5
-            previous = 0.0
-        elif self._last_sq is None:  # the window's start was not seen (an old checkpoint)
-            return
-        else:
+        window (sum of ``n`` micro-batch gradients, unscaled). ``n`` may be fractional: after the
+        first part of a split micro-batch (``GQCOptimizerWrapper.after_part``) the sum holds
+        ``n - 1`` micro-batches plus that part's mean gradient times its fraction, for which
+        ``E||G_n||^2 = n^2 |G|^2 + n T`` holds all the same."""
+        previous_n = self._last_n if self._last_n is not None else num_draws - 1  # loaded: whole steps
+        if self._last_sq is not None and previous_n < num_draws and (self._last_n is not None or num_draws > 1):
             previous = self._last_sq
-        self._last_sq = total_sq_norm
-        a, weight = 2 * num_draws - 1, 1.0 / num_draws
+        elif num_draws <= 1:  # the window's first observation
+            self._window = [0.0] * 5
+            previous, previous_n = 0.0, 0.0
+        else:  # the window's start was not seen (an old checkpoint)
+            return
+        self._last_sq, self._last_n = total_sq_norm, num_draws
+        # E d = a |G|^2 + c T: a = n^2 - n'^2, c = n - n' (2n - 1 and 1 for whole micro-batches)
+        a, c = num_draws ** 2 - previous_n ** 2, num_draws - previous_n
+        weight = c / num_draws
         increment = total_sq_norm - previous
         w = self._window
         w[0] += weight * a * a
-        w[1] += weight * a
-        w[2] += weight
+        w[1] += weight * a * c
+        w[2] += weight * c * c
         w[3] += weight * a * increment
-        w[4] += weight * increment
+        w[4] += weight * c * increment
 
     def close_window(self, num_draws: int, total_sq_norm: float, position: int) -> None:
         """The window ends in an optimizer step with ``num_draws`` micro-batches and
         ``||G_N||^2 = total_sq_norm`` (already observed), ``position`` micro-batches into the
-        run: fold its estimate in (``N >= 2``)."""
-        seen, self._last_sq = self._last_sq, None
-        if num_draws < 2 or seen is None:
+        run: fold its estimate in (``N >= 2``, or a window of one whose micro-batch was split)."""
+        seen, self._last_sq, self._last_n = self._last_sq, None, None
+        if seen is None:
             return
-        saa, sa, s1, sad, sd = self._window
-        determinant = saa * s1 - sa * sa
-        if not determinant > 0:
+        saa, sac, scc, sad, scd = self._window
+        determinant = saa * scc - sac * sac
+        if not determinant > 1e-12 * saa * scc:  # one observation (a window of one) says nothing
             return
-        signal = (s1 * sad - sa * sd) / determinant
-        noise = (saa * sd - sa * sad) / determinant
-        self._add(signal, noise, num_draws - 1, position)
+        signal = (scc * sad - sac * scd) / determinant
+        noise = (saa * scd - sac * sad) / determinant
+        self._add(signal, noise, max(1, num_draws - 1), position)
 
     def fold(self, small_sq: float, small_batch: float, large_sq: float, large_batch: float,
              position: int) -> None:
@@ -123,7 +132,7 @@ class NoiseScaleEstimator:
 
     def drop_window(self) -> None:
         """The window was dropped (non-finite): forget what it observed."""
-        self._last_sq = None
+        self._last_sq = self._last_n = None
 
     @property
     def estimable(self) -> bool:
@@ -168,6 +177,7 @@ class NoiseScaleEstimator:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         state = upgrade_state(state, self.beta)
         self._last_sq = state["last_sq"]
+        self._last_n = None
         self._window = list(state["window"])
         self._ema_signal = state["ema_signal"]
         self._ema_noise = state["ema_noise"]

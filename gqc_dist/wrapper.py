@@ -44,7 +44,7 @@ import torch
 
 from . import checkpoint_state
 from .costs import CostMeter
-from .errors import CheckpointError, GQCConfigError
+from .errors import CheckpointError, GQCConfigError, GQCUsageError
 from .engines import GradientAdapter, TorchOptimizerGradients
 from .grad_norms import WeightCache
 from .micro_step import MicroStepStats, collect, verify_agreement
@@ -151,6 +151,8 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         #: sums over the ranks of what :meth:`carry` gave the last ``step()``; ``None`` before
         self.carried: Optional[List[float]] = None
         self._carry: Optional[torch.Tensor] = None
+        self._part: Optional[float] = None  # after_part()'s fraction until the micro-batch's after_backward()
+        self._window_has_part = False  # a micro-batch of the open window was split (after_part)
 
     # ------------------------------------------------------------------ counters
     @property
@@ -206,6 +208,42 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         return Decision(stepped, not stepped and self._counters["num_draws"] == 0, self._counters["num_draws"],
                         self.last_window if stepped else None, self.statistics)
 
+    @property
+    def split_next(self) -> bool:
+        """Whether the algorithm asks for the next micro-batch in two parts, with
+        :meth:`after_part` between them (CBC's noise probes with ``probe="split"``). A function of
+        counters and the noise estimate, so identical on every rank. A host loop that cannot split
+        may ignore it: CBC then probes with an extra micro-batch instead."""
+        return False
+
+    def after_part(self, fraction: float = 0.5) -> None:
+        """Split micro-batch: call on every rank after the backward of the first part of a
+        micro-batch, then run the rest and call :meth:`after_backward` as usual.
+
+        Scale the part's loss by ``fraction`` (its share of the micro-batch's samples, equal on
+        every rank) and the rest's by ``1 - fraction``: the micro-batch's gradient is then its
+        mean, as if taken whole, and the window and its step are unchanged. What the split adds
+        is the part's exact norm, a point at ``n - 1 + fraction`` micro-batches for the noise
+        estimate (``gqc_dist.noise_scale``), so that a window of one micro-batch informs it. Costs
+        one small all-reduce and host sync, no decision. With rank-local accumulation it does
+        nothing (the ranks' own norms already inform every window). No :meth:`state_dict`
+        between the parts."""
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise GQCConfigError(f"after_part: fraction must be a number strictly between 0 and 1, got {fraction!r}")
+        if self._part is not None:
+            raise GQCUsageError("after_part() was already called for this micro-batch: call after_backward() "
+                                "after its remaining part")
+        self._part = float(fraction)
+        self._window_has_part = True
+        if self._local is not None:
+            return
+        draws = self._counters["num_draws"]
+        stats = collect(self._gradients, self._weights, len(self._optimizer.param_groups), draws + 1,
+                        {"max_draws": self._max_draws, **self._settings()}, lambda packet: None,
+                        self._validate_settings, lambda: self.device, self._timeout_s)
+        if not stats.nonfinite:  # a non-finite part: after_backward drops the window
+            self._noise.observe(draws + self._part, stats.total_sq_norm)
+
     def step(self, closure=None) -> bool:
         """torch-gqc's micro-step: :meth:`after_backward`, True when the optimizer stepped.
 
@@ -227,6 +265,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
 
     def _micro_step(self, **inputs) -> bool:
         counters = self._counters
+        self._part = None
         counters["num_batches"] += 1
         counters["num_draws"] += 1
         stats = self._gather(inputs)
@@ -315,6 +354,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         counters["last_grad_norm"] = step_norm
         counters["num_steps"] += 1
         counters["num_draws"] = 0
+        self._window_has_part = False
         self._end_window()
 
     def _drop_window(self) -> None:
@@ -326,6 +366,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         counters["num_draws"] = 0
         self._gradients.discard()
         self._noise.drop_window()
+        self._window_has_part = False
         self._end_window()
 
     # ------------------------------------------------------------------ algorithm interface
@@ -428,6 +469,9 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         stopped. Each rank saves its own (under FSDP2 and ZeRO, its own shards). Process-group
         policies are not saved. Format: :mod:`gqc_dist.checkpoint_state`.
         """
+        if self._part is not None:
+            raise GQCUsageError("state_dict() between after_part() and after_backward(): the micro-batch's first "
+                                "part would not be saved; checkpoint after its after_backward()")
         optimizer_state = None
         if include_optimizer:
             optimizer_state = self._optimizer.state_dict()

@@ -110,6 +110,7 @@ CASES = [
      "gqc.window_gradient must be one of mean, sqrt, got 'sum'"),
     ("window rounding unknown", lambda t, r: [*QUICK, *_set(gqc__rounding="round")],
      "gqc.rounding must be one of ceil, dither, got 'round'"),
+    ("probe unknown", lambda t, r: [*QUICK, *_set(gqc__probe="half")], "gqc.probe must be one of extra, split, got 'half'"),
     ("baseline 0", lambda t, r: [*QUICK, "--baseline", "0"], "accumulation_steps"),
     ("tokens 0", lambda t, r: [*QUICK, *_set(train__tokens=0)], "train.tokens"),
     ("negative timeout", lambda t, r: [*QUICK, "--collective-timeout", "-5"], "collective_timeout_s"),

@@ -382,3 +382,52 @@ def _step_without_backward(rank, world_size):
 
 def test_step_without_backward_is_refused_on_every_rank():
     assert all("exactly one engine.backward()" in r for r in run_distributed(_step_without_backward, WORLD, timeout=300))
+
+
+def _ds_split_run(rank, world_size, stage):
+    """Fixed windows of one micro-batch; every other micro-batch in two parts with
+    ``gqc_after_part`` between their backwards. Returns the parameters and the noise estimate,
+    and the refusal of a ``gqc_after_part`` that follows no backward."""
+    model = make_mlp()
+    engine, _, _, _ = gqc_deepspeed.initialize(
+        model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.05),
+        config={**ds_config(stage), "gradient_quality_control": {"algorithm": "fixed", "accumulation_steps": 1}})
+    loss = torch.nn.functional.mse_loss
+    for index, (x, y) in enumerate(micro_batches(8, batch=LOCAL_BATCH * world_size)):
+        x, y = x.chunk(world_size)[rank], y.chunk(world_size)[rank]
+        if index % 2:
+            engine.backward(loss(engine(x[0::2]), y[0::2]) * 0.5)
+            engine.gqc_after_part(0.5)
+            engine.backward(loss(engine(x[1::2]), y[1::2]) * 0.5)
+        else:
+            engine.backward(loss(engine(x), y))
+        assert engine.step()
+    try:
+        engine.gqc_after_part(0.5)
+        refusal = "accepted"
+    except gqc_dist.GQCUsageError as error:
+        refusal = str(error)
+    params = list(engine.module.parameters())
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, enabled=stage == 3):
+        return ([p.detach().clone() for p in params],
+                engine.gqc.statistics()["gradient_noise_scale_micro_batches"], refusal)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_a_split_micro_batch_steps_as_the_whole_one(stage):
+    """Oracle: plain torch SGD on the whole micro-batches; the split ones also inform the noise
+    estimate, the same on every rank."""
+    results = run_distributed(_ds_split_run, WORLD, stage, timeout=300)
+    model = make_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for x, y in micro_batches(8, batch=LOCAL_BATCH * WORLD):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    for params, noise_scale, refusal in results:
+        for got, want in zip(params, model.parameters()):
+            torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=1e-5)
+        assert noise_scale == results[0][1] and noise_scale is not None
+        assert "gqc_after_part() must follow exactly one engine.backward() (got 0)" in refusal

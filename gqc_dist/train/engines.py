@@ -117,6 +117,11 @@ class TrainEngine:
     def backward(self, loss) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
+    def after_part(self, fraction: float) -> None:
+        """After the backward of the first part of a split micro-batch (the controller's
+        ``after_part``)."""
+        self.controller.after_part(fraction)
+
     def step(self, loss) -> bool:
         """One GQC decision after the backward of ``loss`` (this rank's micro-batch loss); on a
         step the threshold schedule advances once (the learning rate is the window hook's)."""
@@ -239,6 +244,9 @@ class DeepSpeedEngine(TrainEngine):
 
     def backward(self, loss) -> None:
         self.ds_engine.backward(loss)
+
+    def after_part(self, fraction: float) -> None:
+        self.ds_engine.gqc_after_part(fraction)
 
     def step(self, loss) -> bool:
         return self.ds_engine.step()

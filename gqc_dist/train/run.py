@@ -16,9 +16,10 @@ Outputs under ``out_dir`` (rank 0 writes shared files):
 
 The run owns its directory (``run_lock``) from its first write to its end. Per micro-step the
 loop takes one host sync and adds no collective: the micro-batch loss and the stop flag ride in
-the controller's all-reduce (``controller.carry``). A stop signal (``signals``) ends the run at
-the micro-step every rank sees it, with a checkpoint; a diverged run (``health``) ends without
-one. Every JSON written is strict (a non-finite number is ``null``).
+the controller's all-reduce (``controller.carry``). A probe micro-batch the controller asks for
+in two halves (``split_next``) adds the controller's own small all-reduce between them. A stop
+signal (``signals``) ends the run at the micro-step every rank sees it, with a checkpoint; a
+diverged run (``health``) ends without one. Every JSON written is strict (a non-finite number is ``null``).
 """
 
 import json
@@ -95,6 +96,26 @@ def evaluate(engine: TrainEngine, eval_set, rank: int, world: int) -> float:
             mine = [t[rank * rows:(rank + 1) * rows].to(engine.device, non_blocking=True) for t in (x, y)]
             total += engine.loss(*mine).detach().to(torch.float64)
     return collectives.mean_over_ranks(total / len(eval_set), engine.device)[0]
+
+
+def _backward_in_parts(engine: TrainEngine, x, y, rank: int, world: int):
+    """A noise probe at no extra data (the controller's ``split_next``): the micro-batch in two
+    parts, the rows of even and of odd index in the global micro-batch (so the parts are the same
+    sequences on any number of ranks), each loss weighted by its share of this rank's rows, and
+    the first part's norm observed in between: the gradient is the micro-batch's mean as if taken
+    whole. Needs at least 2 rows per rank. Returns the micro-batch loss (detached)."""
+    rows = x.shape[0]
+    even = (rank * rows + torch.arange(rows, device=x.device)) % 2 == 0
+    fraction = (rows * world + 1) // 2 / (rows * world)  # the first part's share of the global batch
+    loss = 0.0
+    for part, last in ((even, False), (~even, True)):
+        share = int(part.sum()) / rows
+        part_loss = engine.loss(x[part], y[part])
+        engine.backward(part_loss * share)
+        if not last:
+            engine.after_part(fraction)
+        loss = loss + part_loss.detach() * share
+    return loss
 
 
 def _warn_if_mostly_forced(engine: TrainEngine, steps: int) -> None:
@@ -195,8 +216,11 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
     while not budget.exhausted():
         x, y = (t.pin_memory().to(engine.device, non_blocking=True) if pin else t.to(engine.device)
                 for t in batches.next())
-        loss = engine.loss(x, y)
-        engine.backward(loss)
+        if engine.controller.split_next and x.shape[0] > 1:
+            loss = _backward_in_parts(engine, x, y, rank, world)
+        else:
+            loss = engine.loss(x, y)
+            engine.backward(loss)
         if STOP.signum and not flagged:  # a kernel, no sync; the flag then rides along
             stop_flag.copy_(torch.tensor([1.0, STOP.signum], dtype=torch.float64), non_blocking=True)
             flagged = True

@@ -44,8 +44,10 @@ DEFAULT_CONFIG: Dict[str, Any] = {
                   "lr_coupling": "sqrt", "seesaw": False},
     # measured against tuned fixed accumulation by benchmarks/efficiency.py (README: "Does it pay?");
     # window_gradient sqrt: under Adam, CBC's varying windows otherwise step too short when long;
-    # rounding dither: the windows average kappa * B_simple instead of overshooting it
-    "gqc": {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16, "window_gradient": "sqrt", "rounding": "dither"},
+    # rounding dither: the windows average kappa * B_simple instead of overshooting it;
+    # probe split: a probe window is one micro-batch taken in two halves, not two micro-batches
+    "gqc": {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16, "window_gradient": "sqrt", "rounding": "dither",
+            "probe": "split"},
     "train": {"tokens": 3_072_000, "optimizer_steps": 100_000, "max_micro_steps": 100_000, "eval_interval": 50,
               "eval_batches": 8, "final_eval_batches": 64, "checkpoint_interval": 100,
               "collective_timeout_s": 300, "peak_tflops": None, "max_nonfinite_windows": 25},
