@@ -152,7 +152,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         self.carried: Optional[List[float]] = None
         self._carry: Optional[torch.Tensor] = None
         self._part: Optional[float] = None  # after_part()'s fraction until the micro-batch's after_backward()
-        self._window_has_part = False  # a micro-batch of the open window was split (after_part)
+        self._window_has_part = False  # the open window's noise was observed mid-micro-batch (after_part)
 
     # ------------------------------------------------------------------ counters
     @property
@@ -234,7 +234,6 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             raise GQCUsageError("after_part() was already called for this micro-batch: call after_backward() "
                                 "after its remaining part")
         self._part = float(fraction)
-        self._window_has_part = True
         if self._local is not None:
             return
         draws = self._counters["num_draws"]
@@ -243,6 +242,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
                         self._validate_settings, lambda: self.device, self._timeout_s)
         if not stats.nonfinite:  # a non-finite part: after_backward drops the window
             self._noise.observe(draws + self._part, stats.total_sq_norm)
+            self._window_has_part = True
 
     def step(self, closure=None) -> bool:
         """torch-gqc's micro-step: :meth:`after_backward`, True when the optimizer stepped.

@@ -196,6 +196,10 @@ def test_after_part_misuse_is_one_clear_line():
         wrapper.after_part(0.5)
     wrapper.step()
     wrapper.state_dict()  # fine once the micro-batch is in
+    local = gqc_dist.OptimizerWrapperCBC(torch.optim.SGD([param], lr=0.1), 4, probe="split", local_accumulation=True)
+    # the next probe is the 24th window; local mode splits nothing (after_part observes nothing there)
+    assert wrapper.split_next is False and local.split_next is False
+    assert gqc_dist.OptimizerWrapperCBC(torch.optim.SGD([param], lr=0.1), 4, probe="split").split_next
     with pytest.raises(gqc_dist.GQCConfigError, match="probe must be one of extra, split, got 'half'"):
         gqc_dist.OptimizerWrapperCBC(torch.optim.SGD([param], lr=0.1), 4, probe="half")
 

@@ -158,14 +158,11 @@ class OptimizerWrapperCBC(GQCOptimizerWrapper):
         settings = {"max_draws": self.max_draws, **self._settings()} if settings is None else settings
         min_draws = max(1, int(round(settings["min_draws"])))
         max_draws = int(settings["max_draws"])
-        informed = self._self_informing() or self._window_has_part  # no probe needed
+        # rank-local accumulation on several ranks informs every window; so does a split micro-batch
+        informed = (self.local_accumulation and world_rank_and_size()[1] > 1) or self._window_has_part
         return bounded_draws(self._wanted(settings, min_draws, max_draws), self.num_steps, min_draws, max_draws,
                              None if informed else self._probe_interval, self.last_num_draws, self._growth,
                              self._rounding)
-
-    def _self_informing(self) -> bool:
-        """Rank-local accumulation on several ranks: every window informs the estimate."""
-        return self.local_accumulation and world_rank_and_size()[1] > 1
 
     @property
     def split_next(self) -> bool:
@@ -174,7 +171,7 @@ class OptimizerWrapperCBC(GQCOptimizerWrapper):
         It is split whatever the target: where the window takes two or more anyway, the split is
         one more point for the estimate. A function of the step count and the noise estimate."""
         return (self._probe == "split" and self.num_draws == 0 and self._part is None
-                and not self._self_informing()
+                and not self.local_accumulation  # where after_part observes nothing
                 and (not self._noise.estimable or self.num_steps % self._probe_interval == 0))
 
     def _wanted(self, settings: dict, min_draws: int, max_draws: int) -> Optional[float]:
