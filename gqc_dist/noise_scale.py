@@ -26,8 +26,9 @@ fixed EMA factor per informative window. Signal and noise are averaged separatel
 ratio, ``B_simple = T / |G|^2`` in micro-batches (times ``B``: in samples). A window of one
 micro-batch carries no information; controllers that want ``n = 1`` keep the estimate alive
 with an occasional window of two, or of one micro-batch taken in two halves with the first
-half's norm observed at ``n = 1/2`` (``algorithms.cbc``, ``probe="split"``: no extra data). Inputs are the exact global norms every
-rank already holds, so every rank computes the same estimate.
+half's norm observed at ``n = 1/2`` (``algorithms.cbc``, ``probe="split"``: no extra data).
+Inputs are the exact global norms every rank already holds, so every rank computes the same
+estimate.
 """
 
 import math
@@ -68,8 +69,10 @@ class NoiseScaleEstimator:
         first part of a split micro-batch (``GQCOptimizerWrapper.after_part``) the sum holds
         ``n - 1`` micro-batches plus that part's mean gradient times its fraction, for which
         ``E||G_n||^2 = n^2 |G|^2 + n T`` holds all the same."""
-        previous_n = self._last_n if self._last_n is not None else num_draws - 1  # loaded: whole steps
-        if self._last_sq is not None and previous_n < num_draws and (self._last_n is not None or num_draws > 1):
+        # after a load the open window's last n is not known: a whole step before this one
+        known = self._last_n is not None
+        previous_n = self._last_n if known else num_draws - 1
+        if self._last_sq is not None and (previous_n < num_draws if known else num_draws > 1):
             previous = self._last_sq
         elif num_draws <= 1:  # the window's first observation
             self._window = [0.0] * 5

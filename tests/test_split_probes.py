@@ -158,12 +158,15 @@ def test_split_probes_keep_every_window_at_one_where_the_target_is_one():
 
 
 def test_split_probes_follow_a_large_noise_scale_as_extra_ones_do():
-    """B_simple 24, kappa 0.25: the windows settle at the rule's 6 either way."""
+    """B_simple 24, kappa 0.25: the windows settle at the rule's 6 either way, and windows
+    that take more than one micro-batch are not split."""
     grads = synthetic_gradients(6000, 256, 24.0)
     for probe in ("extra", "split"):
-        lengths, _, _ = _cbc_windows(grads, 24.0, 0.25, probe, split=probe == "split")
+        lengths, splits, _ = _cbc_windows(grads, 24.0, 0.25, probe, split=probe == "split")
         late = lengths[len(lengths) // 2:]
         assert sum(late) / len(late) == pytest.approx(6, rel=0.3) and max(late) < 16
+    # split: the first window, then only probe windows after a window of one (longer ones inform)
+    assert splits == 1 + sum(1 for i in range(24, len(lengths), 24) if lengths[i - 1] == 1)
 
 
 def test_a_host_that_does_not_split_gets_the_extra_probes():

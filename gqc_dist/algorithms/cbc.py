@@ -166,13 +166,16 @@ class OptimizerWrapperCBC(GQCOptimizerWrapper):
 
     @property
     def split_next(self) -> bool:
-        """With ``probe="split"``: the next micro-batch opens a probe window (every
-        ``probe_interval``-th, and every one before the first estimate), to be taken in two halves.
-        It is split whatever the target: where the window takes two or more anyway, the split is
-        one more point for the estimate. A function of the step count and the noise estimate."""
+        """With ``probe="split"``: the next micro-batch opens a probe window, to be taken in two
+        halves: before the first estimate, and every ``probe_interval``-th window while the
+        windows take one micro-batch (the last one did). Longer windows inform the estimate on
+        their own, and a half micro-batch's norm is the noisier point (a squared norm's tail is
+        heavier over fewer samples), so they are not split. A function of counters and the noise
+        estimate, identical on every rank."""
         return (self._probe == "split" and self.num_draws == 0 and self._part is None
                 and not self.local_accumulation  # where after_part observes nothing
-                and (not self._noise.estimable or self.num_steps % self._probe_interval == 0))
+                and (not self._noise.estimable
+                     or (self.num_steps % self._probe_interval == 0 and self.last_num_draws == 1)))
 
     def _wanted(self, settings: dict, min_draws: int, max_draws: int) -> Optional[float]:
         """Micro-batches the rule asks for before bounds (``None``: no estimate yet)."""

@@ -19,7 +19,8 @@ loop takes one host sync and adds no collective: the micro-batch loss and the st
 the controller's all-reduce (``controller.carry``). A probe micro-batch the controller asks for
 in two halves (``split_next``) adds the controller's own small all-reduce between them. A stop
 signal (``signals``) ends the run at the micro-step every rank sees it, with a checkpoint; a
-diverged run (``health``) ends without one. Every JSON written is strict (a non-finite number is ``null``).
+diverged run (``health``) ends without one. Every JSON written is strict (a non-finite number
+is ``null``).
 """
 
 import json
