@@ -20,12 +20,14 @@ for every arm. Each setting (``SETTINGS``) lists the arms it runs, of these:
   >= 3% behind somewhere (``efficiency_table.verdicts``);
 * controllers (``CONTROLLERS``) at fixed k = 1's best learning rate of the setting (the rate a
   user tunes at their micro-batch; the controller couples it to its windows itself), so a
-  controller gets k = 1's tuning budget and no more: the default (``cbc-sqrtg-dither``,
-  gqc-train's default CBC: ``window_gradient`` sqrt, ``rounding`` dither), ``cbc-sqrtg`` (the
-  earlier default, windows rounded up), ``cbc`` (before it, stepping on each window's mean) and
-  variants; and ``cbc-sqrtg-dither-base``, ``cbc-sqrtg-base`` and ``cbc-base``, the same at
-  gqc-train's one learning rate in every setting (the tuning-free claim; where k = 1's best rate
-  is that one, they are the same runs as the controllers');
+  controller gets k = 1's tuning budget and no more: the default (``cbc-split``, gqc-train's
+  default CBC: ``window_gradient`` sqrt, ``rounding`` dither, ``probe`` split), the earlier
+  defaults ``cbc-sqrtg-dither`` (probes draw a second micro-batch), ``cbc-sqrtg`` (windows
+  rounded up) and ``cbc`` (stepping on each window's mean), and variants; and
+  ``cbc-split-base``, ``cbc-sqrtg-dither-base``, ``cbc-sqrtg-base`` and ``cbc-base``, the same
+  at gqc-train's one learning rate in every setting (the tuning-free claim; where k = 1's best
+  rate is that one, they are the same runs as the controllers'); a setting where the default
+  did not run is judged by the previous one (``PREVIOUS``);
 * twins (``fixed1@1-twin``, ...): the setting's best fixed arm again with its learning rate
   nudged by a part in a million, a change with no systematic effect: the paired gap between
   twins is the benchmark's noise floor (how far a run's final loss moves when its trajectory is
@@ -35,7 +37,8 @@ for every arm. Each setting (``SETTINGS``) lists the arms it runs, of these:
   candidates to replace it (``CANDIDATES``) and the twins. The best arm is the lowest mean
   among the arms run on the most seeds (``efficiency_table.best_fixed``): seed 0 picks the arm
   that gets seeds, and a rate that then diverges loses to a steadier one run on as many.
-  ``mb2-8seeds`` repeats ``mb2`` with every arm on seeds 0-7.
+  ``mb2-8seeds`` repeats ``mb2`` with every arm on seeds 0-7; ``third-mb128`` puts the noise
+  scale below one micro-batch.
 
 Each run's outcome is kept as one small JSON under ``benchmarks/results/<setting>/<arm>@s<seed>.json``
 (final loss on 64 evaluation batches, steps, the histogram of windows taken, the noise scale's
@@ -83,17 +86,17 @@ SETTINGS = {
              "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1@4", "fixed1.25@2", "fixed1.5@1", "fixed1.5@2",
                       "fixed2@0.5", "fixed2@1", "fixed2@2", "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "cbc",
                       "cbc-sqrtg", "cbc-base", "cbc-sqrtg-base", "cbc-lr4", "cbc-noise", "fixed1@2-twin",
-                      "cbc-sqrtg-dither", "cbc-sqrtg-dither-base"]},
+                      "cbc-sqrtg-dither", "cbc-sqrtg-dither-base", "cbc-split", "cbc-split-base"]},
     # twice the budget, twice the time per run: the learning rates main's grid favours, and fewer arms
     "main-2x": {"set": [], "tokens": 2 * 1500 * 16 * 128, "about": "the main job at twice its budget",
                 "arms": ["fixed1@1", "fixed1@2", "fixed1.5@2", "fixed2@2", "cbc", "cbc-sqrtg",
-                         "cbc-sqrtg-dither"]},
+                         "cbc-sqrtg-dither", "cbc-split"]},
     "mb2": {"set": ["data.micro_batch_size=2"], "tokens": 6000 * 2 * 128,
             "about": "2-sequence micro-batches, as memory-bound users have",
             "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
                      "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg",
                      "cbc-base", "cbc-sqrtg-base", "cbc-k0.5", "cbc-k0.5-base", "cbc-seesaw", "fixed1.5@1-twin",
-                     "cbc-sqrtg-dither", "cbc-sqrtg-dither-base"]},
+                     "cbc-sqrtg-dither", "cbc-sqrtg-dither-base", "cbc-split", "cbc-split-base"]},
     # mb2 again on 8 seeds, every arm on every seed, all runs at once on one other machine (the
     # H200 host's 16 CPU cores, torch 2.11, Python 3.12, mb2's corpus carried byte for byte as
     # data.path); its controllers at mb2's k = 1 rate (0.5x) or the base rate
@@ -106,22 +109,30 @@ SETTINGS = {
                    "about": "mb2 without gradient clipping",
                    "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@0.5", "fixed1.5@1", "fixed2@0.5",
                             "fixed2@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg", "fixed1@1-twin",
-                            "cbc-sqrtg-dither"]},
+                            "cbc-sqrtg-dither", "cbc-split"]},
     "second": {"set": ["model.dim=192", "model.heads=6", "data.micro_batch_size=8", "data.path=@torch"],
                "tokens": 1000 * 8 * 128, "about": "torch's own sources, width 192, 8-sequence micro-batches",
                "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
                         "fixed4@0.5", "fixed4@1", "fixed8@1", "cbc", "cbc-sqrtg", "cbc-base", "fixed1@1-twin",
-                        "cbc-sqrtg-dither"]},
+                        "cbc-sqrtg-dither", "cbc-split"]},
     "third": {"set": ["model.seq_len=64", "model.dim=64", "model.heads=2", "model.layers=4",
                       "data.micro_batch_size=32"], "tokens": 600 * 32 * 64,
               "about": "64-token sequences, width 64, 4 layers, 32-sequence micro-batches",
               "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
                        "fixed4@0.5", "fixed4@1", "cbc", "cbc-sqrtg", "cbc-base", "fixed1@1-twin",
-                       "cbc-sqrtg-dither"]},
+                       "cbc-sqrtg-dither", "cbc-split"]},
+    # third with 4x the micro-batch and 2x the tokens: the noise scale below one micro-batch, the
+    # regime where the adaptation target asks for windows of one at fixed k = 1's loss
+    "third-mb128": {"set": ["model.seq_len=64", "model.dim=64", "model.heads=2", "model.layers=4",
+                            "data.micro_batch_size=128"], "tokens": 300 * 128 * 64,
+                    "about": "third with 128-sequence micro-batches, twice the tokens",
+                    "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed2@1", "fixed1@1-twin", "cbc-sqrtg-dither",
+                             "cbc-split"]},
 }
 
-DEFAULT = "cbc-sqrtg-dither"  # gqc-train's default controller
-TUNING_FREE = "cbc-sqrtg-dither-base"
+DEFAULT = "cbc-split"  # gqc-train's default controller
+TUNING_FREE = "cbc-split-base"
+PREVIOUS = (("cbc-sqrtg-dither", "cbc-sqrtg-dither-base"),)  # judged where the default did not run (mb2-8seeds)
 _CBC = {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16}  # gqc-train's default before window_gradient sqrt
 CONTROLLERS = {
     "cbc": ["--set", "gqc=" + json.dumps(_CBC)],  # the earlier default: each window's mean gradient
@@ -134,6 +145,9 @@ CONTROLLERS = {
     "cbc-noise": ["--set", "gqc=" + json.dumps(_CBC), "--set", "optimizer.lr_coupling=noise"],
     # the default with windows of kappa * B_simple in the mean instead of its ceiling
     "cbc-sqrtg-dither": ["--set", "gqc=" + json.dumps({**_CBC, "window_gradient": "sqrt", "rounding": "dither"})],
+    # the same with its probes taken by splitting one micro-batch in two instead of drawing a second
+    "cbc-split": ["--set", "gqc=" + json.dumps({**_CBC, "window_gradient": "sqrt", "rounding": "dither",
+                                                 "probe": "split"})],
 }
 # controllers at a fixed multiple of the base rate instead of k = 1's best: {arm: (controller, multiplier)}
 AT_FIXED_RATE = {
@@ -144,9 +158,10 @@ AT_FIXED_RATE = {
     # best by its mean is 2x)
     "cbc-lr4": ("cbc", 4),
     "cbc-sqrtg-dither-base": ("cbc-sqrtg-dither", 1),
+    "cbc-split-base": ("cbc-split", 1),
 }
 # variants run on every seed, like the default, because they may replace it
-CANDIDATES = ("cbc-sqrtg-dither", "cbc-sqrtg-dither-base")
+CANDIDATES = ("cbc-sqrtg-dither", "cbc-sqrtg-dither-base", "cbc-split", "cbc-split-base")
 KS = (1, 2, 4, 8)
 TWINNED = ("fixed1@1", "fixed1@2", "fixed1.5@1")  # the settings' best fixed arms
 TWIN_NUDGE = 1e-6
@@ -353,7 +368,7 @@ def report(settings) -> None:
             spec = SETTINGS[setting]
             print("\n" + table_text(setting, spec["about"], spec["tokens"], records))
     print("\nTargets:")
-    for line in verdicts({s: load_results(s) for s in settings}, DEFAULT, TUNING_FREE):
+    for line in verdicts({s: load_results(s) for s in settings}, DEFAULT, TUNING_FREE, PREVIOUS):
         print("  " + line)
     print(f"\nwrote {plot(settings)}")
 

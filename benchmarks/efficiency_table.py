@@ -170,7 +170,8 @@ def table_text(setting: str, about: str, tokens: int, records: Sequence[dict]) -
     return "\n".join(lines)
 
 
-def verdicts(settings: Dict[str, Sequence[dict]], controller: str, tuning_free: Optional[str] = None) -> List[str]:
+def verdicts(settings: Dict[str, Sequence[dict]], controller: str, tuning_free: Optional[str] = None,
+             previous: Sequence[Tuple[str, Optional[str]]] = ()) -> List[str]:
     """The issue's targets, each a line saying met or missed with its numbers:
 
     * tuning-free: in every setting the default controller's worst paired gap to the best fixed
@@ -185,6 +186,9 @@ def verdicts(settings: Dict[str, Sequence[dict]], controller: str, tuning_free: 
       kappa * B_simple;
     * and, where twins ran, the noise floor: the largest paired gap between a twin and its arm; a
       missed worst seed no larger than it is said to be inside it (the setting cannot resolve it).
+
+    ``previous``: earlier ``(controller, tuning_free)`` defaults, judged (and named) in a setting
+    where ``controller`` did not run.
     """
     out = []
     one_rate: Dict[str, List[Tuple[float, str]]] = {}  # fixed arm -> (worst paired gap, setting) per setting
@@ -203,14 +207,18 @@ def verdicts(settings: Dict[str, Sequence[dict]], controller: str, tuning_free: 
             floor = max(floor, *gaps)
             out.append(f"{setting}: noise floor: {twin} (learning rate nudged) vs {arm}: largest paired gap "
                        f"{100 * max(gaps):.4f}% ({len(gaps)} seed{'s' * (len(gaps) > 1)})")
-        if controller not in arms or best is None:
+        ran = next(((c, t) for c, t in ((controller, tuning_free), *previous) if c in arms), None)
+        if ran is None or best is None:
             out.append(f"{setting}: no {controller} runs or no fixed runs yet")
             continue
-        runs = arms[controller]
+        if ran[0] != controller:
+            out.append(f"{setting}: {controller} did not run here; the previous default {ran[0]} stands in")
+        here, here_free = ran
+        runs = arms[here]
         # where k = 1's best rate is the base rate, the controller's runs (all its seeds) are the
         # tuning-free ones
         same = runs[0].get("lr_multiplier") == 1
-        for claim, arm in (("tuned as k=1", controller), ("tuning-free", controller if same else tuning_free)):
+        for claim, arm in (("tuned as k=1", here), ("tuning-free", here if same else here_free)):
             if arm in arms:
                 gaps = paired_gaps(arms[arm], arms[best])
                 worst = max(gaps) if gaps else math.nan
@@ -226,7 +234,7 @@ def verdicts(settings: Dict[str, Sequence[dict]], controller: str, tuning_free: 
             ratio = first["optimizer_steps"] / need if need == need else math.nan
             verdict = "not measured: the fixed arms here do not bracket its loss" if ratio != ratio else \
                 "met" if ratio <= 0.7 else "MISSED"
-            out.append(f"{setting}: steps: B_simple median {median:.1f} micro-batches; {controller} "
+            out.append(f"{setting}: steps: B_simple median {median:.1f} micro-batches; {here} "
                        f"{first['optimizer_steps']} steps, frontier {fmt(need, '.0f')} at its loss: ratio "
                        f"{fmt(ratio, '.2f')} -> {verdict} (target <= 0.70)")
             follow = first.get("target", {}).get("follow_second_half", math.nan)

@@ -106,6 +106,11 @@ def test_verdicts_say_met_or_missed_with_the_numbers():
     small = table.verdicts({"s": RUNS[:-3] + [controller(2.004, 960, noise=(0.2, 0.5, 0.8),
                                                          windows={"1": 960, "2": 40})]}, "cbc")
     assert any("windows of one 96.0%" in line and "+0.20%" in line and "met" in line for line in small)
+    # a setting where the default did not run is judged by the previous default, named as such
+    stand_in = table.verdicts({"s": RUNS}, "cbc-new", "cbc-new-base", previous=[("cbc", "cbc-base")])
+    assert "s: cbc-new did not run here; the previous default cbc stands in" in stand_in
+    assert [line for line in stand_in if "did not run" not in line] == lines
+    assert table.verdicts({"s": RUNS}, "cbc-new")[0] == "s: no cbc-new runs or no fixed runs yet"
 
 
 def test_a_twin_measures_the_noise_floor_and_is_never_the_best_fixed_arm():
