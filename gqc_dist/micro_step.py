@@ -47,6 +47,17 @@ class MicroStepStats:
         self.fields = fields
 
 
+def local_sums(gradients: GradientAdapter, weights: WeightCache, num_groups: int,
+               fallback_device: Callable[[], torch.device], with_fingerprint: bool = False):
+    """This rank's squared L2 norm of each param group's gradient pieces (float64, on the
+    gradients' device; one fused pass, no host sync), and with ``with_fingerprint`` the
+    replication fingerprint too (``grad_norms``)."""
+    pieces = gradients.local_pieces()
+    device = pieces[0][1].tensor.device if pieces else fallback_device()
+    sums = local_group_sums(pieces, num_groups, device, weights.get(pieces, num_groups, device, gradients.layout_version))
+    return sums if with_fingerprint else sums[0]
+
+
 def collect(
     gradients: GradientAdapter,
     weights: WeightCache,
@@ -76,10 +87,8 @@ def collect(
     differ across ranks.
     """
     distributed = world_rank_and_size()[1] > 1
-    pieces = gradients.local_pieces()
-    device = pieces[0][1].tensor.device if pieces else fallback_device()
-    weighted, fingerprint = local_group_sums(pieces, num_groups, device,
-                                             weights.get(pieces, num_groups, device, gradients.layout_version))
+    weighted, fingerprint = local_sums(gradients, weights, num_groups, fallback_device, with_fingerprint=True)
+    device = weighted.device
     packet = StatsPacket(device)
     packet.add_sum("group_sq", weighted)
     packet.add_root("settings", list(settings.values()))

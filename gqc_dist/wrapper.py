@@ -36,6 +36,7 @@ Policies this wrapper implements (documented in README.md):
 
 import copy
 import dataclasses
+import math
 import time
 import zlib
 from typing import Any, Dict, List, Optional
@@ -47,7 +48,7 @@ from .costs import CostMeter
 from .errors import CheckpointError, GQCConfigError, GQCUsageError
 from .engines import GradientAdapter, TorchOptimizerGradients
 from .grad_norms import WeightCache
-from .micro_step import MicroStepStats, collect, verify_agreement
+from .micro_step import MicroStepStats, collect, local_sums, verify_agreement
 from .local_mode import LocalAccumulation
 from .noise_scale import NoiseScaleEstimator
 from .optimizer_lookalike import OptimizerLookalike
@@ -57,6 +58,7 @@ from .validation import check_number, check_wrapper_args
 from .window import WINDOW_GRADIENTS, Decision, StepValues, Window, WindowHook, window_gradient_factor
 
 _CARRIED = "carried"  # the packet field of carry()'s values
+_PART = "part_sq"  # the packet field of after_part()'s squared norms
 
 
 class GQCOptimizerWrapper(OptimizerLookalike):
@@ -152,6 +154,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         self.carried: Optional[List[float]] = None
         self._carry: Optional[torch.Tensor] = None
         self._part: Optional[float] = None  # after_part()'s fraction until the micro-batch's after_backward()
+        self._part_sums: Optional[torch.Tensor] = None  # this rank's squared norms of the part, per group
         self._window_has_part = False  # the open window's noise was observed mid-micro-batch (after_part)
 
     # ------------------------------------------------------------------ counters
@@ -224,9 +227,10 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         every rank) and the rest's by ``1 - fraction``: the micro-batch's gradient is then its
         mean, as if taken whole, and the window and its step are unchanged. What the split adds
         is the part's exact norm, a point at ``n - 1 + fraction`` micro-batches for the noise
-        estimate (``gqc_dist.noise_scale``), so that a window of one micro-batch informs it. Costs
-        one small all-reduce and host sync, no decision. With rank-local accumulation it does
-        nothing (the ranks' own norms already inform every window). No :meth:`state_dict`
+        estimate (``gqc_dist.noise_scale``), so that a window of one micro-batch informs it. This
+        rank's sums are taken here (one fused pass, no sync) and ride in the micro-step's own
+        all-reduce: no extra collective, no extra host sync. With rank-local accumulation it
+        does nothing (the ranks' own norms already inform every window). No :meth:`state_dict`
         between the parts."""
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
             raise GQCConfigError(f"after_part: fraction must be a number strictly between 0 and 1, got {fraction!r}")
@@ -234,15 +238,9 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             raise GQCUsageError("after_part() was already called for this micro-batch: call after_backward() "
                                 "after its remaining part")
         self._part = float(fraction)
-        if self._local is not None:
-            return
-        draws = self._counters["num_draws"]
-        stats = collect(self._gradients, self._weights, len(self._optimizer.param_groups), draws + 1,
-                        {"max_draws": self._max_draws, **self._settings()}, lambda packet: None,
-                        self._validate_settings, lambda: self.device, self._timeout_s)
-        if not stats.nonfinite:  # a non-finite part: after_backward drops the window
-            self._noise.observe(draws + self._part, stats.total_sq_norm)
-            self._window_has_part = True
+        if self._local is None:
+            self._part_sums = local_sums(self._gradients, self._weights, len(self._optimizer.param_groups),
+                                         lambda: self.device)
 
     def step(self, closure=None) -> bool:
         """torch-gqc's micro-step: :meth:`after_backward`, True when the optimizer stepped.
@@ -265,10 +263,11 @@ class GQCOptimizerWrapper(OptimizerLookalike):
 
     def _micro_step(self, **inputs) -> bool:
         counters = self._counters
-        self._part = None
+        part, self._part = self._part, None
         counters["num_batches"] += 1
         counters["num_draws"] += 1
         stats = self._gather(inputs)
+        part_sq = stats.fields.pop(_PART, None)
         self._costs.share(stats.fields["costs"], world_rank_and_size()[1])
         if self._local is not None:
             stats = self._local.predict(stats, self._noise.signal_sq())
@@ -278,6 +277,9 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             decision = False
         else:
             if self._local is None:
+                if part_sq is not None and math.isfinite(sum(part_sq)):  # the split micro-batch's first part
+                    self._noise.observe(counters["num_draws"] - 1 + part, sum(part_sq) / stats.scale**2)
+                    self._window_has_part = True
                 self._noise.observe(counters["num_draws"], stats.total_sq_norm)
             self._record(stats)
             decision = bool(self._decide(stats))
@@ -299,11 +301,14 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         """Local sums -> one collective -> global statistics (one host sync); ``add_fields``:
         the algorithm's own packet fields too (local mode's exact re-read at a step needs none)."""
         carry, self._carry = self._carry, None
+        part_sums, self._part_sums = self._part_sums, None
 
         def fields(packet):
             if add_fields:
                 packet.add_sum("costs", self._costs.packet_values())  # every rank gets the mean over ranks
                 self._add_fields(packet, inputs)
+            if part_sums is not None:
+                packet.add_sum(_PART, part_sums)
             if carry is not None:
                 packet.add_sum(_CARRIED, carry)
 

@@ -16,8 +16,8 @@ Outputs under ``out_dir`` (rank 0 writes shared files):
 
 The run owns its directory (``run_lock``) from its first write to its end. Per micro-step the
 loop takes one host sync and adds no collective: the micro-batch loss and the stop flag ride in
-the controller's all-reduce (``controller.carry``). A probe micro-batch the controller asks for
-in two halves (``split_next``) adds the controller's own small all-reduce between them. A stop
+the controller's all-reduce (``controller.carry``), and so do the norms of the first half of a
+probe micro-batch the controller asks for in two halves (``split_next``). A stop
 signal (``signals``) ends the run at the micro-step every rank sees it, with a checkpoint; a
 diverged run (``health``) ends without one. Every JSON written is strict (a non-finite number
 is ``null``).
@@ -106,12 +106,12 @@ def _backward_in_parts(engine: TrainEngine, x, y, rank: int, world: int):
     the first part's norm observed in between: the gradient is the micro-batch's mean as if taken
     whole. Needs at least 2 rows per rank. Returns the micro-batch loss (detached)."""
     rows = x.shape[0]
-    even = (rank * rows + torch.arange(rows, device=x.device)) % 2 == 0
+    first = (rank * rows) % 2  # this rank's first row of even global index
     fraction = (rows * world + 1) // 2 / (rows * world)  # the first part's share of the global batch
     loss = 0.0
-    for part, last in ((even, False), (~even, True)):
-        share = int(part.sum()) / rows
-        part_loss = engine.loss(x[part], y[part])
+    for start, last in ((first, False), (1 - first, True)):  # slices: no host sync
+        share = len(range(start, rows, 2)) / rows
+        part_loss = engine.loss(x[start::2], y[start::2])
         engine.backward(part_loss * share)
         if not last:
             engine.after_part(fraction)
