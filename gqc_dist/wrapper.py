@@ -229,7 +229,8 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         is the part's exact norm, a point at ``n - 1 + fraction`` micro-batches for the noise
         estimate (``gqc_dist.noise_scale``), so that a window of one micro-batch informs it. This
         rank's sums are taken here (one fused pass, no sync) and ride in the micro-step's own
-        all-reduce: no extra collective, no extra host sync. With rank-local accumulation it
+        all-reduce: no extra host sync, and no extra collective except where reading the pieces
+        takes one (ZeRO-0/1 in exact mode all-reduces a copy). With rank-local accumulation it
         does nothing (the ranks' own norms already inform every window). No :meth:`state_dict`
         between the parts."""
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
