@@ -6,7 +6,7 @@ rank's gradient pieces (``grad_norms``), one ``all_reduce`` of a small float64 v
 """
 
 import math
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -48,14 +48,13 @@ class MicroStepStats:
 
 
 def local_sums(gradients: GradientAdapter, weights: WeightCache, num_groups: int,
-               fallback_device: Callable[[], torch.device], with_fingerprint: bool = False):
-    """This rank's squared L2 norm of each param group's gradient pieces (float64, on the
-    gradients' device; one fused pass, no host sync), and with ``with_fingerprint`` the
-    replication fingerprint too (``grad_norms``)."""
+               fallback_device: Callable[[], torch.device]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """This rank's ``(weighted, fingerprint)`` (``grad_norms.local_group_sums``): the squared L2
+    norm of each param group's gradient pieces and the replication fingerprint, float64 on the
+    gradients' device; one fused pass, no host sync."""
     pieces = gradients.local_pieces()
     device = pieces[0][1].tensor.device if pieces else fallback_device()
-    sums = local_group_sums(pieces, num_groups, device, weights.get(pieces, num_groups, device, gradients.layout_version))
-    return sums if with_fingerprint else sums[0]
+    return local_group_sums(pieces, num_groups, device, weights.get(pieces, num_groups, device, gradients.layout_version))
 
 
 def collect(
@@ -87,7 +86,7 @@ def collect(
     differ across ranks.
     """
     distributed = world_rank_and_size()[1] > 1
-    weighted, fingerprint = local_sums(gradients, weights, num_groups, fallback_device, with_fingerprint=True)
+    weighted, fingerprint = local_sums(gradients, weights, num_groups, fallback_device)
     device = weighted.device
     packet = StatsPacket(device)
     packet.add_sum("group_sq", weighted)

@@ -95,13 +95,12 @@ class NoiseScaleEstimator:
         """The window ends in an optimizer step with ``num_draws`` micro-batches and
         ``||G_N||^2 = total_sq_norm`` (already observed), ``position`` micro-batches into the
         run: fold its estimate in (``N >= 2``, or a window of one whose micro-batch was split)."""
-        seen, self._last_sq, self._last_n = self._last_sq, None, None
-        if seen is None:
+        informs = self.window_informs
+        self._last_sq = self._last_n = None
+        if not informs:
             return
         saa, sac, scc, sad, scd = self._window
         determinant = saa * scc - sac * sac
-        if not determinant > 1e-12 * saa * scc:  # one observation (a window of one) says nothing
-            return
         signal = (scc * sad - sac * scd) / determinant
         noise = (saa * scd - sac * sad) / determinant
         self._add(signal, noise, max(1, num_draws - 1), position)
@@ -132,6 +131,16 @@ class NoiseScaleEstimator:
         self._ema_noise = beta * self._ema_noise + weight * noise
         self._ema_weight = beta * self._ema_weight + weight
         self._windows += 1
+
+    @property
+    def window_informs(self) -> bool:
+        """Whether the open window's observations already determine an estimate: two points or
+        more (a window of two micro-batches, or of one that was split). One observation, a window
+        of one, says nothing."""
+        if self._last_sq is None:
+            return False
+        saa, sac, scc = self._window[:3]
+        return saa * scc - sac * sac > 1e-12 * saa * scc
 
     def drop_window(self) -> None:
         """The window was dropped (non-finite): forget what it observed."""

@@ -155,7 +155,6 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         self._carry: Optional[torch.Tensor] = None
         self._part: Optional[float] = None  # after_part()'s fraction until the micro-batch's after_backward()
         self._part_sums: Optional[torch.Tensor] = None  # this rank's squared norms of the part, per group
-        self._window_has_part = False  # the open window's noise was observed mid-micro-batch (after_part)
 
     # ------------------------------------------------------------------ counters
     @property
@@ -241,7 +240,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         self._part = float(fraction)
         if self._local is None:
             self._part_sums = local_sums(self._gradients, self._weights, len(self._optimizer.param_groups),
-                                         lambda: self.device)
+                                         lambda: self.device)[0]
 
     def step(self, closure=None) -> bool:
         """torch-gqc's micro-step: :meth:`after_backward`, True when the optimizer stepped.
@@ -280,7 +279,6 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             if self._local is None:
                 if part_sq is not None and math.isfinite(sum(part_sq)):  # the split micro-batch's first part
                     self._noise.observe(counters["num_draws"] - 1 + part, sum(part_sq) / stats.scale**2)
-                    self._window_has_part = True
                 self._noise.observe(counters["num_draws"], stats.total_sq_norm)
             self._record(stats)
             decision = bool(self._decide(stats))
@@ -360,7 +358,6 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         counters["last_grad_norm"] = step_norm
         counters["num_steps"] += 1
         counters["num_draws"] = 0
-        self._window_has_part = False
         self._end_window()
 
     def _drop_window(self) -> None:
@@ -372,7 +369,6 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         counters["num_draws"] = 0
         self._gradients.discard()
         self._noise.drop_window()
-        self._window_has_part = False
         self._end_window()
 
     # ------------------------------------------------------------------ algorithm interface

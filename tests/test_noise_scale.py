@@ -41,10 +41,10 @@ def closed_form(seed, sigma=SIGMA):
     return signal, trace
 
 
-def _regression_batch(seed, step, sigma=SIGMA):
+def _regression_batch(seed, step, sigma=SIGMA, rows=BATCH):
     generator = torch.Generator().manual_seed(100_000 * seed + step)
-    x = torch.randn(BATCH, P, generator=generator)
-    y = x @ _target(seed).T + sigma * torch.randn(BATCH, OUT, generator=generator)
+    x = torch.randn(rows, P, generator=generator)
+    y = x @ _target(seed).T + sigma * torch.randn(rows, OUT, generator=generator)
     return x, y
 
 

@@ -41,13 +41,6 @@ def test_a_split_window_is_the_two_batch_size_closed_form():
     assert not unsplit.estimable
 
 
-def _regression_batch(seed, step):
-    generator = torch.Generator().manual_seed(100_000 * seed + step)
-    x = torch.randn(ROWS, regression.P, generator=generator)
-    y = x @ regression._target(seed).T + regression.SIGMA * torch.randn(ROWS, regression.OUT, generator=generator)
-    return x, y
-
-
 def _split_regression(rank, world_size, layout, seed, windows):
     """Windows of one micro-batch, each taken in two halves with ``after_part`` between; the
     statistics at the end."""
@@ -56,7 +49,7 @@ def _split_regression(rank, world_size, layout, seed, windows):
     wrapper = gqc_dist.OptimizerWrapperFixed(torch.optim.SGD(model.parameters(), lr=0.0), 1, micro_batch_size=ROWS)
     rows = ROWS // world_size
     for window in range(windows):
-        x, y = (t[rank * rows:(rank + 1) * rows] for t in _regression_batch(seed, window))
+        x, y = (t[rank * rows:(rank + 1) * rows] for t in regression._regression_batch(seed, window, rows=ROWS))
         half = rows // 2
         (0.5 * regression._regression_loss(forward, x[:half], y[:half])).backward()
         wrapper.after_part(0.5)

@@ -158,8 +158,9 @@ class OptimizerWrapperCBC(GQCOptimizerWrapper):
         settings = {"max_draws": self.max_draws, **self._settings()} if settings is None else settings
         min_draws = max(1, int(round(settings["min_draws"])))
         max_draws = int(settings["max_draws"])
-        # rank-local accumulation on several ranks informs every window; so does a split micro-batch
-        informed = (self.local_accumulation and world_rank_and_size()[1] > 1) or self._window_has_part
+        # rank-local accumulation on several ranks informs every window; otherwise a window of two
+        # micro-batches, or of one that was split, already informs the estimate: no probe
+        informed = (self.local_accumulation and world_rank_and_size()[1] > 1) or self._noise.window_informs
         return bounded_draws(self._wanted(settings, min_draws, max_draws), self.num_steps, min_draws, max_draws,
                              None if informed else self._probe_interval, self.last_num_draws, self._growth,
                              self._rounding)
