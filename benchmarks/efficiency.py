@@ -86,7 +86,8 @@ SETTINGS = {
              "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1@4", "fixed1.25@2", "fixed1.5@1", "fixed1.5@2",
                       "fixed2@0.5", "fixed2@1", "fixed2@2", "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "cbc",
                       "cbc-sqrtg", "cbc-base", "cbc-sqrtg-base", "cbc-lr4", "cbc-noise", "fixed1@2-twin",
-                      "cbc-sqrtg-dither", "cbc-sqrtg-dither-base", "cbc-split", "cbc-split-base"]},
+                      "cbc-sqrtg-dither", "cbc-sqrtg-dither-base", "cbc-split", "cbc-split-base", "cbc-split-p4",
+                      "cbc-split-p4-base"]},
     # twice the budget, twice the time per run: the learning rates main's grid favours, and fewer arms
     "main-2x": {"set": [], "tokens": 2 * 1500 * 16 * 128, "about": "the main job at twice its budget",
                 "arms": ["fixed1@1", "fixed1@2", "fixed1.5@2", "fixed2@2", "cbc", "cbc-sqrtg",
@@ -96,7 +97,8 @@ SETTINGS = {
             "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
                      "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg",
                      "cbc-base", "cbc-sqrtg-base", "cbc-k0.5", "cbc-k0.5-base", "cbc-seesaw", "fixed1.5@1-twin",
-                     "cbc-sqrtg-dither", "cbc-sqrtg-dither-base", "cbc-split", "cbc-split-base"]},
+                     "cbc-sqrtg-dither", "cbc-sqrtg-dither-base", "cbc-split", "cbc-split-base", "cbc-split-p4",
+                     "cbc-split-p4-base"]},
     # mb2 again on 8 seeds, every arm on every seed, all runs at once on one other machine (the
     # H200 host's 16 CPU cores, torch 2.11, Python 3.12, mb2's corpus carried byte for byte as
     # data.path); its controllers at mb2's k = 1 rate (0.5x) or the base rate
@@ -109,25 +111,25 @@ SETTINGS = {
                    "about": "mb2 without gradient clipping",
                    "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@0.5", "fixed1.5@1", "fixed2@0.5",
                             "fixed2@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg", "fixed1@1-twin",
-                            "cbc-sqrtg-dither", "cbc-split"]},
+                            "cbc-sqrtg-dither", "cbc-split", "cbc-split-p4"]},
     "second": {"set": ["model.dim=192", "model.heads=6", "data.micro_batch_size=8", "data.path=@torch"],
                "tokens": 1000 * 8 * 128, "about": "torch's own sources, width 192, 8-sequence micro-batches",
                "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
                         "fixed4@0.5", "fixed4@1", "fixed8@1", "cbc", "cbc-sqrtg", "cbc-base", "fixed1@1-twin",
-                        "cbc-sqrtg-dither", "cbc-split"]},
+                        "cbc-sqrtg-dither", "cbc-split", "cbc-split-p4"]},
     "third": {"set": ["model.seq_len=64", "model.dim=64", "model.heads=2", "model.layers=4",
                       "data.micro_batch_size=32"], "tokens": 600 * 32 * 64,
               "about": "64-token sequences, width 64, 4 layers, 32-sequence micro-batches",
               "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
                        "fixed4@0.5", "fixed4@1", "cbc", "cbc-sqrtg", "cbc-base", "fixed1@1-twin",
-                       "cbc-sqrtg-dither", "cbc-split"]},
+                       "cbc-sqrtg-dither", "cbc-split", "cbc-split-p4"]},
     # third with 4x the micro-batch and 2x the tokens: the noise scale below one micro-batch, the
     # regime where the adaptation target asks for windows of one at fixed k = 1's loss
     "third-mb128": {"set": ["model.seq_len=64", "model.dim=64", "model.heads=2", "model.layers=4",
                             "data.micro_batch_size=128"], "tokens": 300 * 128 * 64,
                     "about": "third with 128-sequence micro-batches, twice the tokens",
                     "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed2@1", "fixed1@1-twin", "cbc-sqrtg-dither",
-                             "cbc-split"]},
+                             "cbc-split", "cbc-split-p4"]},
 }
 
 DEFAULT = "cbc-split"  # gqc-train's default controller
@@ -148,6 +150,12 @@ CONTROLLERS = {
     # the same with its probes taken by splitting one micro-batch in two instead of drawing a second
     "cbc-split": ["--set", "gqc=" + json.dumps({**_CBC, "window_gradient": "sqrt", "rounding": "dither",
                                                  "probe": "split"})],
+    # split probes six times as often (every 4th window of one instead of every 24th): a split
+    # costs no data, and six probes of about 2.3x an extra micro-batch's standard error average
+    # to about the precision of one extra-micro-batch probe per 24 windows (measured: not adopted;
+    # with one-sequence halves the early estimate collapsed more often and the windows crept up)
+    "cbc-split-p4": ["--set", "gqc=" + json.dumps({**_CBC, "window_gradient": "sqrt", "rounding": "dither",
+                                                    "probe": "split", "probe_interval": 4})],
 }
 # controllers at a fixed multiple of the base rate instead of k = 1's best: {arm: (controller, multiplier)}
 AT_FIXED_RATE = {
@@ -159,9 +167,11 @@ AT_FIXED_RATE = {
     "cbc-lr4": ("cbc", 4),
     "cbc-sqrtg-dither-base": ("cbc-sqrtg-dither", 1),
     "cbc-split-base": ("cbc-split", 1),
+    "cbc-split-p4-base": ("cbc-split-p4", 1),
 }
 # variants run on every seed, like the default, because they may replace it
-CANDIDATES = ("cbc-sqrtg-dither", "cbc-sqrtg-dither-base", "cbc-split", "cbc-split-base")
+CANDIDATES = ("cbc-sqrtg-dither", "cbc-sqrtg-dither-base", "cbc-split", "cbc-split-base", "cbc-split-p4",
+              "cbc-split-p4-base")
 KS = (1, 2, 4, 8)
 TWINNED = ("fixed1@1", "fixed1@2", "fixed1.5@1")  # the settings' best fixed arms
 TWIN_NUDGE = 1e-6
