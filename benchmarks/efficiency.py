@@ -153,7 +153,7 @@ CONTROLLERS = {
     # split probes six times as often (every 4th window of one instead of every 24th): a split
     # costs no data, and six probes of about 2.3x an extra micro-batch's standard error average
     # to about the precision of one extra-micro-batch probe per 24 windows (measured: not adopted;
-    # with one-sequence halves the early estimate collapsed more often and the windows crept up)
+    # with one-sequence halves it measured a larger noise scale and took longer windows)
     "cbc-split-p4": ["--set", "gqc=" + json.dumps({**_CBC, "window_gradient": "sqrt", "rounding": "dither",
                                                     "probe": "split", "probe_interval": 4})],
 }

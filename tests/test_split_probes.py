@@ -184,12 +184,13 @@ def test_after_part_misuse_is_one_clear_line():
     for bad in (0, 1, 1.5, True, "half"):
         with pytest.raises(gqc_dist.GQCConfigError, match="after_part: fraction must be a number strictly between 0 and 1"):
             wrapper.after_part(bad)
-    param.grad = torch.ones(4)
+    param.grad = torch.full((4,), 0.5)  # half of a noiseless micro-batch: B_simple measures 0
     wrapper.after_part(0.5)
     with pytest.raises(gqc_dist.GQCUsageError, match="state_dict\\(\\) between after_part\\(\\) and after_backward"):
         wrapper.state_dict()
     with pytest.raises(gqc_dist.GQCUsageError, match="after_part\\(\\) was already called"):
         wrapper.after_part(0.5)
+    param.grad = torch.ones(4)
     wrapper.step()
     wrapper.state_dict()  # fine once the micro-batch is in
     local = gqc_dist.OptimizerWrapperCBC(torch.optim.SGD([param], lr=0.1), 4, probe="split", local_accumulation=True)
@@ -213,3 +214,38 @@ def test_gqc_train_with_split_probes_runs_as_fixed_k1_where_the_target_is_one(tm
     assert summary(tmp_path / "cbc")["val_loss"] == pytest.approx(summary(tmp_path / "fixed")["val_loss"], rel=1e-4)
     for a, b in zip(fixed, cbc):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4) and a["lr"] == pytest.approx(b["lr"], rel=1e-9)
+
+
+def test_while_the_signal_is_unknown_split_probes_hold_the_window_and_split_it():
+    """A signal estimate that is not positive (``B_simple`` reads infinite) means the noise is not
+    measured yet. Hand-made gradients keep it so: micro-batch ``i`` is ``g + (-1)^i e`` and a split
+    one comes as halves ``g_i + d`` and ``g_i - d``, with ``e`` and ``d`` far above ``g``. Extra
+    probes creep up one micro-batch a window (the oracle: ``bounded_draws`` on an infinite
+    target); split probes keep every window at one and split each of them, and a host that does
+    not split gets the extra micro-batch each time instead."""
+    g, e, d = torch.ones(4), 10 * torch.tensor([1.0, -1.0, 1.0, -1.0]), 30 * torch.tensor([1.0, 1.0, -1.0, -1.0])
+    grads = [g + (-1) ** i * e for i in range(60)]
+
+    def run(probe, split=True):
+        param = torch.nn.Parameter(torch.zeros(4))
+        wrapper = gqc_dist.OptimizerWrapperCBC(torch.optim.SGD([param], lr=0.0), 16, probe=probe, rounding="dither")
+        lengths, n, splits = [], 0, 0
+        for grad in grads:
+            base = torch.zeros(4) if param.grad is None else param.grad
+            if split and wrapper.split_next:
+                param.grad = base + 0.5 * (grad + d)
+                wrapper.after_part(0.5)
+                splits += 1
+            param.grad = base + grad
+            n += 1
+            if wrapper.step():
+                lengths.append(n)
+                n = 0
+        assert wrapper.statistics()["gradient_noise_scale_micro_batches"] == math.inf
+        return lengths, splits
+
+    extra, _ = run("extra")
+    assert extra[:5] == [2, 3, 4, 5, 6]  # no estimate: 2; then one more than the last each window
+    split, splits = run("split")
+    assert split == [1] * 60 and splits == 60
+    assert run("split", split=False) == ([2] * 30, 0)

@@ -15,13 +15,17 @@ gradient norm: nothing to tune per model.
   (:attr:`split_next`, ``after_part``): the same data and the same step as a window of one,
   with the first part's norm as the estimate's second point. Measured in gqc-train
   (``benchmarks/efficiency.py``, ``third``, 8 seeds): the gap to fixed k = 1 went from +0.53%
-  to +0.11% on the mean. With rank-local accumulation on several ranks every window informs
+  to +0.04% on the mean. With rank-local accumulation on several ranks every window informs
   (the ranks' local norms against the reduced one), so there are no probes.
 * **No bursts.** A window takes at most ``growth`` times the previous one (at least 2), and
   while the signal estimate is not positive (``B_simple`` reads infinite: early in a run, from a
   handful of windows) one micro-batch more than the previous one, so a transient swing of the
   estimate cannot throw the run to ``max_draws``; a real rise in the noise scale is followed
-  within a few steps.
+  within a few steps. With ``probe="split"`` such a window instead keeps the previous one's
+  length, and a window of one is split: that measures the noise at no data cost. Creeping up
+  after a swing of the estimate took windows of 2, 3, ... 16 in a row on 2-sequence
+  micro-batches, and the windows of 16 then measured ``B_simple`` at 80-470
+  (``benchmarks/efficiency.py``, ``mb2`` seed 0).
 * **No runaway.** The measured noise scale depends on the run itself: near equilibrium
   ``|G|^2`` scales with ``lr / B``, so with a constant learning rate a larger batch measures a
   larger ``B_simple`` and ``kappa * B_simple`` can feed on itself. With the learning rate
@@ -161,22 +165,32 @@ class OptimizerWrapperCBC(GQCOptimizerWrapper):
         # rank-local accumulation on several ranks informs every window; otherwise a window of two
         # micro-batches, or of one that was split, already informs the estimate: no probe
         informed = (self.local_accumulation and world_rank_and_size()[1] > 1) or self._noise.window_informs
-        return bounded_draws(self._wanted(settings, min_draws, max_draws), self.num_steps, min_draws, max_draws,
+        wanted = self._wanted(settings, min_draws, max_draws)
+        if (self._probe == "split" and wanted is not None and math.isinf(wanted)
+                and (self.num_draws == 0 or self._noise.window_informs)):
+            # the signal is not measured: hold the window, measured by its split (split_next); a
+            # window of one the host did not split measures nothing yet and takes the extra micro-batch
+            wanted = float(self.last_num_draws or 1)
+        return bounded_draws(wanted, self.num_steps, min_draws, max_draws,
                              None if informed else self._probe_interval, self.last_num_draws, self._growth,
                              self._rounding)
 
     @property
     def split_next(self) -> bool:
         """With ``probe="split"``: the next micro-batch opens a probe window, to be taken in two
-        halves: before the first estimate, and every ``probe_interval``-th window while the
-        windows take one micro-batch (the last one did). Longer windows inform the estimate on
-        their own, and a half micro-batch's norm is the noisier point (a squared norm's tail is
-        heavier over fewer samples), so they are not split. A function of counters and the noise
-        estimate, identical on every rank."""
-        return (self._probe == "split" and self.num_draws == 0 and self._part is None
-                and not self.local_accumulation  # where after_part observes nothing
-                and (not self._noise.estimable
-                     or (self.num_steps % self._probe_interval == 0 and self.last_num_draws == 1)))
+        halves: before the first estimate, and while the windows take one micro-batch (the last
+        one did) every ``probe_interval``-th window and every window while the signal estimate
+        is not positive (the noise is then not yet measured). Longer windows inform the estimate
+        on their own, and a half micro-batch's norm is the noisier point (a squared norm's tail
+        is heavier over fewer samples), so they are not split. A function of counters and the
+        noise estimate, identical on every rank."""
+        if not (self._probe == "split" and self.num_draws == 0 and self._part is None
+                and not self.local_accumulation):  # local mode: after_part observes nothing
+            return False
+        if not self._noise.estimable:
+            return True
+        unmeasured = math.isinf(self._noise.noise_scale_micro_batches())
+        return self.last_num_draws == 1 and (unmeasured or self.num_steps % self._probe_interval == 0)
 
     def _wanted(self, settings: dict, min_draws: int, max_draws: int) -> Optional[float]:
         """Micro-batches the rule asks for before bounds (``None``: no estimate yet)."""

@@ -39,7 +39,7 @@ def goodput_draws(noise_scale: Optional[float], micro_step_s: Optional[float], w
     if noise_scale is None or not micro_step_s or micro_step_s <= 0:
         return None
     if math.isinf(noise_scale):
-        return math.inf  # the signal is unknown: the bounds creep up (cbc.bounded_draws)
+        return math.inf  # the signal is unknown: CBC creeps up, or holds under split probes
     b, r = max(noise_scale, 0.0), max(window_s or 0.0, 0.0)
     star = math.sqrt(b * r / micro_step_s)
     candidates = {min_draws, max_draws, *(min(max(n, min_draws), max_draws) for n in (math.floor(star), math.ceil(star)))}
