@@ -136,6 +136,8 @@ DEFAULT = "cbc-split"  # gqc-train's default controller
 TUNING_FREE = "cbc-split-base"
 PREVIOUS = (("cbc-sqrtg-dither", "cbc-sqrtg-dither-base"),)  # judged where the default did not run (mb2-8seeds)
 _CBC = {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16}  # gqc-train's default before window_gradient sqrt
+_DITHER = {**_CBC, "window_gradient": "sqrt", "rounding": "dither"}
+_SPLIT = {**_DITHER, "probe": "split"}  # gqc-train's default
 CONTROLLERS = {
     "cbc": ["--set", "gqc=" + json.dumps(_CBC)],  # the earlier default: each window's mean gradient
     "cbc-k0.5": ["--set", "gqc=" + json.dumps({**_CBC, "kappa": 0.5})],
@@ -146,16 +148,14 @@ CONTROLLERS = {
     # the learning rate grows with the window only as far as the noise scale says it pays
     "cbc-noise": ["--set", "gqc=" + json.dumps(_CBC), "--set", "optimizer.lr_coupling=noise"],
     # the default with windows of kappa * B_simple in the mean instead of its ceiling
-    "cbc-sqrtg-dither": ["--set", "gqc=" + json.dumps({**_CBC, "window_gradient": "sqrt", "rounding": "dither"})],
+    "cbc-sqrtg-dither": ["--set", "gqc=" + json.dumps(_DITHER)],
     # the same with its probes taken by splitting one micro-batch in two instead of drawing a second
-    "cbc-split": ["--set", "gqc=" + json.dumps({**_CBC, "window_gradient": "sqrt", "rounding": "dither",
-                                                 "probe": "split"})],
+    "cbc-split": ["--set", "gqc=" + json.dumps(_SPLIT)],
     # split probes six times as often (every 4th window of one instead of every 24th): a split
     # costs no data, and six probes of about 2.3x an extra micro-batch's standard error average
     # to about the precision of one extra-micro-batch probe per 24 windows (measured: not adopted;
     # with one-sequence halves it measured a larger noise scale and took longer windows)
-    "cbc-split-p4": ["--set", "gqc=" + json.dumps({**_CBC, "window_gradient": "sqrt", "rounding": "dither",
-                                                    "probe": "split", "probe_interval": 4})],
+    "cbc-split-p4": ["--set", "gqc=" + json.dumps({**_SPLIT, "probe_interval": 4})],
 }
 # controllers at a fixed multiple of the base rate instead of k = 1's best: {arm: (controller, multiplier)}
 AT_FIXED_RATE = {

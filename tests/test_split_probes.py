@@ -110,11 +110,12 @@ def test_a_split_micro_batch_steps_as_the_whole_one_on_one_process_and_ddp():
 
 
 # ---------------------------------------------------------------- CBC's split probes
-def _cbc_windows(grads, noise_scale, kappa, probe, split, seed=0):
+def _cbc_windows(grads, noise_scale, kappa, probe, split, seed=0, offset=None):
     """CBC's windows when micro-batch ``i``'s gradient is ``grads[i]`` (``synthetic_gradients``
     of ``noise_scale``); where ``split`` and the wrapper asks (``split_next``), the micro-batch
-    comes in two halves ``g + d`` and ``g - d`` with ``d`` distributed as the noise: each half
-    has twice a micro-batch's noise, and they average to the micro-batch's gradient."""
+    comes in two halves ``g + d`` and ``g - d`` with ``d`` distributed as the noise (each half
+    has twice a micro-batch's noise, and they average to the micro-batch's gradient), or ``d``
+    the given ``offset``."""
     param = torch.nn.Parameter(torch.zeros(grads[0].numel()))
     wrapper = gqc_dist.OptimizerWrapperCBC(torch.optim.SGD([param], lr=0.0), 16, probe=probe, rounding="dither")
     for group in wrapper.param_groups:
@@ -124,7 +125,8 @@ def _cbc_windows(grads, noise_scale, kappa, probe, split, seed=0):
     for g in grads:
         base = torch.zeros_like(g) if param.grad is None else param.grad
         if split and wrapper.split_next:
-            d = torch.randn(g.shape, generator=generator) * math.sqrt(noise_scale / g.numel())
+            d = torch.randn(g.shape, generator=generator) * math.sqrt(noise_scale / g.numel()) \
+                if offset is None else offset
             param.grad = base + 0.5 * (g + d)
             wrapper.after_part(0.5)
             param.grad = base + g  # the halves average to the micro-batch's gradient
@@ -227,21 +229,8 @@ def test_while_the_signal_is_unknown_split_probes_hold_the_window_and_split_it()
     grads = [g + (-1) ** i * e for i in range(60)]
 
     def run(probe, split=True):
-        param = torch.nn.Parameter(torch.zeros(4))
-        wrapper = gqc_dist.OptimizerWrapperCBC(torch.optim.SGD([param], lr=0.0), 16, probe=probe, rounding="dither")
-        lengths, n, splits = [], 0, 0
-        for grad in grads:
-            base = torch.zeros(4) if param.grad is None else param.grad
-            if split and wrapper.split_next:
-                param.grad = base + 0.5 * (grad + d)
-                wrapper.after_part(0.5)
-                splits += 1
-            param.grad = base + grad
-            n += 1
-            if wrapper.step():
-                lengths.append(n)
-                n = 0
-        assert wrapper.statistics()["gradient_noise_scale_micro_batches"] == math.inf
+        lengths, splits, stats = _cbc_windows(grads, None, 0.25, probe, split, offset=d)
+        assert stats["gradient_noise_scale_micro_batches"] == math.inf
         return lengths, splits
 
     extra, _ = run("extra")
