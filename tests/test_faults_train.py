@@ -325,6 +325,33 @@ def test_the_lock_names_its_holder_and_dies_with_it(tmp_path):
     RunLock(out).acquire_owner()
 
 
+def test_a_start_refused_before_the_holder_wrote_its_record_still_names_it(tmp_path):
+    """The holder writes its record just after it takes the lock: a start refused in that instant
+    waits for the record instead of naming nobody (this race once failed the two-starts test)."""
+    from gqc_dist.train.run_lock import LOCK_NAME, RunDirectoryInUse, RunLock
+
+    out, ready = tmp_path / "run", tmp_path / "ready"
+    out.mkdir()
+    code = (f"import fcntl, json, os, socket, time\n"
+            f"fd = os.open({str(out / LOCK_NAME)!r}, os.O_RDWR | os.O_CREAT)\n"
+            "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, 0, os.SEEK_SET)\n"
+            f"open({str(ready)!r}, 'w').close()\ntime.sleep(0.5)\n"
+            "os.pwrite(fd, json.dumps({'host': socket.gethostname(), 'pid': os.getpid(), "
+            "'started': time.time()}).encode(), 0)\ntime.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert holder.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        assert (out / LOCK_NAME).read_text() == ""  # locked, no record yet
+        with pytest.raises(RunDirectoryInUse, match=rf"{out} is in use by gqc-train pid {holder.pid} on host"):
+            RunLock(out).acquire_owner()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 # ------------------------------------------------------------------ divergence
 
 def test_a_diverging_run_stops_within_its_bound(tmp_path):

@@ -43,13 +43,28 @@ class RunDirectoryInUse(TrainError):
     """Another gqc-train run holds the run directory."""
 
 
-def _describe(holder: str, fallback: str) -> str:
+_RECORD_WAIT_S = 2.0  # how long a refused start waits for the holder's record to appear
+
+
+def _describe(holder: str) -> Optional[str]:
     try:
         owner = json.loads(holder)
         return (f"gqc-train pid {owner['pid']} on host {owner['host']} (started "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(owner['started']))})")
     except (ValueError, KeyError, TypeError):
-        return fallback
+        return None
+
+
+def _holder(fd: int, fallback: str) -> str:
+    """Who holds the lock, from its record. The holder writes the record just after it takes
+    the lock, so a start refused in that instant waits briefly for it (a run that just ended has
+    emptied it: then ``fallback``)."""
+    deadline = time.monotonic() + _RECORD_WAIT_S
+    while True:
+        described = _describe(RunLock._read(fd))
+        if described or time.monotonic() >= deadline:
+            return described or fallback
+        time.sleep(0.02)
 
 
 class RunLock:
@@ -85,10 +100,9 @@ class RunLock:
         try:
             self._lock(fd, fcntl.LOCK_EX, _OWNER)
         except _Held:
-            holder = self._read(fd)
+            holder = _holder(fd, "another gqc-train process")
             os.close(fd)
-            raise RunDirectoryInUse(f"{self.path.parent} is in use by "
-                                    f"{_describe(holder, 'another gqc-train process')}: one run at a time per "
+            raise RunDirectoryInUse(f"{self.path.parent} is in use by {holder}: one run at a time per "
                                     "directory (wait for it to end, stop it, or choose another --out-dir)") from None
         except OSError as error:
             if error.errno in _UNSUPPORTED:
@@ -99,17 +113,18 @@ class RunLock:
         try:  # no rank of an earlier run may still be alive here (its launcher may have died)
             self._lock(fd, fcntl.LOCK_EX, _MEMBERS)
         except _Held:
-            holder = self._read(fd)
+            holder = _holder(fd, "its rank 0 is gone")
             os.close(fd)
             raise RunDirectoryInUse(f"{self.path.parent} is in use: ranks of an earlier run are still running in "
-                                    f"it ({_describe(holder, 'its rank 0 is gone')}); stop them first") from None
+                                    f"it ({holder}); stop them first") from None
         self._lock(fd, fcntl.LOCK_SH, _MEMBERS)  # a share, like every other rank of this run
         self._fd, self._owner = fd, True
         record = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
                   "command": " ".join(sys.argv)[:400]}
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
+        data = (json.dumps(record) + "\n").encode()
+        try:  # write, then cut the tail of a killed holder's longer record (readers wait for valid JSON)
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
         except OSError as error:
             self.release()
             raise TrainError(f"cannot write {self.path}: {cause_of(error, self.path)}") from error
