@@ -179,6 +179,38 @@ def test_split_probes_on_ddp_take_the_single_process_windows_on_every_rank():
     assert run_distributed(_cbc_split_on_ranks, 2, timeout=240) == [want, want]
 
 
+
+def _local_unmeasured(rank, world_size, probe):
+    """Rank-local accumulation where the ranks' gradients cancel (rank ``r``: ``g + (-1)^r e``,
+    ``e`` far above ``g``): the signal estimate from local against reduced norms stays negative."""
+    param = torch.nn.Parameter(torch.zeros(4))
+    wrapper = gqc_dist.OptimizerWrapperCBC(torch.optim.SGD([param], lr=0.0), 16, probe=probe, rounding="dither",
+                                           local_accumulation=True)
+    g, e = torch.ones(4), 10 * torch.tensor([1.0, -1.0, 1.0, -1.0])
+    lengths, n, targets = [], 0, []
+    for _ in range(40):
+        if n == 0:
+            targets.append(wrapper.target_draws())
+        param.grad = (torch.zeros(4) if param.grad is None else param.grad) + g + (-1) ** rank * e
+        n += 1
+        if wrapper.step():
+            lengths.append(n)
+            n = 0
+    return lengths, targets[:len(lengths)], wrapper.statistics()["gradient_noise_scale_micro_batches"]
+
+
+@pytest.mark.parametrize("probe", ["split", "extra"])
+def test_rank_local_windows_hold_while_the_signal_is_unknown_as_logged(probe):
+    """Under rank-local accumulation on 2 ranks every window informs the estimate: with split
+    probes an unmeasured signal holds the window at one, as the target logged at each window's
+    start says (extra probes creep, as they do everywhere)."""
+    results = run_distributed(_local_unmeasured, 2, probe)
+    lengths, targets, noise = results[0]
+    assert results[1] == results[0] and noise == math.inf
+    assert lengths == targets  # each window took what its start said
+    assert lengths == ([1] * 40 if probe == "split" else lengths[:1] + list(range(2, len(lengths) + 1)))
+
+
 # ---------------------------------------------------------------- misuse
 def test_after_part_misuse_is_one_clear_line():
     param = torch.nn.Parameter(torch.zeros(4))

@@ -164,13 +164,13 @@ class OptimizerWrapperCBC(GQCOptimizerWrapper):
         max_draws = int(settings["max_draws"])
         # rank-local accumulation on several ranks informs every window; otherwise a window of two
         # micro-batches, or of one that was split, already informs the estimate: no probe
-        window_informs = self._noise.window_informs
-        informed = (self.local_accumulation and world_rank_and_size()[1] > 1) or window_informs
+        informed = (self.local_accumulation and world_rank_and_size()[1] > 1) or self._noise.window_informs
         wanted = self._wanted(settings, min_draws, max_draws)
         if (self._probe == "split" and wanted is not None and math.isinf(wanted)
-                and (self.num_draws == 0 or window_informs)):
-            # the signal is not measured: hold the window, measured by its split (split_next); a
-            # window of one the host did not split measures nothing yet and takes the extra micro-batch
+                and (self.num_draws == 0 or informed)):
+            # the signal is not measured: hold the window, measured by its split (split_next) or, in
+            # local mode, by its ranks' own norms; a window of one the host did not split measures
+            # nothing yet and takes the extra micro-batch
             wanted = float(self.last_num_draws or 1)
         return bounded_draws(wanted, self.num_steps, min_draws, max_draws,
                              None if informed else self._probe_interval, self.last_num_draws, self._growth,
