@@ -33,7 +33,9 @@ for every arm. Each setting (``SETTINGS``) lists the arms it runs, of these:
   twins is the benchmark's noise floor (how far a run's final loss moves when its trajectory is
   perturbed in the last bits, as another CPU or summation order does);
 * seeds 1 and 2 (paired: same initialisation and data order per seed) for the arms that decide:
-  the best fixed arm of the setting, the default controller (and at the base rate), the
+  the best fixed arm of the setting, fixed k = 1's best (the controllers' rate; on ``mb2``, where
+  it is not the best arm, with the best arm, its twin and the default also on seeds 3-7, as on
+  ``second`` and ``third``), the default controller (and at the base rate), the
   candidates to replace it (``CANDIDATES``) and the twins. The best arm is the lowest mean
   among the arms run on the most seeds (``efficiency_table.best_fixed``): seed 0 picks the arm
   that gets seeds, and a rate that then diverges loses to a steadier one run on as many.
@@ -318,8 +320,9 @@ def plan(settings, names, seeds):
     """The runs to make, in three waves: seed 0 of fixed k = 1 (the controllers' learning rate
     comes from it); seed 0 of the default controller, then of the other fixed arms and the
     variants; then the other seeds (a setting's own ``seeds`` where it names them) of the arms
-    that decide: the best fixed arm (known once seed 0 of the grid is in), the default (also at
-    the base rate), the candidates and the twins, or every arm where the setting names its seeds."""
+    that decide: the best fixed arm and fixed k = 1's best (known once seed 0 of the grid is in;
+    the controllers run at the latter's rate), the default (also at the base rate), the
+    candidates and the twins, or every arm where the setting names its seeds."""
     names = list(dict.fromkeys(names))
     k1 = [(s, a, 0) for s in settings for a in arms_of(s, names) if ARMS[a][0]["k"] == 1]
     rest = [(s, a, 0) for s in settings for a in arms_of(s, names) if (s, a, 0) not in k1]
@@ -329,7 +332,8 @@ def plan(settings, names, seeds):
     def deciding(setting):
         if "seeds" in SETTINGS[setting]:
             return set(names)
-        return seeded | {best_fixed(by_arm(load_results(setting)))}
+        arms_ = by_arm(load_results(setting))
+        return seeded | {best_fixed(arms_), best_fixed_per_k(arms_).get(1)}
 
     def later():
         jobs = []
