@@ -177,8 +177,9 @@ def verdicts(settings: Dict[str, Sequence[dict]], controller: str, tuning_free: 
     * tuning-free: in every setting the default controller's worst paired gap to the best fixed
       (k, lr) is at most +1%, while every fixed k at one lr (the same arm, ``fixed{k}@{m}``, in
       every setting) is >= 3% behind somewhere;
-      said for ``controller`` (at the learning rate it ran at) and, where it ran, for
-      ``tuning_free`` (the same controller at one learning rate in every setting);
+      said for ``controller`` (at the learning rate it ran at: fixed k = 1's best on seed 0) and,
+      where it ran, for ``tuning_free`` (the same controller at one learning rate in every
+      setting), which stands for both where seeds added later made its rate k = 1's best;
     * steps: where B_simple's second-half median is >= 4 micro-batches, the controller takes at
       most 0.7x the frontier's steps at its loss;
     * adaptation: where it is below 1, >= 95% of windows take one and the loss is within 0.3%
@@ -214,6 +215,14 @@ def verdicts(settings: Dict[str, Sequence[dict]], controller: str, tuning_free: 
         if ran[0] != controller:
             out.append(f"{setting}: {controller} did not run here; the previous default {ran[0]} stands in")
         here, here_free = ran
+        # the controller ran at k = 1's best rate as seed 0 picked it; where more seeds moved k = 1's
+        # best to the rate of its one-rate run, that run is the one tuned as k = 1
+        k1_rate = arms[per_k[1]][0]["lr_multiplier"] if 1 in per_k else None
+        if (here_free in arms and arms[here][0].get("lr_multiplier") != k1_rate
+                and arms[here_free][0].get("lr_multiplier") == k1_rate):
+            out.append(f"{setting}: on more seeds fixed k=1's best rate is {k1_rate:g}x, not the "
+                       f"{arms[here][0].get('lr_multiplier'):g}x {here} ran at: {here_free} is the one tuned as k=1")
+            here = here_free
         runs = arms[here]
         # where k = 1's best rate is the base rate, the controller's runs (all its seeds) are the
         # tuning-free ones

@@ -113,6 +113,28 @@ def test_verdicts_say_met_or_missed_with_the_numbers():
     assert table.verdicts({"s": RUNS}, "cbc-new")[0] == "s: no cbc-new runs or no fixed runs yet"
 
 
+def test_where_seeds_move_k1s_best_rate_to_the_base_rate_the_base_rate_run_is_the_tuned_one():
+    """Seed 0 made 0.5x k = 1's best rate and the controller ran there; on 3 seeds 1x wins, so the
+    controller's base-rate run is the one tuned as k = 1 (and the steps verdict is about it)."""
+    runs = [fixed(1, 0.5, 1.99, 1000), fixed(1, 0.5, 2.05, 1000, seed=1), fixed(1, 0.5, 2.06, 1000, seed=2),
+            fixed(1, 1, 2.00, 1000), fixed(1, 1, 2.01, 1000, seed=1), fixed(1, 1, 1.99, 1000, seed=2),
+            fixed(2, 1, 2.10, 500)]
+    runs += [{**controller(loss, 400 + seed, seed=seed), "lr_multiplier": 0.5} for seed, loss in enumerate((2.1, 2.1, 2.1))]
+    runs += [{**controller(loss, 500 + seed, seed=seed), "arm": "cbc-base", "lr_multiplier": 1}
+             for seed, loss in enumerate((2.02, 2.01, 1.99))]
+    lines = table.verdicts({"s": runs}, "cbc", "cbc-base")
+    assert "s: on more seeds fixed k=1's best rate is 1x, not the 0.5x cbc ran at: cbc-base is the one tuned as k=1" \
+        in lines
+    tuned = next(line for line in lines if line.startswith("s: tuned as k=1"))
+    assert tuned.startswith("s: tuned as k=1: cbc-base (1x base lr) vs best fixed fixed1@1: +0.33% [+0.00, +1.00]")
+    assert any(line.startswith("s: tuning-free: cbc-base (1x base lr)") for line in lines)
+    assert any("steps:" in line and "cbc-base 500 steps" in line for line in lines)
+    # while seed 0 alone decides, k = 1's best is 0.5x, the rate cbc ran at: cbc is the tuned one
+    seed0 = table.verdicts({"s": [r for r in runs if r["seed"] == 0]}, "cbc", "cbc-base")
+    assert any(line.startswith("s: tuned as k=1: cbc (0.5x base lr)") for line in seed0)
+    assert not any("on more seeds" in line for line in seed0)
+
+
 def test_a_twin_measures_the_noise_floor_and_is_never_the_best_fixed_arm():
     twins = [{**fixed(1, 1, loss, 1000, seed=s), "arm": "fixed1@1-twin", "kind": "twin"}
              for s, loss in enumerate((1.9, 2.0103, 1.99))]  # lower than every fixed arm on seed 0
