@@ -105,7 +105,7 @@ SETTINGS = {
                      "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg",
                      "cbc-base", "cbc-sqrtg-base", "cbc-k0.5", "cbc-k0.5-base", "cbc-seesaw", "fixed1.5@1-twin",
                      "cbc-sqrtg-dither", "cbc-sqrtg-dither-base", "cbc-split", "cbc-split-base", "cbc-split-p4",
-                     "cbc-split-p4-base"]},
+                     "cbc-split-p4-base", "fixed1@1-twin"]},
     # mb2 again on 8 seeds, every arm on every seed, all runs at once on one other machine (the
     # H200 host's 16 CPU cores, torch 2.11, Python 3.12, mb2's corpus carried byte for byte as
     # data.path); its controllers at mb2's seed-0 k = 1 rate (0.5x) or the base rate
