@@ -218,10 +218,10 @@ def verdicts(settings: Dict[str, Sequence[dict]], controller: str, tuning_free: 
         # the controller ran at k = 1's best rate as seed 0 picked it; where more seeds moved k = 1's
         # best to the rate of its one-rate run, that run is the one tuned as k = 1
         k1_rate = arms[per_k[1]][0]["lr_multiplier"] if 1 in per_k else None
-        if (here_free in arms and arms[here][0].get("lr_multiplier") != k1_rate
-                and arms[here_free][0].get("lr_multiplier") == k1_rate):
+        ran_rate = arms[here][0].get("lr_multiplier")
+        if here_free in arms and ran_rate != k1_rate and arms[here_free][0].get("lr_multiplier") == k1_rate:
             out.append(f"{setting}: on more seeds fixed k=1's best rate is {k1_rate:g}x, not the "
-                       f"{arms[here][0].get('lr_multiplier'):g}x {here} ran at: {here_free} is the one tuned as k=1")
+                       f"{fmt(ran_rate, 'g')}x {here} ran at: {here_free} is the one tuned as k=1")
             here = here_free
         runs = arms[here]
         # where k = 1's best rate is the base rate, the controller's runs (all its seeds) are the
