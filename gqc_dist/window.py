@@ -21,11 +21,12 @@ by ``sqrt(a)`` only.
 
 import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 from .errors import GQCConfigError
 
 RULES = {"none": 0.0, "sqrt": 0.5, "linear": 1.0, "noise": None}  # power of n / reference; noise: below
+SEESAW = (False, True, "noise")
 
 #: what the optimizer receives for a window of n micro-batches with gradients g_1..g_n:
 #: ``mean``, (g_1 + ... + g_n) / n (a fixed-accumulation loop's), or ``sqrt``, the sum over sqrt(n)
@@ -144,20 +145,25 @@ class LRCoupling:
         schedule: ``schedule(window) -> multiplier``: the decay of the base lr, 1 at its peak
             (e.g. a cosine keyed on ``window.micro_batches_seen``); ``None``: 1.
         warmup: ``warmup(window) -> multiplier`` in (0, 1], 1 once warmed up; ``None``: 1.
-        seesaw: needs ``schedule``: the next window takes at least
+        seesaw: needs ``schedule``: ``True``: the next window takes at least
             ``floor(reference_draws / schedule(window))`` micro-batches (batch growth in place
             of learning-rate decay: with the sqrt rule the learning rate then falls by the
-            square root of the decay only). Sets CBC's ``min_draws`` param-group key (other
-            algorithms ignore it).
+            square root of the decay only). ``"noise"``: the same floor, but no higher than the
+            window's noise scale (``B_simple`` in micro-batches; no growth before a finite
+            estimate): the batch replaces the decay only while it is below the noise scale,
+            where a larger batch still removes noise; above it the learning rate decays as
+            scheduled. Sets CBC's ``min_draws`` param-group key (other algorithms ignore it).
         reference_draws: the window length ``base_lr`` was tuned for (micro-batches).
         weight_decay: couple weight decay too.
     """
 
     def __init__(self, rule: str = "sqrt", schedule: Optional[Callable[[Window], float]] = None,
-                 warmup: Optional[Callable[[Window], float]] = None, seesaw: bool = False,
+                 warmup: Optional[Callable[[Window], float]] = None, seesaw: Union[bool, str] = False,
                  reference_draws: int = 1, weight_decay: bool = True):
         if rule not in RULES:
             raise GQCConfigError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+        if seesaw not in SEESAW:
+            raise GQCConfigError(f"seesaw must be true, false or \"noise\", got {seesaw!r}")
         if seesaw and schedule is None:
             raise GQCConfigError("seesaw needs a schedule: it grows the window where the schedule decays")
         if isinstance(reference_draws, bool) or not isinstance(reference_draws, int) or reference_draws < 1:
@@ -183,11 +189,19 @@ class LRCoupling:
         b = max(noise_scale, 0.0)
         return math.sqrt((1 + b / self.reference_draws) / (1 + b / num_draws))
 
+    def _seesaw_draws(self, decay: float, noise_scale: Optional[float]) -> float:
+        """The window floor Seesaw asks for where the schedule stands at ``decay``."""
+        grown = self.reference_draws / max(decay, 1e-12)
+        if self.seesaw == "noise":  # only while the batch is below the noise scale
+            known = noise_scale is not None and math.isfinite(noise_scale)
+            grown = min(grown, max(noise_scale if known else 0.0, self.reference_draws))
+        return grown
+
     def __call__(self, window: Window, groups: List[dict]) -> None:
         decay = 1.0 if self.schedule is None else float(self.schedule(window))
         warm = 1.0 if self.warmup is None else float(self.warmup(window))
         factor = self.factor(window.num_draws, window.noise_scale)
-        floor = math.floor(self.reference_draws / max(decay, 1e-12) + 1e-9) if self.seesaw else None
+        floor = math.floor(self._seesaw_draws(decay, window.noise_scale) + 1e-9) if self.seesaw else None
         for group in groups:
             group["lr"] = group["lr"] * warm * decay * factor
             if self.weight_decay and "weight_decay" in group:

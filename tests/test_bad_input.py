@@ -106,6 +106,7 @@ CASES = [
                                       '"final_threshold": 0.8}}'], "num_warmup_steps"),
     ("lr coupling in gqc", lambda t, r: [*QUICK, *_set(gqc__lr_coupling="sqrt")], "optimizer.lr_coupling"),
     ("lr coupling unknown", lambda t, r: [*QUICK, *_set(optimizer__lr_coupling="cubic")], "optimizer.lr_coupling"),
+    ("seesaw unknown", lambda t, r: [*QUICK, *_set(optimizer__seesaw="sqrt")], "optimizer.seesaw"),
     ("window gradient unknown", lambda t, r: [*QUICK, *_set(gqc__window_gradient="sum")],
      "gqc.window_gradient must be one of mean, sqrt, got 'sum'"),
     ("window rounding unknown", lambda t, r: [*QUICK, *_set(gqc__rounding="round")],

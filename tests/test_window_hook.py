@@ -159,8 +159,22 @@ def test_lr_coupling_rules_and_seesaw_floor():
         LRCoupling("cubic")
     with pytest.raises(gqc_dist.GQCConfigError, match="seesaw needs a schedule"):
         LRCoupling(seesaw=True)
+    with pytest.raises(gqc_dist.GQCConfigError, match='seesaw must be true, false or "noise", got \'yes\''):
+        LRCoupling(schedule=lambda w: 1.0, seesaw="yes")
     with pytest.raises(gqc_dist.GQCConfigError, match="window_hook must be callable"):
         gqc_dist.OptimizerWrapperFixed(torch.optim.SGD(make_mlp().parameters(), lr=0.1), 2, window_hook=3)
+
+
+def test_seesaw_noise_grows_the_floor_only_up_to_the_noise_scale():
+    """Where the schedule decayed 10x (Seesaw: floor 10), ``"noise"`` stops the floor at the
+    window's noise scale, and grows nothing without a finite estimate; the learning rate is the
+    schedule's times the sqrt rule of the window actually taken, as for ``True``."""
+    hook = LRCoupling("sqrt", schedule=lambda w: 0.1, seesaw="noise", weight_decay=False)
+    for noise, floor in ((25.0, 10.0), (6.7, 6.0), (0.4, 1.0), (None, 1.0), (math.inf, 1.0)):
+        groups = [{"lr": 1.0, "min_draws": 1.0}]
+        hook(Window(step=5, num_draws=4, micro_batches_seen=90, micro_batch_size=2, noise_scale=noise,
+                    forced=False), groups)
+        assert groups == [{"lr": pytest.approx(0.1 * 2.0), "min_draws": floor}]
 
 
 def test_seesaw_raises_cbcs_floor_as_the_schedule_decays():

@@ -23,7 +23,7 @@ from typing import Any, Dict
 from ..algorithms.spec import get as algorithm_spec
 from ..config import parse_section
 from ..errors import GQCConfigError
-from ..window import RULES
+from ..window import RULES, SEESAW
 from .device import DEVICES, PRECISIONS
 
 ENGINES = ("single", "ddp", "fsdp2", "deepspeed")
@@ -76,7 +76,7 @@ SCHEMA = {
     "optimizer": {"lr": _NUM_POS, "weight_decay": _NUM_NONNEG, "beta1": _BETA, "beta2": _BETA,
                   "warmup_steps": _INT_NONNEG, "warmup_fraction": _BETA, "grad_clip": _NUM_NONNEG,
                   "lr_coupling": ((str,), lambda v: v in RULES, f"one of {', '.join(RULES)}"),
-                  "seesaw": _BOOL},
+                  "seesaw": ((bool, str), lambda v: v in SEESAW, 'true, false or "noise"')},
     "gqc": None,  # checked by gqc_dist.config.parse_section
     "train": {"tokens": _TOKENS, "optimizer_steps": _INT_POS, "max_micro_steps": _INT_POS, "eval_interval": _INT_POS,
               "eval_batches": _INT_POS, "final_eval_batches": _INT_POS, "checkpoint_interval": _INT_POS, "collective_timeout_s": _NUM_POS,
