@@ -59,7 +59,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from efficiency_table import best_fixed, best_fixed_per_k, by_arm, table_text, verdicts  # noqa: E402
+from efficiency_table import adaptive_steps_bound, best_fixed, best_fixed_per_k, by_arm, table_text, verdicts  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -90,7 +90,8 @@ SETTINGS = {
                       "fixed2@0.5", "fixed2@1", "fixed2@2", "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "cbc",
                       "cbc-sqrtg", "cbc-base", "cbc-sqrtg-base", "cbc-lr4", "cbc-noise", "fixed1@2-twin",
                       "cbc-sqrtg-dither", "cbc-sqrtg-dither-base", "cbc-split", "cbc-split-base", "cbc-split-p4",
-                      "cbc-split-p4-base"]},
+                      "cbc-split-p4-base", "cbc-split-seesaw-base",
+                      "cbc-split-seesaw-noise-base"]},
     # twice the budget, twice the time per run: the learning rates main's grid favours, and fewer arms
     "main-2x": {"set": [], "tokens": 2 * 1500 * 16 * 128, "about": "the main job at twice its budget",
                 "arms": ["fixed1@1", "fixed1@2", "fixed1.5@2", "fixed2@2", "cbc", "cbc-sqrtg",
@@ -105,7 +106,8 @@ SETTINGS = {
                      "fixed4@0.5", "fixed4@1", "fixed4@2", "fixed8@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg",
                      "cbc-base", "cbc-sqrtg-base", "cbc-k0.5", "cbc-k0.5-base", "cbc-seesaw", "fixed1.5@1-twin",
                      "cbc-sqrtg-dither", "cbc-sqrtg-dither-base", "cbc-split", "cbc-split-base", "cbc-split-p4",
-                     "cbc-split-p4-base", "fixed1@1-twin"]},
+                     "cbc-split-p4-base", "fixed1@1-twin", "cbc-split-seesaw-base",
+                     "cbc-split-seesaw-noise-base"]},
     # mb2 again on 8 seeds, every arm on every seed, all runs at once on one other machine (the
     # H200 host's 16 CPU cores, torch 2.11, Python 3.12, mb2's corpus carried byte for byte as
     # data.path); its controllers at mb2's seed-0 k = 1 rate (0.5x) or the base rate
@@ -118,25 +120,29 @@ SETTINGS = {
                    "about": "mb2 without gradient clipping",
                    "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@0.5", "fixed1.5@1", "fixed2@0.5",
                             "fixed2@1", "fixed1.5@1-sqrtg", "cbc", "cbc-sqrtg", "fixed1@1-twin",
-                            "cbc-sqrtg-dither", "cbc-split", "cbc-split-p4"]},
+                            "cbc-sqrtg-dither", "cbc-split", "cbc-split-p4", "cbc-split-seesaw-base",
+                            "cbc-split-seesaw-noise-base"]},
     "second": {"set": ["model.dim=192", "model.heads=6", "data.micro_batch_size=8", "data.path=@torch"],
                "tokens": 1000 * 8 * 128, "about": "torch's own sources, width 192, 8-sequence micro-batches",
                "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
                         "fixed4@0.5", "fixed4@1", "fixed8@1", "cbc", "cbc-sqrtg", "cbc-base", "fixed1@1-twin",
-                        "cbc-sqrtg-dither", "cbc-split", "cbc-split-p4"]},
+                        "cbc-sqrtg-dither", "cbc-split", "cbc-split-p4", "cbc-split-seesaw-base",
+                        "cbc-split-seesaw-noise-base"]},
     "third": {"set": ["model.seq_len=64", "model.dim=64", "model.heads=2", "model.layers=4",
                       "data.micro_batch_size=32"], "tokens": 600 * 32 * 64,
               "about": "64-token sequences, width 64, 4 layers, 32-sequence micro-batches",
               "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed1.5@1", "fixed2@0.5", "fixed2@1", "fixed2@2",
                        "fixed4@0.5", "fixed4@1", "cbc", "cbc-sqrtg", "cbc-base", "fixed1@1-twin",
-                       "cbc-sqrtg-dither", "cbc-split", "cbc-split-p4"]},
+                       "cbc-sqrtg-dither", "cbc-split", "cbc-split-p4", "cbc-split-seesaw-base",
+                       "cbc-split-seesaw-noise-base"]},
     # third with 4x the micro-batch and 2x the tokens: the noise scale below one micro-batch, the
     # regime where the adaptation target asks for windows of one at fixed k = 1's loss
     "third-mb128": {"set": ["model.seq_len=64", "model.dim=64", "model.heads=2", "model.layers=4",
                             "data.micro_batch_size=128"], "tokens": 300 * 128 * 64,
                     "about": "third with 128-sequence micro-batches, twice the tokens",
                     "arms": ["fixed1@0.5", "fixed1@1", "fixed1@2", "fixed2@1", "fixed1@1-twin", "cbc-sqrtg-dither",
-                             "cbc-split", "cbc-split-p4"]},
+                             "cbc-split", "cbc-split-p4", "cbc-split-seesaw-base",
+                             "cbc-split-seesaw-noise-base"]},
 }
 
 DEFAULT = "cbc-split"  # gqc-train's default controller
@@ -163,6 +169,11 @@ CONTROLLERS = {
     # to about the precision of one extra-micro-batch probe per 24 windows (measured: not adopted;
     # with one-sequence halves it measured a larger noise scale and took longer windows)
     "cbc-split-p4": ["--set", "gqc=" + json.dumps({**_SPLIT, "probe_interval": 4})],
+    # the default with Seesaw's batch growth: where the cosine would cut the rate by a, the window
+    # floor grows by a and the rate falls by sqrt(a) (the issue's route to fewer steps)
+    "cbc-split-seesaw": ["--set", "gqc=" + json.dumps(_SPLIT), "--set", "optimizer.seesaw=true"],
+    # the same growth only up to the measured noise scale: a batch beyond it removes no noise
+    "cbc-split-seesaw-noise": ["--set", "gqc=" + json.dumps(_SPLIT), "--set", "optimizer.seesaw=noise"],
 }
 # controllers at a fixed multiple of the base rate instead of k = 1's best: {arm: (controller, multiplier)}
 AT_FIXED_RATE = {
@@ -175,10 +186,12 @@ AT_FIXED_RATE = {
     "cbc-sqrtg-dither-base": ("cbc-sqrtg-dither", 1),
     "cbc-split-base": ("cbc-split", 1),
     "cbc-split-p4-base": ("cbc-split-p4", 1),
+    "cbc-split-seesaw-base": ("cbc-split-seesaw", 1),
+    "cbc-split-seesaw-noise-base": ("cbc-split-seesaw-noise", 1),
 }
 # variants run on every seed, like the default, because they may replace it
 CANDIDATES = ("cbc-sqrtg-dither", "cbc-sqrtg-dither-base", "cbc-split", "cbc-split-base", "cbc-split-p4",
-              "cbc-split-p4-base")
+              "cbc-split-p4-base", "cbc-split-seesaw-base", "cbc-split-seesaw-noise-base")
 KS = (1, 2, 4, 8)
 TWINNED = ("fixed1@1", "fixed1@2", "fixed1.5@1")  # the settings' best fixed arms
 TWIN_NUDGE = 1e-6
@@ -298,6 +311,7 @@ def record_of(out: Path, setting: str, arm: str, seed: int, command, fields: dic
     if all(t is not None for t in target) and target:
         wanted = sum(max(1.0, min(16.0, t)) for t in target)  # what the clamped target asks for
         follow = sum(r["draws"] for r in half) / wanted
+    bound = adaptive_steps_bound((r["draws"], r.get("noise_scale")) for r in steps)  # nan: no estimate
     return {"setting": setting, "arm": arm, "seed": seed, **fields,
             "command": " ".join(str(c) for c in command[3:]).replace(str(OUT), "benchmarks/out"),
             "val_loss": summary["val_loss"], "optimizer_steps": summary["optimizer_steps"],
@@ -308,6 +322,7 @@ def record_of(out: Path, setting: str, arm: str, seed: int, command, fields: dic
             "noise_scale": {"all": _quantiles(noise), "second_half": _quantiles(r.get("noise_scale") for r in half)},
             "target": {"second_half_mean": (sum(target) / len(target)) if follow is not None else None,
                        "follow_second_half": follow},
+            "steps_bound": None if bound != bound else round(bound, 4),
             "val_curve": [[v["tokens"], v["step"], round(v["val_loss"], 5)] for v in vals]}
 
 

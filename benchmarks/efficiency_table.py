@@ -76,6 +76,34 @@ def steps_on_frontier(loss: float, points: Sequence[Tuple[float, float]]) -> flo
     return math.nan
 
 
+def adaptive_steps_bound(windows: Iterable[Tuple[int, Optional[float]]]) -> float:
+    """The fewest optimizer steps any batch schedule could take, as a fraction of the best fixed
+    batch's at the same tokens and the same loss, in McCandlish et al.'s (2018) model, given the
+    noise scale a run measured along its way: what noise adaptation alone can save there.
+
+    ``windows``: ``(micro-batches, noise scale in micro-batches)`` per optimizer step of the run;
+    a step without a finite estimate is left out.
+
+    Model: a step on ``B`` micro-batches where the noise scale is ``N`` makes ``p = 1 / (1 + N/B)``
+    of a noiseless step's progress, so the run traces ``N`` against progress ``P = sum p`` for its
+    tokens ``E = sum B``. At equal ``E`` and ``P``, a fixed batch ``B_f = (E - sum N p) / P``
+    takes ``P (1 + X)`` steps, ``X = mean_p(N) / B_f``; the best schedule, ``B`` in proportion to
+    ``sqrt(N)``, takes ``P (1 + X rho)`` with ``rho = mean_p(sqrt N)^2 / mean_p(N) <= 1``
+    (Cauchy-Schwarz). Returned: ``(1 + X rho) / (1 + X)``; 1 where ``N`` is constant."""
+    pairs = [(b, max(n, 0.0)) for b, n in windows if n is not None and math.isfinite(n)]
+    progress = [b / (b + n) for b, n in pairs]
+    total = sum(progress)
+    if not pairs or total <= 0:
+        return math.nan
+    mean_n = sum(n * p for (_, n), p in zip(pairs, progress)) / total
+    mean_root = sum(math.sqrt(n) * p for (_, n), p in zip(pairs, progress)) / total
+    if mean_n == 0:
+        return 1.0
+    fixed_batch = sum(b for b, _ in pairs) / total - mean_n
+    x, rho = mean_n / fixed_batch, mean_root ** 2 / mean_n
+    return (1 + x * rho) / (1 + x)
+
+
 def paired_gaps(runs: Sequence[dict], reference: Sequence[dict]) -> List[float]:
     """``loss / reference loss - 1`` per seed both have (paired: same data order and init)."""
     ref = {r["seed"]: r["val_loss"] for r in reference}
@@ -157,14 +185,14 @@ def table_text(setting: str, about: str, tokens: int, records: Sequence[dict]) -
     """The printed table of one setting (the README's)."""
     rows, info = setting_rows(records)
     lines = [f"{setting}: {about}; {tokens:,} tokens per run; best fixed: {info['best']}",
-             f"{'run':24} {'seeds':>5} {'val loss':>8} {'vs best fixed (paired)':>34} {'steps':>6} "
+             f"{'run':30} {'seeds':>5} {'val loss':>8} {'vs best fixed (paired)':>34} {'steps':>6} "
              f"{'windows taken (length:count)':>32} {'B_simple q10/50/90, 2nd half':>28} "
              f"{'window/target':>13} {'frontier steps':>14} {'ratio':>6}"]
     for row in rows:
         noise = "/".join(fmt(v, ".1f") for v in row["noise"]) if row["noise"] else "-"
         mark = "*" if row["best_k"] else " "
         lines.append(
-            f"{row['arm'] + mark:24} {row['seeds']:5d} {row['val_loss']:8.4f} {spread_text(row['gap']):>34} "
+            f"{row['arm'] + mark:30} {row['seeds']:5d} {row['val_loss']:8.4f} {spread_text(row['gap']):>34} "
             f"{row['steps']:6d} {row['windows']:>32} {noise:>28} {fmt(row['follow'], '.2f'):>13} "
             f"{fmt(row['frontier_steps'], '.0f'):>14} {fmt(row['ratio'], '.2f'):>6}")
     return "\n".join(lines)
@@ -181,7 +209,8 @@ def verdicts(settings: Dict[str, Sequence[dict]], controller: str, tuning_free: 
       where it ran, for ``tuning_free`` (the same controller at one learning rate in every
       setting), which stands for both where seeds added later made its rate k = 1's best;
     * steps: where B_simple's second-half median is >= 4 micro-batches, the controller takes at
-      most 0.7x the frontier's steps at its loss;
+      most 0.7x the frontier's steps at its loss; with the record's ``steps_bound``
+      (:func:`adaptive_steps_bound`), the least any schedule could take in the model;
     * adaptation: where it is below 1, >= 95% of windows take one and the loss is within 0.3%
       of fixed k=1 (at its best lr); where it is >= 4, the mean window is within 30% of
       kappa * B_simple;
@@ -243,9 +272,12 @@ def verdicts(settings: Dict[str, Sequence[dict]], controller: str, tuning_free: 
             ratio = first["optimizer_steps"] / need if need == need else math.nan
             verdict = "not measured: the fixed arms here do not bracket its loss" if ratio != ratio else \
                 "met" if ratio <= 0.7 else "MISSED"
+            bound = first.get("steps_bound")  # what noise adaptation could save at best, given its N
+            reach = "" if bound is None else (f"; the noise scale it measured lets no batch schedule go below "
+                                              f"{bound:.2f}x the best fixed batch's steps (McCandlish's model)")
             out.append(f"{setting}: steps: B_simple median {median:.1f} micro-batches; {here} "
                        f"{first['optimizer_steps']} steps, frontier {fmt(need, '.0f')} at its loss: ratio "
-                       f"{fmt(ratio, '.2f')} -> {verdict} (target <= 0.70)")
+                       f"{fmt(ratio, '.2f')} -> {verdict} (target <= 0.70){reach}")
             follow = first.get("target", {}).get("follow_second_half", math.nan)
             out.append(f"{setting}: adaptation: mean window / kappa*B_simple over the second half {fmt(follow, '.2f')}"
                        f" -> {'met' if abs(follow - 1) <= 0.3 else 'MISSED'} (target within 30%)")

@@ -154,3 +154,32 @@ def test_a_twin_measures_the_noise_floor_and_is_never_the_best_fixed_arm():
 def test_histogram_text_keeps_the_common_lengths():
     assert table.histogram_text({"1": 5, "2": 50, "3": 1, "4": 20, "8": 2, "16": 9, "6": 1}, limit=4) == \
         "1:5 2:50 4:20 16:9 +3 more"
+
+
+def test_the_steps_bound_is_what_the_best_two_phase_schedule_saves_found_by_search():
+    """Two phases of equal progress, noise scales 1 and 16, traced by a run at 4 micro-batches
+    (progress 0.8 and 0.2 per step): a grid search over the two phases' batches at the run's
+    tokens and progress is the oracle for the closed form (B in proportion to sqrt(N): 51.25 of
+    62.5 steps)."""
+    trace = [(4, 1.0)] * 25 + [(4, 16.0)] * 100
+    progress = [20.0, 20.0]
+    tokens = sum(b for b, _ in trace)
+    fixed_steps = len(trace)
+    best = math.inf
+    for i in range(1, 40000):  # phase 1 at b1; phase 2 takes the tokens left at the same progress
+        b1 = i * 1e-3
+        b2 = (tokens - progress[0] * (b1 + 1.0)) / progress[1] - 16.0
+        if b2 > 0:
+            best = min(best, progress[0] * (1 + 1.0 / b1) + progress[1] * (1 + 16.0 / b2))
+    assert best / fixed_steps == pytest.approx(0.82, abs=1e-4)
+    assert table.adaptive_steps_bound(trace) == pytest.approx(best / fixed_steps, rel=1e-4)
+    # a constant noise scale leaves nothing to adapt to; steps without an estimate are left out
+    assert table.adaptive_steps_bound([(2, 8.0)] * 50 + [(1, None), (3, math.inf)]) == pytest.approx(1.0)
+    assert math.isnan(table.adaptive_steps_bound([(1, None)]))
+
+
+def test_the_steps_verdict_names_the_bound_where_the_record_has_it():
+    runs = [r if r["arm"] != "cbc" or r["seed"] else {**r, "steps_bound": 0.9312} for r in RUNS]
+    steps = next(line for line in table.verdicts({"s": runs}, "cbc") if "steps:" in line)
+    assert steps.endswith("no batch schedule go below 0.93x the best fixed batch's steps (McCandlish's model)")
+    assert not any("McCandlish" in line for line in table.verdicts({"s": RUNS}, "cbc"))
