@@ -89,7 +89,8 @@ def adaptive_steps_bound(windows: Iterable[Tuple[int, Optional[float]]]) -> floa
     tokens ``E = sum B``. At equal ``E`` and ``P``, a fixed batch ``B_f = (E - sum N p) / P``
     takes ``P (1 + X)`` steps, ``X = mean_p(N) / B_f``; the best schedule, ``B`` in proportion to
     ``sqrt(N)``, takes ``P (1 + X rho)`` with ``rho = mean_p(sqrt N)^2 / mean_p(N) <= 1``
-    (Cauchy-Schwarz). Returned: ``(1 + X rho) / (1 + X)``; 1 where ``N`` is constant."""
+    (Cauchy-Schwarz). Returned: ``(1 + X rho) / (1 + X)``; 1 where ``N`` is constant. A batch in
+    proportion to ``N`` (CBC's ``kappa * B_simple``) takes exactly the fixed batch's steps here."""
     pairs = [(b, max(n, 0.0)) for b, n in windows if n is not None and math.isfinite(n)]
     progress = [b / (b + n) for b, n in pairs]
     total = sum(progress)

@@ -173,6 +173,11 @@ def test_the_steps_bound_is_what_the_best_two_phase_schedule_saves_found_by_sear
             best = min(best, progress[0] * (1 + 1.0 / b1) + progress[1] * (1 + 16.0 / b2))
     assert best / fixed_steps == pytest.approx(0.82, abs=1e-4)
     assert table.adaptive_steps_bound(trace) == pytest.approx(best / fixed_steps, rel=1e-4)
+    # CBC's rule, a batch in proportion to the noise scale (c * N at the same tokens and progress),
+    # takes exactly the fixed batch's steps in this model: what it saves can only come from elsewhere
+    noise_progress = progress[0] * 1.0 + progress[1] * 16.0
+    c = (tokens - noise_progress) / noise_progress
+    assert sum(progress) * (1 + 1 / c) == pytest.approx(fixed_steps)
     # a constant noise scale leaves nothing to adapt to; steps without an estimate are left out
     assert table.adaptive_steps_bound([(2, 8.0)] * 50 + [(1, None), (3, math.inf)]) == pytest.approx(1.0)
     assert math.isnan(table.adaptive_steps_bound([(1, None)]))

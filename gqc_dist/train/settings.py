@@ -61,7 +61,6 @@ _NUM_POS = ((int, float), lambda v: v > 0, "> 0")
 _NUM_NONNEG = ((int, float), lambda v: v >= 0, ">= 0")
 _BETA = ((int, float), lambda v: 0 <= v < 1, "in [0, 1)")
 _TOKENS = ((int, type(None)), lambda v: v is None or v >= 1, "an integer >= 1 or null")
-_BOOL = ((bool,), lambda v: True, "true or false")
 
 SCHEMA = {
     "engine": ((str,), lambda v: v in ENGINES, f"one of {', '.join(ENGINES)}"),
