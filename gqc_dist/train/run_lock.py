@@ -113,7 +113,8 @@ class RunLock:
         try:  # no rank of an earlier run may still be alive here (its launcher may have died)
             self._lock(fd, fcntl.LOCK_EX, _MEMBERS)
         except _Held:
-            holder = _holder(fd, "its rank 0 is gone")
+            # the owner lock was free, so no holder is about to write a record: read it as it is
+            holder = _describe(self._read(fd)) or "its rank 0 is gone"
             os.close(fd)
             raise RunDirectoryInUse(f"{self.path.parent} is in use: ranks of an earlier run are still running in "
                                     f"it ({holder}); stop them first") from None
