@@ -1,5 +1,6 @@
 """Sample efficiency, fairly: the default controller against fixed accumulation whose learning
-rate is tuned per batch size, across settings it was not tuned on.
+rate is tuned per batch size, across settings it was not tuned on. Each setting is a preset of
+``gqc-train sweep`` (``spec_of``: a sweep spec built here), run and reported by ``gqc_dist.sweep``.
 
     python benchmarks/efficiency.py                          # every setting and arm (hours on 2 cores)
     python benchmarks/efficiency.py --settings mb2 --arms cbc fixed1@1
@@ -17,7 +18,7 @@ for every arm. Each setting (``SETTINGS``) lists the arms it runs, of these:
 * fractional fixed patterns of 1.25 and 1.5 micro-batches per step (1,1,1,2 and 1,2), at the
   same rates, so the fixed frontier between k = 1 and 2 is measured, not interpolated;
 * the same arm in every setting is a fixed k at one learning rate: the target says every one is
-  >= 3% behind somewhere (``efficiency_table.verdicts``);
+  >= 3% behind somewhere (``gqc_dist.sweep.table.verdicts``);
 * controllers (``CONTROLLERS``) at fixed k = 1's best learning rate of the setting (the rate a
   user tunes at their micro-batch; the controller couples it to its windows itself), so a
   controller gets k = 1's tuning budget and no more: the default (``cbc-split``, gqc-train's
@@ -38,7 +39,7 @@ for every arm. Each setting (``SETTINGS``) lists the arms it runs, of these:
   its twin and the default also ran on seeds 3-7 there, as on ``second`` and ``third``), the
   default controller (and at the base rate), the
   candidates to replace it (``CANDIDATES``) and the twins. The best arm is the lowest mean
-  among the arms run on the most seeds (``efficiency_table.best_fixed``): seed 0 picks the arm
+  among the arms run on the most seeds (``gqc_dist.sweep.table.best_fixed``): seed 0 picks the arm
   that gets seeds, and a rate that then diverges loses to a steadier one run on as many.
   ``mb2-8seeds`` repeats ``mb2`` with every arm on seeds 0-7; ``third-mb128`` puts the noise
   scale below one micro-batch.
@@ -47,19 +48,17 @@ Each run's outcome is kept as one small JSON under ``benchmarks/results/<setting
 (final loss on 64 evaluation batches, steps, the histogram of windows taken, the noise scale's
 quantiles, how the windows followed ``kappa * B_simple``, the validation curve), so the README's
 tables rebuild from them without rerunning; the full run directories stay in ``benchmarks/out``
-(not kept). The tables and verdicts come from ``efficiency_table.py``.
+(not kept). The records, tables and verdicts come from ``gqc_dist.sweep`` (``records``, ``table``).
 """
 
 import argparse
 import json
-import os
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from efficiency_table import adaptive_steps_bound, best_fixed, best_fixed_per_k, by_arm, table_text, verdicts  # noqa: E402
+from gqc_dist.sweep.local import run_local
+from gqc_dist.sweep.report import plot_curves
+from gqc_dist.sweep.spec import parse
+from gqc_dist.sweep.table import best_fixed, best_fixed_per_k, by_arm, table_text, verdicts
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
@@ -151,29 +150,29 @@ PREVIOUS = (("cbc-sqrtg-dither", "cbc-sqrtg-dither-base"),)  # judged where the 
 _CBC = {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16}  # gqc-train's default before window_gradient sqrt
 _DITHER = {**_CBC, "window_gradient": "sqrt", "rounding": "dither"}
 _SPLIT = {**_DITHER, "probe": "split"}  # gqc-train's default
-CONTROLLERS = {
-    "cbc": ["--set", "gqc=" + json.dumps(_CBC)],  # the earlier default: each window's mean gradient
-    "cbc-k0.5": ["--set", "gqc=" + json.dumps({**_CBC, "kappa": 0.5})],
-    "cbc-seesaw": ["--set", "gqc=" + json.dumps(_CBC), "--set", "optimizer.seesaw=true"],
+CONTROLLERS = {  # {name: (gqc section, more overrides)}
+    "cbc": (_CBC, []),  # the earlier default: each window's mean gradient
+    "cbc-k0.5": ({**_CBC, "kappa": 0.5}, []),
+    "cbc-seesaw": (_CBC, ["optimizer.seesaw=true"]),
     # gqc-train's default: the optimizer steps on the window's sum / sqrt(n), so Adam's second
     # moment fits every window length
-    "cbc-sqrtg": ["--set", "gqc=" + json.dumps({**_CBC, "window_gradient": "sqrt"})],
+    "cbc-sqrtg": ({**_CBC, "window_gradient": "sqrt"}, []),
     # the learning rate grows with the window only as far as the noise scale says it pays
-    "cbc-noise": ["--set", "gqc=" + json.dumps(_CBC), "--set", "optimizer.lr_coupling=noise"],
+    "cbc-noise": (_CBC, ["optimizer.lr_coupling=noise"]),
     # the default with windows of kappa * B_simple in the mean instead of its ceiling
-    "cbc-sqrtg-dither": ["--set", "gqc=" + json.dumps(_DITHER)],
+    "cbc-sqrtg-dither": (_DITHER, []),
     # the same with its probes taken by splitting one micro-batch in two instead of drawing a second
-    "cbc-split": ["--set", "gqc=" + json.dumps(_SPLIT)],
+    "cbc-split": (_SPLIT, []),
     # split probes six times as often (every 4th window of one instead of every 24th): a split
     # costs no data, and six probes of about 2.3x an extra micro-batch's standard error average
     # to about the precision of one extra-micro-batch probe per 24 windows (measured: not adopted;
     # with one-sequence halves it measured a larger noise scale and took longer windows)
-    "cbc-split-p4": ["--set", "gqc=" + json.dumps({**_SPLIT, "probe_interval": 4})],
+    "cbc-split-p4": ({**_SPLIT, "probe_interval": 4}, []),
     # the default with Seesaw's batch growth: where the cosine would cut the rate by a, the window
     # floor grows by a and the rate falls by sqrt(a) (the issue's route to fewer steps)
-    "cbc-split-seesaw": ["--set", "gqc=" + json.dumps(_SPLIT), "--set", "optimizer.seesaw=true"],
+    "cbc-split-seesaw": (_SPLIT, ["optimizer.seesaw=true"]),
     # the same growth only up to the measured noise scale: a batch beyond it removes no noise
-    "cbc-split-seesaw-noise": ["--set", "gqc=" + json.dumps(_SPLIT), "--set", "optimizer.seesaw=noise"],
+    "cbc-split-seesaw-noise": (_SPLIT, ["optimizer.seesaw=noise"]),
 }
 # controllers at a fixed multiple of the base rate instead of k = 1's best: {arm: (controller, multiplier)}
 AT_FIXED_RATE = {
@@ -194,178 +193,86 @@ CANDIDATES = ("cbc-sqrtg-dither", "cbc-sqrtg-dither-base", "cbc-split", "cbc-spl
               "cbc-split-p4-base", "cbc-split-seesaw-base", "cbc-split-seesaw-noise-base")
 KS = (1, 2, 4, 8)
 TWINNED = ("fixed1@1", "fixed1@2", "fixed1.5@1")  # the settings' best fixed arms
-TWIN_NUDGE = 1e-6
 MULTIPLIERS = (0.5, 1, 2)
 SEEDS = (0, 1, 2)
 
 
-SQRT = ["--set", "optimizer.lr_coupling=sqrt"]  # the grid's placement: lr x sqrt(k), whatever the default
-
-
-def arms():
-    """Every arm: ``{name: (record fields, gqc-train arguments)}``."""
+def arm_entries():
+    """Every arm as a sweep spec's arm entry (``gqc_dist.sweep.spec``): ``{name: entry}``; twins
+    are the spec's ``twins``."""
     out = {}
     for k in KS:
         # k = 8 trails everywhere: two rates; k = 1's best lay at the grid's edge on main: one more
         for m in {1: MULTIPLIERS + (4,), 8: MULTIPLIERS[1:]}.get(k, MULTIPLIERS):
-            out[f"fixed{k}@{m:g}"] = ({"kind": "fixed", "k": k, "lr_multiplier": m},
-                                      ["--baseline", str(k), "--set", f"optimizer.lr={BASE_LR * m!r}", *SQRT])
+            out[f"fixed{k}@{m:g}"] = {"fixed": k, "lr": [m]}
     for k in (1.25, 1.5):  # between k = 1 and 2, at the rates that won for them
         for m in MULTIPLIERS:
-            out[f"fixed{k:g}@{m}"] = ({"kind": "fixed", "k": k, "lr_multiplier": m},
-                                      ["--baseline", str(k), "--set", f"optimizer.lr={BASE_LR * m!r}", *SQRT])
+            out[f"fixed{k:g}@{m:g}"] = {"fixed": k, "lr": [m]}
     # the 1,2 pattern stepping on each window's sum / sqrt(n) (CONTROLLERS' cbc-sqrtg): varying windows alone
-    out["fixed1.5@1-sqrtg"] = ({"kind": "fixed", "k": 1.5, "lr_multiplier": 1},
-                               [*out["fixed1.5@1"][1], "--set", "gqc.window_gradient=sqrt"])
-    for name, args in CONTROLLERS.items():  # lr_multiplier None: fixed k = 1's best (k1_multiplier)
-        out[name] = ({"kind": "controller", "k": None, "lr_multiplier": None}, args)
+    out["fixed1.5@1-sqrtg"] = {"name": "fixed1.5@1-sqrtg", "fixed": 1.5, "lr": [1], "set": ["gqc.window_gradient=sqrt"]}
+    for name, (gqc, extra) in CONTROLLERS.items():  # at fixed k = 1's best rate ("k1")
+        out[name] = {"name": name, "gqc": gqc, "lr": "k1", "set": extra}
     for name, (controller, multiplier) in AT_FIXED_RATE.items():
-        out[name] = ({"kind": "controller", "k": None, "lr_multiplier": multiplier}, CONTROLLERS[controller])
-    # the best fixed arms again with the learning rate moved by one part in a million: a change
-    # with no systematic effect, so the twins' paired gaps are the benchmark's noise floor
-    for name in TWINNED:
-        fields, args = out[name]
-        rate = BASE_LR * fields["lr_multiplier"] * (1 + TWIN_NUDGE)
-        out[f"{name}-twin"] = ({**fields, "kind": "twin"},
-                               ["--baseline", f"{fields['k']:g}", "--set", f"optimizer.lr={rate!r}", *SQRT])
+        out[name] = {**out[controller], "name": name, "lr": multiplier}
     return out
 
 
-ARMS = arms()
+ARMS = arm_entries()
+ARM_NAMES = list(ARMS) + [f"{name}-twin" for name in TWINNED]
 
 
-def run_dir(setting: str, arm: str, seed: int) -> Path:
-    return OUT / setting / f"{arm}@s{seed}"
+def spec_of(setting: str, names=None, corpus=None):
+    """``setting`` as a sweep spec: its base overrides, its arms (of ``names``), its seeds, twins
+    and the default controller to judge; ``@torch`` in a data path becomes ``corpus()``'s folder."""
+    own = SETTINGS[setting]
+    names = set(ARM_NAMES if names is None else names)
+    arms = [a for a in own["arms"] if a in names and a in ARMS]
+    twins = [a[:-len("-twin")] for a in own["arms"] if a in names and a.endswith("-twin")]
+    arms += [t for t in twins if t not in arms]  # a twin's arm is in the spec (not run unless asked)
+    base = [f"train.tokens={own['tokens']}", "train.optimizer_steps=10000000", "train.max_micro_steps=10000000",
+            "train.checkpoint_interval=10000000", "train.eval_interval=50"]
+    base += [s.replace("@torch", corpus()) if "@torch" in s and corpus else s for s in own["set"]]
+    raw = {"name": setting, "about": own["about"], "results": str(RESULTS / setting), "runs": str(OUT / setting),
+           "base": {"set": base}, "base_lr": BASE_LR, "arms": [ARMS[a] for a in arms],
+           "seeds": list(own.get("seeds", SEEDS)), "twins": twins, "judge": DEFAULT if DEFAULT in arms else None}
+    if "k1_multiplier" in own:
+        raw["k1_lr"] = own["k1_multiplier"]
+    return parse(raw, HERE)
 
 
-def result_path(setting: str, arm: str, seed: int) -> Path:
-    return RESULTS / setting / f"{arm}@s{seed}.json"
+def plan(settings, names, seeds):
+    """The runs to make per setting, in two waves: seed 0 of every arm (fixed k = 1 first: the
+    controllers' learning rate comes from it, and the sweep waits for it); then the other seeds
+    (a setting's own ``seeds`` where it names them) of the arms that decide: the best fixed arm
+    and fixed k = 1's best (known once seed 0 of the grid is in; a setting may name more,
+    ``seeded``), the default (also at the base rate), the candidates and the twins, or every arm
+    where the setting names its seeds."""
+    names = list(dict.fromkeys(names))
+    seeded = {DEFAULT, TUNING_FREE, *CANDIDATES} | {a for a in names if a.endswith("-twin")}
 
+    def first(setting):
+        chosen = [a for a in SETTINGS[setting]["arms"] if a in names]
+        chosen.sort(key=lambda a: (ARMS.get(a, {}).get("fixed") != 1, a != DEFAULT, a not in ARMS or "gqc" in ARMS[a]))
+        return [(a, 0) for a in chosen]
 
-def k1_multiplier(setting: str) -> float:
-    """The learning-rate multiplier of fixed k = 1's best arm in ``setting`` (the rule of
-    ``efficiency_table.best_fixed``: seed 0, or the mean where seeds were added): the rate the
-    controllers run at; a setting that repeats another on more seeds names the other's, and one
-    whose k = 1 rate moved with later seeds keeps the one its controllers ran at (``k1_multiplier``)."""
-    if "k1_multiplier" in SETTINGS[setting]:
-        return SETTINGS[setting]["k1_multiplier"]
-    per_k = best_fixed_per_k(by_arm(load_results(setting)))
-    if 1 not in per_k:
-        raise SystemExit(f"[{setting}] controllers run at fixed k=1's best learning rate: run the fixed1@* arms first")
-    return ARMS[per_k[1]][0]["lr_multiplier"]
-
-
-def command_of(setting: str, arm: str, seed: int):
-    """The gqc-train command of one run, and its record's fields (a controller's rate resolved)."""
-    out = run_dir(setting, arm, seed)
-    spec = SETTINGS[setting]
-    fields, arm_args = ARMS[arm]
-    if fields["kind"] == "controller":
-        multiplier = fields["lr_multiplier"] or k1_multiplier(setting)
-        fields = {**fields, "lr_multiplier": multiplier}
-        arm_args = ["--set", f"optimizer.lr={BASE_LR * multiplier!r}", *arm_args]
-    overrides = [s.replace("@torch", _torch_sources()) for s in spec["set"]]
-    command = [sys.executable, "-m", "gqc_dist.train", "--no-progress", "--overwrite", "--out-dir", str(out),
-               "--seed", str(seed), "--set", f"train.tokens={spec['tokens']}", "--set", "train.optimizer_steps=10000000",
-               "--set", "train.max_micro_steps=10000000", "--set", "train.checkpoint_interval=10000000",
-               "--set", "train.eval_interval=50", *sum((["--set", s] for s in overrides), []), *arm_args]
-    return command, fields
-
-
-def run(setting: str, arm: str, seed: int) -> Path:
-    """Make one run (unless its result exists) and keep its compact result; returns its path."""
-    path = result_path(setting, arm, seed)
-    if path.exists():
-        return path
-    out = run_dir(setting, arm, seed)
-    command, fields = command_of(setting, arm, seed)
-    print(f"[{setting}] {arm} seed {seed}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
-    record = record_of(out, setting, arm, seed, command, fields)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, separators=(",", ":")) + "\n")
-    return path
-
-
-def _quantiles(values, qs=(0.1, 0.5, 0.9)):
-    values = sorted(v for v in values if v is not None)
-    if not values:
-        return None
-    return [values[min(len(values) - 1, int(q * len(values)))] for q in qs]
-
-
-def record_of(out: Path, setting: str, arm: str, seed: int, command, fields: dict) -> dict:
-    """The compact result of one run directory."""
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-    steps = [r for r in records if r["kind"] == "step"]
-    vals = [r for r in records if r["kind"] == "val"]
-    summary = json.loads((out / "summary.json").read_text())
-    half = steps[len(steps) // 2:]
-    windows = {}
-    for r in steps:
-        windows[str(r["draws"])] = windows.get(str(r["draws"]), 0) + 1
-    noise = [r.get("noise_scale") for r in steps]
-    target = [r.get("target_draws") for r in half]
-    follow = None
-    if all(t is not None for t in target) and target:
-        wanted = sum(max(1.0, min(16.0, t)) for t in target)  # what the clamped target asks for
-        follow = sum(r["draws"] for r in half) / wanted
-    bound = adaptive_steps_bound((r["draws"], r.get("noise_scale")) for r in steps)  # nan: no estimate
-    return {"setting": setting, "arm": arm, "seed": seed, **fields,
-            "command": " ".join(str(c) for c in command[3:]).replace(str(OUT), "benchmarks/out"),
-            "val_loss": summary["val_loss"], "optimizer_steps": summary["optimizer_steps"],
-            "micro_steps": summary["micro_steps"], "tokens": summary["tokens"],
-            "wall_time": round(summary["wall_time"], 1), "windows": windows,
-            "mean_window": {"all": summary["mean_micro_batches_per_step"],
-                            "second_half": sum(r["draws"] for r in half) / max(1, len(half))},
-            "noise_scale": {"all": _quantiles(noise), "second_half": _quantiles(r.get("noise_scale") for r in half)},
-            "target": {"second_half_mean": (sum(target) / len(target)) if follow is not None else None,
-                       "follow_second_half": follow},
-            "steps_bound": None if bound != bound else round(bound, 4),
-            "val_curve": [[v["tokens"], v["step"], round(v["val_loss"], 5)] for v in vals]}
+    def later(setting):
+        if "seeds" in SETTINGS[setting]:
+            deciding = set(names)
+        else:
+            arms_ = by_arm(load_results(setting))
+            deciding = seeded | {best_fixed(arms_), best_fixed_per_k(arms_).get(1), *SETTINGS[setting].get("seeded", ())}
+        chosen = sorted(deciding & {a for a in SETTINGS[setting]["arms"] if a in names})
+        return [(a, seed) for seed in SETTINGS[setting].get("seeds", seeds) if seed for a in chosen]
+    return first, later
 
 
 def load_results(setting: str):
     folder = RESULTS / setting
-    return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.exists() else []
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("*@s*.json"))
+            if not p.name.endswith(".failed.json")] if folder.exists() else []
 
 
-def arms_of(setting: str, names):
-    """The arms ``setting`` runs, of ``names`` (its list: what was measured there)."""
-    return [a for a in names if a in SETTINGS[setting]["arms"]]
-
-
-def plan(settings, names, seeds):
-    """The runs to make, in three waves: seed 0 of fixed k = 1 (the controllers' learning rate
-    comes from it); seed 0 of the default controller, then of the other fixed arms and the
-    variants; then the other seeds (a setting's own ``seeds`` where it names them) of the arms
-    that decide: the best fixed arm and fixed k = 1's best (known once seed 0 of the grid is in;
-    the controllers run at the latter's rate; a setting may name more, ``seeded``), the default
-    (also at the base rate), the candidates and the twins, or every arm where the setting names
-    its seeds."""
-    names = list(dict.fromkeys(names))
-    k1 = [(s, a, 0) for s in settings for a in arms_of(s, names) if ARMS[a][0]["k"] == 1]
-    rest = [(s, a, 0) for s in settings for a in arms_of(s, names) if (s, a, 0) not in k1]
-    rest.sort(key=lambda job: (job[1] != DEFAULT, ARMS[job[1]][0]["kind"] == "controller"))
-    seeded = {DEFAULT, TUNING_FREE, *CANDIDATES} | {a for a in names if ARMS[a][0]["kind"] == "twin"}
-
-    def deciding(setting):
-        if "seeds" in SETTINGS[setting]:
-            return set(names)
-        arms_ = by_arm(load_results(setting))
-        return seeded | {best_fixed(arms_), best_fixed_per_k(arms_).get(1), *SETTINGS[setting].get("seeded", ())}
-
-    def later():
-        jobs = []
-        for setting in settings:
-            arms_ = sorted(deciding(setting) & set(arms_of(setting, names)))
-            jobs += [(setting, a, seed) for seed in SETTINGS[setting].get("seeds", seeds) if seed for a in arms_]
-        return jobs
-    return [k1, rest], later
-
-
-def plot(settings) -> Path:
+def plot(settings, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -373,30 +280,13 @@ def plot(settings) -> Path:
 
     fig, axes = plt.subplots(len(settings), 2, figsize=(13, 4.2 * len(settings)), squeeze=False)
     for row, setting in enumerate(settings):
-        arms_ = by_arm(load_results(setting))
-        best = best_fixed(arms_)
-        shown = [a for a in arms_ if a in (best, DEFAULT) or (arms_[a][0]["kind"] == "fixed" and a.endswith("@1"))]
-        for arm in shown:
-            curve = arms_[arm][0]["val_curve"]
-            style = "-" if arms_[arm][0]["kind"] == "controller" else "--"
-            label = arm + (" (best fixed)" if arm == best else "")
-            axes[row][0].plot([c[0] for c in curve], [c[2] for c in curve], style, label=label)
-            axes[row][1].plot([c[1] for c in curve], [c[2] for c in curve], style, label=label)
-        for ax, unit in zip(axes[row], ("tokens", "optimizer steps")):
-            ax.set(xlabel=unit, ylabel="val loss (nats/token)", title=f"{setting}: val loss vs {unit} (seed 0)")
-            ax.grid(alpha=0.3)
-            if ax.lines:
-                low = min(min(line.get_ydata()) for line in ax.lines)
-                ax.set_ylim(low - 0.05, low + 1.0)
-                ax.legend(fontsize=7)
-        axes[row][1].set_xscale("log")
+        plot_curves(axes[row], setting, load_results(setting), DEFAULT)
     fig.tight_layout()
-    path = HERE / "efficiency.png"
     fig.savefig(path, dpi=90)
     return path
 
 
-def report(settings) -> None:
+def report(settings, png: Path) -> None:
     for setting in settings:
         records = load_results(setting)
         if records:
@@ -405,24 +295,25 @@ def report(settings) -> None:
     print("\nTargets:")
     for line in verdicts({s: load_results(s) for s in settings}, DEFAULT, TUNING_FREE, PREVIOUS):
         print("  " + line)
-    print(f"\nwrote {plot(settings)}")
+    print(f"\nwrote {plot(settings, png)}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=ARM_NAMES, choices=ARM_NAMES)
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (one core each)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--plot", type=Path, default=HERE / "efficiency.png", help="where the PNG goes")
     args = parser.parse_args()
     if not args.report_only:
-        waves, later = plan(args.settings, args.arms, args.seeds)
-        with ThreadPoolExecutor(args.jobs) as pool:
-            for wave in waves:
-                list(pool.map(lambda job: run(*job), wave))
-            list(pool.map(lambda job: run(*job), later()))
-    report(args.settings)
+        first, later = plan(args.settings, args.arms, args.seeds)
+        for setting in args.settings:
+            spec = spec_of(setting, args.arms, _torch_sources)
+            for keys in (first(setting), later(setting)):
+                run_local(spec, keys, args.jobs)
+    report(args.settings, args.plot)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,12 @@
 #   2. gqc-train on the GPU in bf16: tokens/s and MFU;
 #   3. gqc-train with 2 ranks sharing the GPU (DDP; NCCL first, gloo on CUDA tensors when NCCL
 #      refuses two ranks on one device): every collective on the GPU, tokens/s;
-#   4. benchmarks/overhead.py on CUDA (one process): what GQC adds per micro-step.
+#   4. benchmarks/overhead.py on CUDA (one process): what GQC adds per micro-step;
+#   5. the GPU-scale sweep (configs/sweep_gpu.json: 22.4 M parameters, 100 M tokens in bf16; fixed
+#      k = 1, fixed k = 2 at two learning rates, the default), 4 runs side by side on the GPU,
+#      sized for at most 8 minutes; its result JSONs land in benchmarks/results/sweep-gpu/.
+# PART=checks runs steps 1-4 (under 10 minutes), PART=sweep step 5 alone (each fits one device
+# call), PART=all (default) both.
 # Each step prints its figure on a line starting "gpu_check:"; a failing step is reported and the
 # next one runs; the script exits 1 if any step failed, and at once (exit 2) on a machine without
 # an NVIDIA GPU.
@@ -22,6 +27,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d -t gqc-gpu-check.XXXXXX)}
 STEPS=${STEPS:-300}
+PART=${PART:-all}
 started=$SECONDS
 
 say() { printf 'gpu_check: %s\n' "$*"; }
@@ -54,6 +60,7 @@ print(f"{s['tokens_per_s']:,.0f} tokens/s ({s['tokens_per_s_per_rank']:,.0f} per
 EOF
 }
 
+if [ "$PART" != sweep ]; then
 # --- 1. CUDA tests ---------------------------------------------------------------------------
 say "1/4 CUDA tests"
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_train.py -k "gpu or cuda" \
@@ -95,6 +102,18 @@ if timeout 180 "$PY" benchmarks/overhead.py --quick --engines single | tee "$OUT
     say "overhead, one process on CUDA: $(sed -n '/^---/{n;p;q;}' "$OUT/overhead.txt")"
 else
     fail "overhead.py"
+fi
+fi
+
+# --- 5. the GPU-scale sweep ------------------------------------------------------------------
+if [ "$PART" != checks ]; then
+    say "5/5 gqc-train sweep configs/sweep_gpu.json --jobs 4 (4 runs on one GPU, at most 8 minutes)"
+    if timeout 560 "$PY" -m gqc_dist.train sweep configs/sweep_gpu.json --jobs 4 >"$OUT/sweep.log" 2>&1; then
+        say "sweep: $(tail -n 1 "$OUT/sweep.log"); report in benchmarks/results/sweep-gpu/report.md"
+    else
+        tail -n 20 "$OUT/sweep.log" >&2
+        fail "the GPU sweep (finished runs are kept; rerun PART=sweep to finish it)"
+    fi
 fi
 
 say "done in $((SECONDS - started)) s"

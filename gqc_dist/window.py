@@ -46,7 +46,7 @@ def window_gradient_factor(kind: str, num_draws: int) -> float:
     comes out too small by about the noise ratio. That undoes the square-root learning-rate rule,
     which assumes the second moment fits the window. Under ``"sqrt"`` every window's noise is the
     same size, so the second moment fits them all. Measured on gqc-train's 2-sequence micro-batches, unclipped, three seeds: CBC
-    1.6% lower on the mean (README, "Does it pay?"); gqc-train's default CBC uses it. For plain
+    1.6% lower on the mean (benchmarks/README.md); gqc-train's default CBC uses it. For plain
     SGD ``"sqrt"`` is a learning-rate factor ``sqrt(n)`` on top of any coupling."""
     return num_draws ** (1.0 - WINDOW_GRADIENTS[kind])
 

@@ -1,10 +1,12 @@
-"""``gqc-train``: train a byte-level GPT with GQC; ``gqc-train compare``: overlay runs.
+"""``gqc-train``: train a byte-level GPT with GQC; ``gqc-train compare``: overlay runs;
+``gqc-train sweep``: a fair A/B sweep against tuned fixed accumulation (``gqc_dist.sweep``).
 
     gqc-train                                  # the embedded default: one CPU process, ~4 min
     gqc-train --config configs/train_fsdp2.json             # under torchrun for ddp/fsdp2
     gqc-train --baseline 4 --out-dir runs/fixed4             # fixed accumulation, same data
     gqc-train --set gqc.max_draws=32 --set train.optimizer_steps=300
     gqc-train compare runs/gqc-train runs/fixed4 --out compare.png
+    gqc-train sweep my_sweep.json --jobs 2                   # does it pay on my job?
 """
 
 import argparse
@@ -190,6 +192,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:])
+    if argv[:1] == ["sweep"]:
+        from ..sweep.cli import main as sweep_main
+
+        return sweep_main(argv[1:])
     args = _parser().parse_args(argv)
     try:
         for module in ("tqdm", "matplotlib"):  # the progress bar and training.png

@@ -42,7 +42,7 @@ DEFAULT_CONFIG: Dict[str, Any] = {
     "optimizer": {"lr": 3e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95,
                   "warmup_steps": 20, "warmup_fraction": 0.067, "grad_clip": 1.0,
                   "lr_coupling": "sqrt", "seesaw": False},
-    # measured against tuned fixed accumulation by benchmarks/efficiency.py (README: "Does it pay?");
+    # measured against tuned fixed accumulation by benchmarks/efficiency.py (benchmarks/README.md);
     # window_gradient sqrt: under Adam, CBC's varying windows otherwise step too short when long;
     # rounding dither: the windows average kappa * B_simple instead of overshooting it;
     # probe split: a probe window is one micro-batch taken in two halves, not two micro-batches

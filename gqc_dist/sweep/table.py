@@ -1,11 +1,11 @@
-"""What ``benchmarks/efficiency.py`` concludes from its runs: pure functions of the compact
-result records (one small JSON per run under ``benchmarks/results/<setting>/``), so that the
-README tables can be rebuilt without rerunning and the logic is tested on synthetic runs
-(``tests/test_efficiency_table.py``).
+"""What a sweep (``gqc-train sweep``, and its presets in ``benchmarks/efficiency.py``) concludes
+from its runs: pure functions of the compact result records (one small JSON per run), so that
+reports and the README's tables rebuild without rerunning and the logic is tested on synthetic
+runs (``tests/test_efficiency_table.py``).
 
 A record is ``{"setting", "arm", "seed", "kind", "k", "lr_multiplier", "val_loss",
 "optimizer_steps", "micro_steps", "tokens", "windows": {length: count}, "noise_scale": {...},
-"target": {...}, ...}`` (see ``efficiency.record_of``). ``kind`` is ``fixed`` (``k``
+"target": {...}, ...}`` (see :mod:`gqc_dist.sweep.records`). ``kind`` is ``fixed`` (``k``
 micro-batches per step, possibly fractional, at ``lr_multiplier`` times the setting's base
 learning rate under the square-root coupling), ``controller``, or ``twin``: a fixed arm ``<arm>-twin``
 run again with its learning rate nudged by a part in a million, whose paired gap to ``<arm>``
@@ -148,7 +148,8 @@ def setting_rows(records: Iterable[dict]) -> Tuple[List[dict], dict]:
     the best fixed arm), ``steps`` and ``micro_steps`` (seed 0), ``windows`` (histogram text,
     seed 0), ``ones`` (share of windows of one), ``noise`` (B_simple q10/q50/q90 over the second
     half, micro-batches), ``follow`` (mean window / mean kappa*B_simple over the second half),
-    ``frontier_steps`` (steps the fixed frontier needs for the row's seed-0 loss) and ``ratio``.
+    ``frontier_steps`` (steps the fixed frontier needs for the row's seed-0 loss), ``ratio`` and
+    ``bound`` (the record's ``steps_bound``, seed 0).
     """
     arms = by_arm(records)
     best = best_fixed(arms)
@@ -173,6 +174,7 @@ def setting_rows(records: Iterable[dict]) -> Tuple[List[dict], dict]:
             "noise": noise, "follow": target.get("follow_second_half"),
             "frontier_steps": need, "ratio": first["optimizer_steps"] / need if need == need else math.nan,
             "best_k": first["kind"] == "fixed" and per_k.get(first["k"]) == arm,
+            "bound": first.get("steps_bound"),
         })
     return rows, {"best": best, "best_per_k": per_k, "frontier": frontier(points)}
 
@@ -257,7 +259,8 @@ def verdicts(settings: Dict[str, Sequence[dict]], controller: str, tuning_free: 
         # where k = 1's best rate is the base rate, the controller's runs (all its seeds) are the
         # tuning-free ones
         same = runs[0].get("lr_multiplier") == 1
-        for claim, arm in (("tuned as k=1", here), ("tuning-free", here if same else here_free)):
+        claims = [("tuned as k=1", here)] + ([("tuning-free", here if same else here_free)] if here_free else [])
+        for claim, arm in claims:
             if arm in arms:
                 gaps = paired_gaps(arms[arm], arms[best])
                 worst = max(gaps) if gaps else math.nan
@@ -294,7 +297,7 @@ def verdicts(settings: Dict[str, Sequence[dict]], controller: str, tuning_free: 
             out.append(f"{setting}: B_simple median {median:.2f} micro-batches: between the regimes the "
                        "adaptation targets name")
     everywhere = {arm: max(gaps) for arm, gaps in one_rate.items() if len(gaps) == len(settings)}
-    if everywhere:  # the fixed arm at one rate that comes closest to tuning-free
+    if everywhere and len(settings) > 1:  # the fixed arm at one rate that comes closest to tuning-free
         arm = min(everywhere, key=lambda a: everywhere[a][0])
         gap, setting = everywhere[arm]
         count = f"{len(everywhere)} arm{'s' * (len(everywhere) > 1)}"
