@@ -85,9 +85,10 @@ class Progress:
 
 def run_local(spec: Spec, keys: Optional[List[R.Key]] = None, jobs: int = 1, retry_failed: bool = False,
               say: Callable[[str], None] = print) -> Dict[str, List[R.Key]]:
-    """Run ``keys`` (default: every run the spec plans) ``jobs`` at a time; returns what is done,
-    failed and (where another process holds a run) left to others. Raises :class:`SweepBusy`,
-    :class:`SweepStopped`, or ``GQCConfigError`` (lr ``"k1"`` with every fixed k = 1 run failed)."""
+    """Run ``keys`` (default: every run the spec plans) ``jobs`` at a time; returns the keys
+    ``done``, ``failed`` and ``todo`` (not finished here: held by another process, or stopped by
+    a signal). Raises :class:`SweepBusy`, :class:`SweepStopped`, or ``GQCError`` (lr ``"k1"``
+    whose fixed k = 1 runs all failed or are not in ``keys``)."""
     keys = spec.runs_planned() if keys is None else keys
     lock = hold_results(spec)
     status = R.plan_status(spec, keys, retry_failed)
@@ -95,7 +96,7 @@ def run_local(spec: Spec, keys: Optional[List[R.Key]] = None, jobs: int = 1, ret
     progress = Progress(spec.name, len(keys), len(status["done"]), len(status["failed"]), jobs, say)
     progress.line(0, f"{len(todo)} to run, {jobs} at a time; results in {spec.results}")
     running: List[R.Running] = []
-    elsewhere: List[R.Key] = []
+    left: List[R.Key] = []  # not finished here: held by another process, or stopped by a signal
     stop_signal = []
     previous = {s: signal.signal(s, lambda signum, frame: stop_signal.append(signum))
                 for s in (signal.SIGTERM, signal.SIGINT)}
@@ -132,16 +133,19 @@ def run_local(spec: Spec, keys: Optional[List[R.Key]] = None, jobs: int = 1, ret
                 if outcome[0] == "done":
                     progress.done += 1
                     progress.durations.append(time.monotonic() - r.started)
-                else:
+                elif outcome[0] == "failed":
                     progress.failed += 1
-                status[outcome[0]].append(r.key)
+                else:  # stopped by a signal from outside: it runs again next time, not now
+                    left.append(r.key)
+                if outcome[0] != "interrupted":
+                    status[outcome[0]].append(r.key)
                 progress.line(len(running), f"{R.run_name(r.key)}: {R.describe(outcome)}")
             if not running and todo and not started:
                 # nothing can start: the rest is held by other processes, or waits for fixed k = 1
                 waiting = [k for k in todo if not R.settled(spec, k)]
                 k1_open = [k for k in R.k1_keys(spec) if not R.settled(spec, k)]
                 if not any(_claimed(spec, k) for k in k1_open) and all(_claimed(spec, k) for k in waiting):
-                    elsewhere = waiting
+                    left += waiting
                     progress.done += len(todo) - len(waiting)
                     break
                 if k1_open and not any(k in todo or _claimed(spec, k) for k in k1_open):
@@ -153,7 +157,7 @@ def run_local(spec: Spec, keys: Optional[List[R.Key]] = None, jobs: int = 1, ret
         for s, handler in previous.items():
             signal.signal(s, handler)
         os.close(lock)
-    status["todo"] = elsewhere
+    status["todo"] = left
     return status
 
 
@@ -168,5 +172,6 @@ def _claimed(spec: Spec, key: R.Key) -> bool:
 def main_line(spec: Spec, status: Dict[str, List[R.Key]]) -> str:
     text = f"sweep {spec.name}: {len(status['done'])} done, {len(status['failed'])} failed"
     if status["todo"]:
-        text += f", {len(status['todo'])} running in another process (a Slurm task or sweep)"
+        text += (f", {len(status['todo'])} not finished here (held by another sweep or Slurm task, or stopped by a "
+                 "signal: run the sweep again)")
     return text

@@ -210,25 +210,34 @@ def _last_line(log: Path) -> str:
     return (own or lines or [""])[-1][:300]
 
 
+def interrupted(returncode: int) -> bool:
+    """The run was stopped by a signal (a killed or preempted sweep or task, the OOM killer):
+    not a result of its arm, so it keeps no record and runs again when the sweep does."""
+    return returncode < 0 or returncode in (128 + signal.SIGINT, 128 + signal.SIGKILL, 128 + signal.SIGTERM)
+
+
 def failure_status(returncode: int, log: Path) -> str:
-    """``diverged``, ``out of memory``, ``killed by signal N`` or ``failed``, from the exit code and the log."""
+    """``diverged``, ``out of memory`` or ``failed``, from the exit code and the log."""
     text = log.read_text(errors="replace")[-20000:].lower() if log.exists() else ""
     if "out of memory" in text or "outofmemoryerror" in text:
         return "out of memory"
     if returncode == 4 or "diverged" in text:
         return "diverged"
-    if returncode < 0 or returncode in (137, 143):
-        return f"killed by signal {-returncode if returncode < 0 else returncode - 128}"
     return "failed"
 
 
 def finish(spec: Spec, running: Running) -> Tuple[str, dict]:
-    """What a run that exited left: ``("done", record)`` written to the results folder, or
-    ``("failed", failure)`` written beside it. Releases the claim."""
+    """What a run that exited left: ``("done", record)`` written to the results folder,
+    ``("failed", failure)`` written beside it, or ``("interrupted", info)`` (stopped by a signal:
+    nothing written, it runs again). Releases the claim."""
     key, code = running.key, running.process.returncode
     out = run_dir(spec, key)
     try:
         outcome = None
+        if interrupted(code):
+            signum = -code if code < 0 else code - 128
+            return ("interrupted", {"status": f"stopped by signal {signum}", "log": str(running.log),
+                                    "line": "not kept: it runs again when the sweep does"})
         if code == 0:
             fields = record_of_script(out) if spec.command is not None else record_of_run(out)
             if fields is not None:

@@ -13,6 +13,7 @@ time, partition) come from the spec's ``slurm.sbatch`` and ``--sbatch``.
 
 import json
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -69,7 +70,7 @@ def submit(spec: Spec, spec_args: dict, retry_failed: bool = False, sbatch_args:
                  [k for k in todo if not k1_known and spec.arms[k[0]].needs_k1]]
         folder = spec.results / "slurm"
         folder.mkdir(parents=True, exist_ok=True)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"  # unique: earlier tasks read theirs
         jobs: List[str] = []
         for i, wave in enumerate(w for w in waves if w):
             tasks = folder / f"tasks-{stamp}-{i}.json"
@@ -109,13 +110,16 @@ def run_task(tasks: Path, index: int, say: Callable[[str], None] = print) -> int
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stopped.append(signum))
     running = R.start(spec, key, multiplier, fd)
     try:
-        while running.process.poll() is None:
-            if stopped:  # scancel, preemption, the time limit: stop the run, keep no record
-                R.stop([running])
-                say(f"sweep task: {name} stopped by SIGTERM (cancelled or preempted): no record kept; "
-                    "submit the sweep again to run it")
-                return 143
+        while running.process.poll() is None and not stopped:
             time.sleep(0.2)
+        # Slurm signals every process of the task, the run too: it may have ended (stopped by that
+        # SIGTERM, exit 143) before this loop saw the signal, and must not be kept as failed then;
+        # a run that finished (exit 0) just before keeps its record
+        if stopped and running.process.poll() != 0:  # scancel, preemption, the time limit: keep no record
+            R.stop([running])
+            say(f"sweep task: {name} stopped by SIGTERM (cancelled or preempted): no record kept; "
+                "submit the sweep again to run it")
+            return 143
     finally:
         signal.signal(signal.SIGTERM, previous)
     outcome = R.finish(spec, running)
