@@ -46,7 +46,7 @@ for every arm. Each setting (``SETTINGS``) lists the arms it runs, of these:
 
 Each run's outcome is kept as one small JSON under ``benchmarks/results/<setting>/<arm>@s<seed>.json``
 (final loss on 64 evaluation batches, steps, the histogram of windows taken, the noise scale's
-quantiles, how the windows followed ``kappa * B_simple``, the validation curve), so the README's
+quantiles, how the windows followed ``kappa * B_simple``, the validation curve), so benchmarks/README.md's
 tables rebuild from them without rerunning; the full run directories stay in ``benchmarks/out``
 (not kept). The records, tables and verdicts come from ``gqc_dist.sweep`` (``records``, ``table``).
 """

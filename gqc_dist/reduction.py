@@ -1,7 +1,7 @@
 """Where each gradient piece lives and how many ranks hold an identical copy of it.
 
 For every local gradient piece ``x`` the wrapper needs ``rho(x)``: the number of ranks in the world
-holding an identical copy (README: "What the wrapper guarantees"). Contributions ``||x||^2 / rho(x)`` summed over ranks
+holding an identical copy (docs/guarantees.md). Contributions ``||x||^2 / rho(x)`` summed over ranks
 count every element exactly once. This module turns a parameter (and its param-group policy)
 into ``(local tensor, rho, kind)``; it knows nothing about algorithms or engines.
 

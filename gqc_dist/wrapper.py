@@ -18,7 +18,7 @@ Exactly one host synchronisation and at most one collective per micro-step (two 
 identically to every rank (global squared norms, rank 0's settings) and of counters that
 advance identically, so ranks cannot disagree.
 
-Policies this wrapper implements (documented in README.md):
+Policies this wrapper implements (documented in docs/guarantees.md):
 
 * The wrapper owns ``zero_grad``: it zeroes after every optimizer step and after a dropped window.
 * Non-finite gradients (inf/NaN in any rank's piece, including AMP overflow) drop the whole

@@ -22,7 +22,7 @@ from gqc_dist.errors import GQCConfigError  # noqa: E402
 from gqc_dist.wrapper import GQCOptimizerWrapper  # noqa: E402
 from reference import make_mlp, micro_batches  # noqa: E402
 
-DOCUMENTED = {"gnts", "gns", "gnr", "sbc", "mht", "fixed"}  # README: the section's algorithms
+DOCUMENTED = {"gnts", "gns", "gnr", "sbc", "mht", "fixed"}  # docs/library.md and docs/deepspeed.md: the algorithms they document
 BUILTINS = frozenset(spec_module.algorithms())  # before this file registers anything
 TOY = "every_k"
 

@@ -1,4 +1,4 @@
-"""README "Differences from torch-gqc": the one-line migrations, checked against torch-gqc 0.10.4 on
+"""docs/library.md "Differences from torch-gqc": the one-line migrations, checked against torch-gqc 0.10.4 on
 2 real ranks whose gradients are plain-tensor shards (``distributed_mode="sharded"``). A
 threshold tuned on torch-gqc, times ``sqrt(W)``, and a logical batch times ``W``, give gqc_dist
 the same decisions at every micro-step."""

@@ -1,6 +1,6 @@
 """What a sweep (``gqc-train sweep``, and its presets in ``benchmarks/efficiency.py``) concludes
 from its runs: pure functions of the compact result records (one small JSON per run), so that
-reports and the README's tables rebuild without rerunning and the logic is tested on synthetic
+reports and the tables of benchmarks/README.md rebuild without rerunning and the logic is tested on synthetic
 runs (``tests/test_efficiency_table.py``).
 
 A record is ``{"setting", "arm", "seed", "kind", "k", "lr_multiplier", "val_loss",
@@ -185,7 +185,7 @@ def _order(record: dict):
 
 
 def table_text(setting: str, about: str, tokens: int, records: Sequence[dict]) -> str:
-    """The printed table of one setting (the README's)."""
+    """The printed table of one setting (benchmarks/README.md's)."""
     rows, info = setting_rows(records)
     lines = [f"{setting}: {about}; {tokens:,} tokens per run; best fixed: {info['best']}",
              f"{'run':30} {'seeds':>5} {'val loss':>8} {'vs best fixed (paired)':>34} {'steps':>6} "
