@@ -11,11 +11,11 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from .engines.base import GradientAdapter
-from .errors import PartialGradientError, RankDivergenceError
+from .errors import GQCUsageError, PartialGradientError, RankDivergenceError
 from .grad_norms import WeightCache, local_group_sums
 from .packet import StatsPacket, world_rank_and_size
 
-_BASE_FIELDS = frozenset({"group_sq", "settings", "scale", "fingerprint", "fingerprint0"})
+_BASE_FIELDS = frozenset({"group_sq", "settings", "scale", "fingerprint", "fingerprint0", "outside"})
 _EPS = 2.0**-52
 
 
@@ -67,6 +67,7 @@ def collect(
     validate_settings: Callable[[Dict[str, float]], None],
     fallback_device: Callable[[], torch.device],
     timeout_s: Optional[float] = None,
+    outside: Tuple[int, int] = (0, 0),
 ) -> MicroStepStats:
     """One micro-step's global statistics.
 
@@ -81,15 +82,18 @@ def collect(
         fallback_device: where the packet lives when this rank holds no gradient piece (called
             only then: under ZeRO-3 the optimizer's own parameters may be empty).
         timeout_s: bound on the all-reduce (``CollectiveTimeoutError`` after it).
+        outside: this rank's ``GradientAdapter.outside_changes()`` before the read.
 
-    Raises :class:`PartialGradientError` (on every rank) when gradients claimed replicated
-    differ across ranks.
+    Raises :class:`GQCUsageError` (on every rank) when some rank's window was cleared from
+    outside or saw no backward (:func:`refuse_outside_changes`), :class:`PartialGradientError`
+    (on every rank) when gradients claimed replicated differ across ranks.
     """
     distributed = world_rank_and_size()[1] > 1
     weighted, fingerprint = local_sums(gradients, weights, num_groups, fallback_device)
     device = weighted.device
     packet = StatsPacket(device)
     packet.add_sum("group_sq", weighted)
+    packet.add_sum("outside", list(outside))  # host numbers: they ride with the settings
     packet.add_root("settings", list(settings.values()))
     loss_scale = gradients.loss_scale()
     if loss_scale is not None:
@@ -100,6 +104,7 @@ def collect(
     add_fields(packet)
     reduced = packet.reduce(timeout_s)
 
+    refuse_outside_changes(*reduced["outside"], num_draws)
     scale = reduced["scale"][0] if loss_scale is not None else 1.0
     rank0_settings = dict(zip(settings, reduced["settings"]))
     # an inf or NaN in any rank's piece reaches its group's reduced sum (grad_norms)
@@ -110,6 +115,25 @@ def collect(
     fields = {name: reduced[name] for name in reduced if name not in _BASE_FIELDS}
     return MicroStepStats([v / (scale * scale) for v in reduced["group_sq"]], num_draws, nonfinite,
                           rank0_settings, scale, fields)
+
+
+def refuse_outside_changes(cleared: float, unchanged: float, num_draws: int) -> None:
+    """Raise :class:`GQCUsageError`, on every rank alike (the counts are sums over the ranks),
+    when a window was cleared or replaced from outside or a micro-step saw no backward: either
+    would train silently wrong (a step on part of the window while the counters count all of it;
+    a micro-batch counted that never happened)."""
+    if cleared:
+        held = f"{num_draws - 1} micro-batch{'es' if num_draws != 2 else ''}"
+        raise GQCUsageError(
+            f"the window's accumulated gradient ({held}) was cleared or replaced outside GQC since the last "
+            f"step() ({int(cleared)} gradient tensors, summed over ranks): a zero_grad() (model.zero_grad(), "
+            "optimizer.zero_grad(), a framework's) after backward, or an assignment to param.grad. Remove it: "
+            "GQC zeroes the gradients itself when it steps")
+    if unchanged:
+        raise GQCUsageError(
+            f"step() was called with no backward since the last step() (no gradient changed on {int(unchanged)} "
+            "rank(s)): call loss.backward() once before every step(); a second step() would count a micro-batch "
+            "that never happened")
 
 
 def check_replicated(total: float, total_sq: float, first: float, world: int) -> None:

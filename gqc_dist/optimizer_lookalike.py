@@ -6,11 +6,13 @@ It subclasses ``torch.optim.Optimizer`` without running its ``__init__`` (as Acc
 ``AcceleratedOptimizer`` does): torch's lr schedulers, ``accelerator.prepare`` and Lightning check
 ``isinstance(..., Optimizer)``, while every piece of state stays the wrapped optimizer's."""
 
+import sys
 from typing import List, Tuple
 
 import torch
 
 from .errors import GQCUsageError
+from .framework_leftovers import calling_loop, zero_grad_message
 from .reduction import group_policy
 from .validation import check_number
 
@@ -74,12 +76,9 @@ class OptimizerLookalike(torch.optim.Optimizer):
         return getattr(self._optimizer, name)
 
     def zero_grad(self, *args, **kwargs) -> None:
-        """Refused: the wrapper zeroes gradients itself after each optimizer step."""
-        raise GQCUsageError(
-            "zero_grad() must not be called on a GQC wrapper: it accumulates gradients across "
-            "micro-batches and zeroes them itself after each optimizer step. Remove the "
-            "zero_grad() call from the training loop."
-        )
+        """Refused: the wrapper zeroes gradients itself after each optimizer step. The message
+        names the fix for the loop that called it (a stock Trainer or LightningModule)."""
+        raise GQCUsageError(zero_grad_message(calling_loop(sys._getframe(1))))
 
     def _extend_param_groups(self, groups) -> None:
         for name, initial in self.SCHEDULABLE.items():

@@ -37,6 +37,7 @@ Policies this wrapper implements (documented in docs/guarantees.md):
 import copy
 import dataclasses
 import math
+import sys
 import time
 import zlib
 from typing import Any, Dict, List, Optional
@@ -51,6 +52,7 @@ from .grad_norms import WeightCache
 from .micro_step import MicroStepStats, collect, local_sums, verify_agreement
 from .local_mode import LocalAccumulation
 from .noise_scale import NoiseScaleEstimator
+from .framework_leftovers import STOCK_TRAINER, calling_loop
 from .optimizer_lookalike import OptimizerLookalike
 from .packet import StatsPacket, world_rank_and_size
 from .reduction import POLICY_KEY
@@ -246,7 +248,12 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         """torch-gqc's micro-step: :meth:`after_backward`, True when the optimizer stepped.
 
         ``closure`` (as ``torch.optim`` and Lightning pass it) runs first, with gradients enabled:
-        it does the micro-batch's forward and backward and returns its loss."""
+        it does the micro-batch's forward and backward and returns its loss.
+
+        Refused when the stock ``transformers.Trainer`` loop calls it (the wrapper given as
+        ``optimizers=``): that loop counts, schedules and zeroes every micro-batch as a step."""
+        if calling_loop(sys._getframe(1)) == "transformers":  # a few frame reads, no sync
+            raise GQCUsageError(STOCK_TRAINER)
         return self.after_backward(self._run_closure(closure)).stepped
 
     @staticmethod
@@ -266,7 +273,12 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         part, self._part = self._part, None
         counters["num_batches"] += 1
         counters["num_draws"] += 1
-        stats = self._gather(inputs)
+        try:
+            stats = self._gather(inputs)
+        except GQCUsageError:
+            counters["num_batches"] -= 1  # the micro-step did not happen
+            counters["num_draws"] -= 1
+            raise
         part_sq = stats.fields.pop(_PART, None)
         self._costs.share(stats.fields["costs"], world_rank_and_size()[1])
         if self._local is not None:
@@ -301,6 +313,8 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         the algorithm's own packet fields too (local mode's exact re-read at a step needs none)."""
         carry, self._carry = self._carry, None
         part_sums, self._part_sums = self._part_sums, None
+        # before this read (host integers, no sync); local mode's re-read at a step follows no backward
+        outside = self._gradients.outside_changes() if add_fields else (0, 0)
 
         def fields(packet):
             if add_fields:
@@ -313,7 +327,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
 
         stats = collect(self._gradients, self._weights, len(self._optimizer.param_groups),
                         self._counters["num_draws"], {"max_draws": self._max_draws, **self._settings()},
-                        fields, self._validate_settings, lambda: self.device, self._timeout_s)
+                        fields, self._validate_settings, lambda: self.device, self._timeout_s, outside)
         if carry is not None:
             self.carried = stats.fields.pop(_CARRIED)
         return stats

@@ -1,5 +1,7 @@
 """Test configuration shared by every test file."""
 
+import os
+
 import pytest
 
 
@@ -20,3 +22,19 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("quick") / "run"
     stdout = gqc_train("--quick", "--out-dir", str(out), "--no-progress")
     return out, stdout
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _session_working_directory(tmp_path_factory):
+    """The suite runs outside the checkout: what a run writes by default (``runs/...``) lands in a
+    temporary folder, never beside a user's own runs, so the tests pass wherever they run, twice."""
+    before = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(before)
+
+
+@pytest.fixture(autouse=True)
+def _own_working_directory(tmp_path, monkeypatch):
+    """Each test in its own temporary folder (see ``_session_working_directory``)."""
+    monkeypatch.chdir(tmp_path)

@@ -22,12 +22,18 @@ their device by backend and are not gqc_dist's to check.
 """
 
 import contextlib
+import os
 import traceback
 
 import torch
 import torch.distributed as dist
 import torch.distributed.distributed_c10d as c10d
 from torch.overrides import TorchFunctionMode
+
+import gqc_dist
+
+# the library's own code, by where it is installed (a checkout named gqc_dist holds torch in .venv too)
+_PACKAGE = os.path.dirname(os.path.abspath(gqc_dist.__file__)) + os.sep
 
 RUN = torch.device("cpu", 0)
 _DEVICE_PROPERTY = torch.Tensor.device
@@ -128,7 +134,7 @@ class DeviceTracer(TorchFunctionMode):
     def _checked(self, name, original):
         def collective(*args, **kwargs):
             caller = traceback.extract_stack(limit=2)[0]
-            if "/gqc_dist/" in caller.filename.replace("\\", "/"):
+            if os.path.abspath(caller.filename).startswith(_PACKAGE):
                 self.checked += 1
                 for tensor in _tensors(args, kwargs):
                     if is_host(tensor):

@@ -90,5 +90,11 @@ def test_mht_takes_its_metric_from_the_loss_or_the_closure():
     loss.backward()
     wrapper.after_backward(loss)
     assert wrapper.num_batches == 2
-    with pytest.raises(gqc_dist.GQCConfigError, match="needs the micro-batch's metric"):
+    # a missing argument is a TypeError (as torch-gqc's), and a GQCError, with the fix in its one line
+    with pytest.raises(gqc_dist.GQCTypeError, match=r"needs the micro-batch's metric: call step\(loss\)") as raised:
         wrapper.after_backward()
+    assert isinstance(raised.value, TypeError) and isinstance(raised.value, gqc_dist.GQCError)
+    assert "\n" not in str(raised.value)
+    with pytest.raises(TypeError, match="needs the micro-batch's metric"):
+        wrapper.step()
+    assert wrapper.num_batches == 2  # neither counted a micro-batch

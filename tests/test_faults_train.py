@@ -8,6 +8,9 @@
   directory (and, while it runs, the running process); nothing of the two runs is mixed.
 * A diverging run stops within its non-finite-window bound: non-zero, one line (what, since
   when, the last good checkpoint, the fix), strict JSON, no checkpoint written after it diverged.
+  The checkpoint it names is one a window after it stepped from with a finite loss (not the one
+  taken just before the windows went non-finite), ``latest`` names it, ``--resume`` continues
+  from it, and the fix the line gives, run as written, trains to its end.
 * A 2-rank job whose launcher is SIGKILLed: every rank is gone within seconds and writes nothing
   more; the directory is free again.
 * SIGTERM / SIGUSR1 to one process, SIGTERM to one rank of a 2-rank job: a checkpoint at that
@@ -18,7 +21,9 @@ The oracle is always an uninterrupted run of the same command.
 """
 
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -376,7 +381,70 @@ def test_a_diverging_run_stops_within_its_bound(tmp_path):
     assert all(torch.isfinite(t).all() for t in state["engine"]["model"].values())
     first_bad = int(line.split("since optimizer step ")[1].split()[0])
     assert state["extra"]["counters"]["step"] <= first_bad
-    assert sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())[-1] == latest
+    # none after the windows went non-finite (one taken just before them may stay, not named)
+    assert all(int(p.name.split("_")[1]) <= first_bad for p in (out / "checkpoints").iterdir() if p.is_dir())
+
+
+def test_the_watch_names_a_checkpoint_good_once_a_window_stepped_from_it():
+    from gqc_dist.train.health import DivergenceWatch
+
+    watch = DivergenceWatch(25)
+    watch.saved("step_000001")
+    assert watch.last_good is None  # nothing has stepped from it yet
+    watch.window(False, 5.5, 2, 2)
+    watch.saved("step_000002")
+    watch.window(True, 5.4, 2, 3)  # a dropped window (a fp16 overflow, or the start of a divergence) proves nothing
+    assert watch.last_good == "step_000001"
+    watch.window(False, 5.3, 3, 4)
+    assert watch.last_good == "step_000002"
+    watch.saved("step_000003")
+    watch.window(False, math.nan, 4, 5)  # stepped from step 3 with a NaN loss: step 3 is not good
+    watch.window(False, 5.0, 5, 6)
+    assert watch.last_good == "step_000002"
+    resumed = DivergenceWatch(25, last_good="step_000002", unproven="step_000003")
+    assert resumed.last_good == "step_000002"
+    resumed.window(False, 5.0, 4, 5)
+    assert resumed.last_good == "step_000003"
+
+
+def test_a_diverged_run_names_a_checkpoint_to_resume_from_and_a_fix_that_trains(tmp_path):
+    """optimizer.lr=100, a checkpoint every step (measured: steps 1-5 stepped with finite losses up
+    to 1.6e10; step 5's parameters are finite, but every window after it has a non-finite gradient)."""
+    out = tmp_path / "run"
+    failed = run(*QUICK, "--out-dir", out, "--set", "optimizer.lr=100", "--set", "train.checkpoint_interval=1")
+    line = one_line(failed.stderr)
+    assert failed.returncode == 4
+    named = Path(re.search(r"the last good checkpoint is ([^\s;]+)", line)[1])
+    first_bad = int(line.split("since optimizer step ")[1].split()[0])
+    good_step = int(named.name.split("_")[1])
+    # the checkpoint the non-finite windows started from was written, and is not the one named
+    assert (out / "checkpoints" / f"step_{first_bad:06d}").is_dir() and good_step < first_bad
+    assert named.parent == out / "checkpoints" and (named / "rank0.pt").is_file()
+    assert (out / "checkpoints" / "latest").read_text().strip() == named.name == summary(out)["last_good_checkpoint"]
+    assert f"--resume --out-dir {out} continues from it" in line
+
+    # --resume, as the line says: it continues from the named checkpoint, whose next window steps
+    # with a finite loss (this optimizer.lr then diverges again at the same step, and says so)
+    resumed = run("--no-progress", "--resume", "--out-dir", out)
+    assert resumed.returncode == 4, resumed.stderr[-3000:]
+    assert f"resuming {out} from {named}: optimizer step {good_step}," in resumed.stderr
+    after = [r for r in records(out) if r["step"] > good_step]
+    assert after and after[0]["step"] == good_step + 1 and math.isfinite(after[0]["loss"])
+    assert f"the last good checkpoint is {named} " in resumed.stderr.splitlines()[-1]
+
+    # a resumed run keeps its optimizer (the line says so): a lower lr on --resume is refused, naming the way
+    refused = run("--no-progress", "--resume", "--out-dir", out, "--set", "optimizer.lr=10")
+    assert refused.returncode == 2 and "optimizer.lr" in one_line(refused.stderr)
+    assert "another --out-dir" in refused.stderr
+
+    # the likely fix, exactly as the line writes it: a lower optimizer.lr in a new --out-dir, to the end
+    fix = re.search(r"e\.g\. (--set \S+) in a new --out-dir", line)[1].split()
+    assert fix == ["--set", "optimizer.lr=10"]
+    fresh = tmp_path / "fixed"
+    done = run(*QUICK, "--out-dir", fresh, *fix)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert all(r["loss"] is not None and math.isfinite(r["loss"]) for r in records(fresh))
+    assert summary(fresh)["status"] == "finished" and math.isfinite(summary(fresh)["val_loss"])
 
 
 # ------------------------------------------------------------------ launcher death, stop signals

@@ -8,7 +8,7 @@ import torch
 import torch_schedule_anything as tsa
 
 from .. import rules
-from ..errors import GQCConfigError
+from ..errors import GQCConfigError, GQCTypeError
 from ..schedules import lr_and_weight_decay, synchronous
 from ..validation import check_number, check_schedule_args
 from ..wrapper import GQCOptimizerWrapper, MicroStepStats
@@ -60,7 +60,9 @@ class OptimizerWrapperMHT(GQCOptimizerWrapper):
 
     def _inputs(self, metric) -> dict:
         if metric is None:
-            raise GQCConfigError("MHT needs the micro-batch's metric: step(metric) or after_backward(loss)")
+            # a missing argument: a TypeError, as torch-gqc's step() without its metric raises
+            raise GQCTypeError("MHT needs the micro-batch's metric: call step(loss) (a float or a 0-d tensor; "
+                               "step(closure=...) uses the loss it returns) or after_backward(loss)")
         if isinstance(metric, torch.Tensor):
             if metric.numel() != 1 or metric.is_complex() or metric.dtype == torch.bool:
                 raise GQCConfigError(f"metric must be a real scalar, got a {metric.dtype} tensor of shape "

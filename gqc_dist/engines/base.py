@@ -79,6 +79,15 @@ class GradientAdapter:
         """
         raise NotImplementedError
 
+    def outside_changes(self) -> Tuple[int, int]:
+        """What happened to this rank's accumulated gradient since the adapter last read it in the
+        open window, as host integers (no sync): ``(cleared, unchanged)``: ``cleared`` counts the
+        tensors that were cleared or replaced outside GQC (a ``zero_grad()`` after backward);
+        ``unchanged`` is 1 when no gradient changed at all (``step()`` without a backward). The
+        wrapper reduces them with the micro-step's statistics, so every rank refuses together.
+        ``(0, 0)`` where the adapter cannot tell (the default) or no window is open."""
+        return 0, 0
+
     def params_changed(self) -> None:
         """The optimizer's parameters changed (``add_param_group``): forget cached layouts."""
         self.layout_version = None

@@ -153,7 +153,11 @@ class Stage0(ZeroStage):
             for param in params:
                 grad = _local_grad(param)
                 if grad is None:
-                    continue
+                    if not param.requires_grad:
+                        continue
+                    # zeros, so that every rank issues the same collectives even where this rank's
+                    # gradient is missing (cleared from outside: refused on every rank after them)
+                    grad = torch.zeros_like(param)
                 key = (index, param.group_name if _is_expert(param) else None)
                 buckets.setdefault(key, []).append(grad)
         pieces = []
@@ -300,6 +304,24 @@ class DeepSpeedGradients(GradientAdapter):
         self.zero = STAGES[int(engine.zero_optimization_stage())](engine)
         self.stage = self.zero.number
         self.fp16 = bool(engine.fp16_enabled())
+        self._seen = None  # ZeRO-0/1's param.grad tensors at the last read in the open window
+
+    def _grads(self):
+        return [p.grad for p in self.engine.module.parameters()] if self.stage in (0, 1) else []
+
+    def outside_changes(self):
+        """ZeRO-0/1 accumulate in ``param.grad`` (in place), so a gradient that became ``None``
+        or another tensor was cleared from outside (``engine.zero_grad()``); ZeRO-2/3 keep the
+        window in their reduced partitions, which a ``zero_grad()`` does not touch. (A step with
+        no backward is refused by ``gqc_dist.deepspeed``'s ``engine.step()`` before it gets here.)"""
+        if self._seen is None:
+            return 0, 0
+        cleared = sum(1 for grad, before in zip(self._grads(), self._seen) if before is not None and grad is not before)
+        return cleared, 0
+
+    def _window_closed(self) -> None:
+        super()._window_closed()
+        self._seen = None
 
     def _check_local_support(self) -> None:
         if self.stage not in (0, 1):
@@ -307,6 +329,7 @@ class DeepSpeedGradients(GradientAdapter):
 
     # ------------------------------------------------------------------ reading
     def local_pieces(self) -> List[Tuple[int, Piece]]:
+        self._seen = self._grads()
         return self.zero.pieces(self.state)
 
     def _reduce_local(self) -> None:

@@ -4,6 +4,7 @@ Gradients live in ``param.grad`` (DTensor under FSDP2). Pieces and their replica
 ``gqc_dist.reduction``; FSDP2 sync flags are checked every micro-step (``fsdp2_sync``).
 """
 
+import operator
 from typing import Optional
 
 import torch
@@ -40,6 +41,10 @@ class TorchOptimizerGradients(GradientAdapter):
         self._last_layout = None
         self._pieces = []  # the last micro-step's pieces: what apply_step scales
         self.layout_version = 0
+        # each param.grad and its in-place version as last read in the open window (None: no window
+        # open): what outside_changes() compares with
+        self._seen = None
+        self._cleared = 0  # what the last outside_changes() found cleared: an empty read is then no error
 
     def params_changed(self) -> None:
         """Call after ``add_param_group``: FSDP2 ownership is looked up again."""
@@ -48,6 +53,7 @@ class TorchOptimizerGradients(GradientAdapter):
 
     def _forget_layout(self) -> None:
         self._last_layout = None  # let freed gradients go
+        self._seen = None
         self._pieces = []
         self.layout_version += 1
         self._window_closed()
@@ -71,6 +77,28 @@ class TorchOptimizerGradients(GradientAdapter):
     def _check_local_support(self) -> None:
         """DDP under ``no_sync()``, FSDP2 with gradient sync off, or one process."""
 
+    def _grads(self):
+        return [param.grad for group in self.optimizer.param_groups for param in group["params"]]
+
+    def _remember(self, grads) -> None:
+        self._seen = (grads, list(map(_version, grads)))
+
+    def outside_changes(self):
+        """Compares every ``param.grad`` with what the last read saw: gradients accumulate in
+        place within a window (autograd, DDP's reducer and FSDP2 add into the same tensor), so a
+        gradient that became ``None`` or another tensor was cleared or replaced from outside, and
+        a window in which no gradient's version moved saw no backward."""
+        seen = self._seen
+        if seen is None:
+            return 0, 0
+        grads, (before, versions) = self._grads(), seen
+        if len(grads) != len(before):
+            return 0, 0  # params added: nothing to compare
+        same = all(map(operator.is_, grads, before))
+        cleared = 0 if same else sum(1 for g, b in zip(grads, before) if b is not None and g is not b)
+        self._cleared = cleared
+        return cleared, int(same and list(map(_version, grads)) == versions)
+
     def local_pieces(self):
         if self.state is GradientState.LOCAL:
             return self._rank_local_pieces()
@@ -79,7 +107,8 @@ class TorchOptimizerGradients(GradientAdapter):
             check_gradient_sync(self._fsdp2_owning())
         groups = self.optimizer.param_groups
         policies = (distributed, *(group_policy(group, self.distributed_mode) for group in groups))
-        grads = [param.grad for group in groups for param in group["params"]]
+        grads = self._grads()
+        self._remember(grads)
         last = self._last_layout
         if (last is not None and last[1] == policies and len(last[0]) == len(grads)
                 and all(a is b for a, b in zip(last[0], grads))):
@@ -93,7 +122,8 @@ class TorchOptimizerGradients(GradientAdapter):
         plain = all(grad is None or type(grad) is torch.Tensor for grad in grads)
         self._last_layout = (grads, policies) if plain else None
         self._pieces = pieces
-        if not pieces:
+        cleared, self._cleared = self._cleared, 0
+        if not pieces and not cleared:  # cleared: every rank refuses together after the all-reduce
             raise GQCUsageError(
                 "step() was called but no parameter of the wrapped optimizer has a gradient: call "
                 "loss.backward() (or your engine's backward) before every step(). With FSDP2, "
@@ -111,6 +141,7 @@ class TorchOptimizerGradients(GradientAdapter):
             pieces = [(index[id(param)], Piece(grad, 1, False))
                       for param, grad in unsharded_local_sums(fsdp2_groups) if id(param) in index]
         else:
+            self._remember(self._grads())  # DDP under no_sync(): param.grad accumulates in place
             pieces = []
             for index, group in enumerate(self.optimizer.param_groups):
                 if group.get(POLICY_KEY) is not None:  # experts etc.: not averaged over the world
@@ -210,3 +241,11 @@ class TorchOptimizerGradients(GradientAdapter):
         found = torch.full((1,), float(found_inf), dtype=torch.float32, device=scale.device)
         torch._amp_update_scale_(scale, scaler._growth_tracker, found, scaler.get_growth_factor(),
                                  scaler.get_backoff_factor(), scaler.get_growth_interval())
+
+
+def _version(grad) -> int:
+    """The in-place version counter of a gradient (a DTensor's: its local shard's); host-side."""
+    if grad is None:
+        return -1
+    local = getattr(grad, "_local_tensor", grad)
+    return local._version

@@ -24,9 +24,13 @@ A loop changes three lines::
 A prepared lr scheduler steps once per ``scheduler.step()`` call (Accelerate would step it once
 per process): it counts optimizer steps. ``accelerator.save_state`` / ``load_state`` carry the
 GQC state of every rank (``gqc_state_rank<r>.pt``; under DeepSpeed inside the engine's checkpoint),
-mid-window included. The accumulation, zeroing and clipping are GQC's: do not call
-``optimizer.step()``, ``optimizer.zero_grad()``, ``accelerator.clip_grad_norm_`` or
-``accelerator.accumulate``, and keep ``gradient_accumulation_steps`` 1.
+mid-window included. The accumulation, zeroing and clipping are GQC's: the prepared optimizer's
+``step()`` and ``zero_grad()`` and the accelerator's ``clip_grad_norm_`` / ``clip_grad_value_``
+are refused with one line naming the replacement (GQC steps the torch optimizer inside, not
+through them); do not use ``accelerator.accumulate``, and keep ``gradient_accumulation_steps`` 1.
+``accelerator.sync_gradients`` stays True on every micro-batch (Accelerate's own state, shared
+by every prepared object): count optimizer steps with ``gqc.step()``'s return or
+``gqc.controller.num_steps``.
 
 Private Accelerate API touched (pinned by the ``[hf]`` extra, ``accelerate>=1.16,<1.17``; tests in
 ``tests/test_integration_hf.py`` fail when it moves): ``Accelerator.deepspeed_engine_wrapped`` and
@@ -53,7 +57,11 @@ require("accelerate", "hf", "gqc_dist.integrations.accelerate")
 from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 from accelerate.scheduler import AcceleratedScheduler  # noqa: E402
 from accelerate.utils import DistributedType  # noqa: E402
-from accelerate.utils.deepspeed import DeepSpeedEngineWrapper, DeepSpeedSchedulerWrapper  # noqa: E402
+from accelerate.utils.deepspeed import (  # noqa: E402
+    DeepSpeedEngineWrapper,
+    DeepSpeedOptimizerWrapper,
+    DeepSpeedSchedulerWrapper,
+)
 
 #: format of the per-rank GQC file in Trainer / ``save_state`` checkpoints (DeepSpeed: its own)
 STATE_FORMAT = "gqc_dist.integrations/1"
@@ -85,6 +93,67 @@ class GQCEngineWrapper(DeepSpeedEngineWrapper):
                                 "after every micro-batch's backward")
         self.decided = False
         return self.engine.gqc_decision
+
+
+# ---------------------------------------------------------------------- leftovers of the stock loop
+_REMOVE_STEP = ("optimizer.step() on the optimizer gqc_dist.integrations.accelerate.prepare returned: remove it (and "
+                "optimizer.zero_grad()); `if gqc.step(): scheduler.step()` replaces them: GQC steps when the window is "
+                "complete and zeroes the gradients itself")
+_REMOVE_ZERO_GRAD = ("optimizer.zero_grad() on the optimizer gqc_dist.integrations.accelerate.prepare returned would "
+                     "clear GQC's window: remove it; GQC zeroes the gradients itself after each step (`if gqc.step(): "
+                     "scheduler.step()` replaces optimizer.step(), scheduler.step() and optimizer.zero_grad())")
+_REMOVE_CLIP = ("accelerator.{name}() on an accelerator GQC is prepared on would clip the running sum of the window "
+                "every micro-batch: remove it and pass the max norm to gqc_dist.integrations.accelerate.prepare(..., "
+                "clip=max_norm); GQC clips the window's mean gradient with the exact global norm "
+                "(gqc.controller.last_grad_norm is that norm)")
+
+
+class _RefusesLeftovers:
+    """The user-facing ``step`` / ``zero_grad`` of the optimizer :func:`prepare` returns: GQC
+    steps and zeroes the torch optimizer inside (``GQCStep`` / the DeepSpeed engine), never
+    through this object, so a leftover ``optimizer.step(); optimizer.zero_grad()`` is refused."""
+
+    def step(self, *args, **kwargs):
+        raise GQCUsageError(_REMOVE_STEP)
+
+    def zero_grad(self, *args, **kwargs):
+        raise GQCUsageError(_REMOVE_ZERO_GRAD)
+
+
+class GQCAcceleratedOptimizer(_RefusesLeftovers, AcceleratedOptimizer):
+    """The ``AcceleratedOptimizer`` :func:`prepare` returns (DDP / FSDP2 / one process)."""
+
+
+class GQCDeepSpeedOptimizerWrapper(_RefusesLeftovers, DeepSpeedOptimizerWrapper):
+    """The ``DeepSpeedOptimizerWrapper`` :func:`prepare` returns (its stock ``step`` and
+    ``zero_grad`` are silent no-ops)."""
+
+
+_REFUSING = {AcceleratedOptimizer: GQCAcceleratedOptimizer, DeepSpeedOptimizerWrapper: GQCDeepSpeedOptimizerWrapper}
+
+
+def refuse_leftovers(accelerator, prepared) -> None:
+    """Make what would corrupt the window refuse, with one line naming the replacement: the
+    ``step`` / ``zero_grad`` of the optimizer among ``prepared`` (its class becomes the refusing
+    subclass: the same object, which the ``accelerator`` keeps and GQC never steps through) and
+    ``accelerator.clip_grad_norm_`` / ``clip_grad_value_`` (instance attributes on that
+    accelerator only)."""
+    for obj in prepared:
+        if isinstance(obj, AcceleratedOptimizer) and not isinstance(obj, _RefusesLeftovers):
+            cls = type(obj)
+            if cls not in _REFUSING:  # another AcceleratedOptimizer subclass
+                _REFUSING[cls] = type(f"GQC{cls.__name__}", (_RefusesLeftovers, cls), {"__module__": __name__})
+            obj.__class__ = _REFUSING[cls]
+    for name in ("clip_grad_norm_", "clip_grad_value_"):
+        setattr(accelerator, name, _refused_clip(name))
+
+
+def _refused_clip(name):
+    def refused(*args, **kwargs):
+        raise GQCUsageError(_REMOVE_CLIP.format(name=name))
+
+    refused.__name__ = name
+    return refused
 
 
 def rewrite_deepspeed_config(ds_config: Dict[str, Any], model, section: Optional[dict],
@@ -268,7 +337,9 @@ class GQCStep:
 def prepare(accelerator, *objects, gqc: Dict[str, Any] = None, clip: Optional[float] = None,
             micro_batch_size: Optional[int] = None):
     """``accelerator.prepare(*objects)`` with GQC: returns the prepared objects and a
-    :class:`GQCStep` last.
+    :class:`GQCStep` last. From then on the returned optimizer's ``step()`` / ``zero_grad()`` and
+    ``accelerator.clip_grad_norm_`` / ``clip_grad_value_`` raise :class:`GQCUsageError` naming the
+    replacement (:func:`refuse_leftovers`).
 
     Args:
         gqc: the ``gradient_quality_control`` section (e.g. ``{"algorithm": "cbc", "kappa": 0.25}``);
@@ -320,6 +391,7 @@ def prepare(accelerator, *objects, gqc: Dict[str, Any] = None, clip: Optional[fl
         controller, schedule = torch_controller(section, optimizers[0], accelerator.scaler, clip, micro_batch_size,
                                                 per_rank)
     prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+    refuse_leftovers(accelerator, prepared)
     for obj in prepared:
         # one scheduler step per optimizer step: Accelerate steps a prepared scheduler once per
         # process per call unless it is not tied to the optimizer (DeepSpeed's own steps inside

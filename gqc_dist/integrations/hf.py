@@ -31,6 +31,11 @@ when micro-batches hold equal token counts. An epoch-based run sizes the lr sche
 micro-batches (an upper bound on optimizer steps): give ``max_steps`` for a schedule that ends
 when training does.
 
+A plain ``Trainer`` handed a GQC wrapper (``optimizers=(wrapper, scheduler)``) would count, schedule
+and zero every micro-batch as a step; the wrapper's ``step()`` refuses the stock Trainer loop at its
+first step, naming ``GQCTrainer`` (which takes the plain torch optimizer and scheduler in
+``optimizers=``).
+
 Private Trainer API overridden or read (pinned by the ``[hf]`` extra, ``transformers>=5.24,<5.25``;
 ``tests/test_integration_hf.py`` checks the signatures and attributes and fails when they move):
 ``_run_epoch`` (the loop), ``_prepare_for_training`` (wrap after ``accelerator.prepare``),

@@ -50,7 +50,10 @@ window mean); an overridden ``configure_gradient_clipping``; ``precision="16-mix
 GradScaler (it unscales and steps the scaler every micro-batch; bf16-mixed and 32 need nothing,
 fp16 is DeepSpeed's own under :class:`GQCDeepSpeedStrategy`); Lightning's own
 ``DeepSpeedStrategy`` and ``FSDPStrategy``; more than one optimizer; an ``interval="step"``
-scheduler with ``frequency`` != 1; ``local_accumulation`` outside DeepSpeed.
+scheduler with ``frequency`` != 1; ``local_accumulation`` outside DeepSpeed. A plain
+``LightningModule`` returning the wrapper (automatic optimization) cannot be seen from here:
+Lightning's loop zeroes every micro-batch, and the wrapper's ``zero_grad()`` refuses that first
+call with one line naming :class:`GQCLightningModule`.
 
 Private Lightning API this module touches (pinned to ``lightning>=2.6,<2.7``; each is checked by
 ``tests/test_integration_lightning.py``): the optimizer-step progress counters

@@ -7,6 +7,13 @@ windows (stepped or dropped) as every rank sees them, from values the micro-step
 delivered, so every rank decides alike, and stops the run when ``limit`` windows in a row, or
 ``limit`` of the last ``2 * limit``, were dropped or stepped with a non-finite loss
 (``train.max_nonfinite_windows``).
+
+It also tells which checkpoint a diverged run can go back to (:attr:`DivergenceWatch.last_good`):
+a checkpoint holds the parameters the next window's micro-batches are computed with, so it is
+known good only once a window after it stepped with a finite loss. A checkpoint taken right before
+the windows went non-finite has finite parameters that give a non-finite loss (or gradient) on the
+next micro-batch: it is never named good (measured: ``optimizer.lr=1e6`` named ``step_000002``,
+whose model gives a NaN loss on any input, while ``step_000001``'s loss is finite).
 """
 
 import math
@@ -19,12 +26,22 @@ class TrainDiverged(Exception):
 
 
 class DivergenceWatch:
-    """Args: ``limit``, the number of bad windows that ends the run (see the module docstring)."""
+    """Args: ``limit``, the number of bad windows that ends the run (see the module docstring);
+    ``last_good``: the newest checkpoint known good before this process (a resumed run: what the
+    checkpoint it resumed from recorded); ``unproven``: a checkpoint no window has stepped from
+    yet (a resumed run: the one it resumed from)."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, last_good: Optional[str] = None, unproven: Optional[str] = None):
         self.limit = limit
-        self._recent = deque(maxlen=2 * limit)  # (bad, step, micro_step, loss) per window
+        self._recent = deque(maxlen=2 * limit)  # (bad, dropped, step, micro_step, loss) per window
         self._streak = 0
+        #: the newest checkpoint a later window stepped from with a finite loss (``None``: none)
+        self.last_good = last_good
+        self._unproven = unproven
+
+    def saved(self, name: str) -> None:
+        """A checkpoint ``name`` was just written: good once the next stepped window's loss is finite."""
+        self._unproven = name
 
     def window(self, dropped: bool, loss: float, step: int, micro_step: int) -> None:
         """Account one window: ``dropped`` by the wrapper, or stepped with mean ``loss``; ``step``
@@ -32,6 +49,12 @@ class DivergenceWatch:
         bad = dropped or not math.isfinite(loss)
         self._streak = self._streak + 1 if bad else 0
         self._recent.append((bad, dropped, step, micro_step, loss))
+        # a dropped window changed no parameter and proves nothing (a fp16 overflow is no verdict on
+        # the checkpoint); a stepped one computed its loss from the unproven checkpoint's parameters
+        if not dropped and self._unproven is not None:
+            if not bad:
+                self.last_good = self._unproven
+            self._unproven = None
 
     @property
     def healthy(self) -> bool:

@@ -19,8 +19,9 @@ loop takes one host sync and adds no collective: the micro-batch loss and the st
 the controller's all-reduce (``controller.carry``), and so do the norms of the first half of a
 probe micro-batch the controller asks for in two halves (``split_next``). A stop
 signal (``signals``) ends the run at the micro-step every rank sees it, with a checkpoint; a
-diverged run (``health``) ends without one. Every JSON written is strict (a non-finite number
-is ``null``).
+diverged run (``health``) ends without one, ``latest`` pointed back at its last good checkpoint
+(the last one a window after it stepped from with a finite loss). Every JSON written is strict
+(a non-finite number is ``null``).
 """
 
 import json
@@ -46,7 +47,7 @@ from .health import DivergenceWatch, TrainDiverged
 from .run_dir import Checkpoints, claim, prepare, truncate_metrics
 from .run_lock import RunLock
 from .signals import STOP, RunStopped, signal_name
-from .storage import Appender, write_atomic
+from .storage import Appender, RunFileError, write_atomic
 
 
 COST_KEYS = ("cost_micro_step_s", "cost_reduction_s", "cost_optimizer_step_s")  # gqc_dist.costs, per step
@@ -157,11 +158,13 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
     checkpoints = Checkpoints(out_dir, rank, world, engine.device)
     metrics_path = out_dir / "metrics.jsonl"
     counters = {"step": 0, "micro_step": 0, "micro_steps_in_steps": 0, "wall": 0.0}
+    last_good = None  # the newest checkpoint known good before this process (health.DivergenceWatch)
     if resume:
         extra = checkpoints.load_latest(engine)
         if extra is None:
             raise TrainError(f"--resume: no checkpoint under {out_dir / 'checkpoints'}")
         counters = extra["counters"]
+        last_good = extra.get("last_good_checkpoint")
         batches.load_state_dict(extra["batches"])
         budget.steps_done, budget.micro_steps_done = counters["step"], counters["micro_step"]
     # the run's files change only now, after the checks and the checkpoint load, under the lock
@@ -186,7 +189,8 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
     start = time.time() - counters["wall"]
     # a checkpoint taken mid-window (a stop signal) carries the window's loss so far
     window_loss, window_draws = counters.pop("window_loss", 0.0), counters.pop("window_draws", 0)
-    watch = DivergenceWatch(train_cfg["max_nonfinite_windows"])
+    # the checkpoint resumed from is known good once the first window after it steps with a finite loss
+    watch = DivergenceWatch(train_cfg["max_nonfinite_windows"], last_good, checkpoints.loaded)
     # [1, signal number] once a stop signal arrived; summed over the ranks: [ranks asked to stop,
     # sum of their signal numbers] (one signal alike on every rank: the sum over the count is it)
     stop_flag = torch.zeros(2, dtype=torch.float64, device=engine.device)
@@ -203,10 +207,12 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
 
     def save_checkpoint(between_steps=False):
         counters["wall"] = time.time() - start
-        return checkpoints.save(counters["step"], engine, {"counters": dict(counters, window_loss=window_loss,
-                                                                            window_draws=window_draws),
-                                                           "batches": batches.state_dict()},
-                                counters["micro_step"] if between_steps else None)
+        folder = checkpoints.save(counters["step"], engine,
+                                  {"counters": dict(counters, window_loss=window_loss, window_draws=window_draws),
+                                   "batches": batches.state_dict(), "last_good_checkpoint": watch.last_good},
+                                  counters["micro_step"] if between_steps else None)
+        watch.saved(folder.name)
+        return folder
 
     pin = engine.device.type == "cuda"
     # the whole model's parameters: a DTensor's numel is global, ZeRO-3 keeps the full count in ds_numel
@@ -341,14 +347,32 @@ def _end_early(config, out_dir, rank, counters, stopped, watch, checkpoints, tok
         raise RunStopped(f"stopped by {name} at {where}: {what}; continue with --resume --out-dir {out_dir}",
                          128 + int(getattr(signal.Signals, name, signal.SIGTERM)))
     lr = config["optimizer"]["lr"]
-    good = f"the last good checkpoint is {checkpoints.root / latest}" if latest else "no checkpoint was written before"
-    line = (f"training diverged: {watch.verdict()}; stopped at {where} without a checkpoint; {good}; likely fix: a lower "
-            f"optimizer.lr (now {lr:g}, e.g. --set optimizer.lr={lr / 10:g} in a new --out-dir)"
+    # the last checkpoint a window after it stepped from with a finite loss: not the latest, whose
+    # parameters may be finite yet give a non-finite loss (it was taken just before the windows went bad)
+    good = watch.last_good
+    if good is None:
+        named = (f"no checkpoint is known good (no window stepped with a finite loss after {checkpoints.root / latest})"
+                 if latest else "no checkpoint was written before")
+    else:
+        named = f"the last good checkpoint is {checkpoints.root / good}"
+        pointed = latest == good
+        if rank == 0 and not pointed:  # --resume continues from the latest: make that the good one
+            try:
+                checkpoints.point_latest(good)
+                pointed = True
+            except RunFileError as error:
+                named += f" (checkpoints/latest still names {latest}: {error.cause})"
+        if pointed:
+            named += (f" (checkpoints/latest names it: --resume --out-dir {out_dir} continues from it with this "
+                      "run's optimizer)")
+    line = (f"training diverged: {watch.verdict()}; stopped at {where} without a checkpoint; {named}; likely fix: a "
+            f"lower optimizer.lr (now {lr:g}, e.g. --set optimizer.lr={lr / 10:g} in a new --out-dir, which starts "
+            "over: --resume keeps a run's optimizer)"
             + ("; or bf16 instead of fp16" if config["precision"] == "fp16" else ""))
     if rank == 0:
         summary = {"status": "diverged", "reason": line, "val_loss": None, "tokens": tokens,
                    "optimizer_steps": counters["step"], "micro_steps": counters["micro_step"],
-                   "dropped_windows": dropped, "last_good_checkpoint": latest,
+                   "dropped_windows": dropped, "last_good_checkpoint": good,
                    "wall_time": time.time() - start, "engine": config["engine"], "out_dir": str(out_dir)}
         write_atomic(out_dir / "summary.json", _json(summary, indent=2) + "\n", "summary")
     raise TrainDiverged(line)

@@ -7,7 +7,8 @@
 * ``checkpoints/step_NNNNNN/rank{r}.pt`` (each rank its own state, written atomically) and the
   ``checkpoints/latest`` pointer (renamed into place once every rank's file is complete: a
   checkpoint whose writing failed on any rank is never named by it). A checkpoint taken between
-  optimizer steps (a stop signal) is ``step_NNNNNN_micro_MMMMMMMM``.
+  optimizer steps (a stop signal) is ``step_NNNNNN_micro_MMMMMMMM``. A diverged run points
+  ``latest`` back at its last good checkpoint (``health``), the newer folders left in place.
 * Checkpoints load with ``torch.load(weights_only=True)``: tensors and plain containers only,
   nothing that runs code. A missing, truncated, corrupt or foreign checkpoint is a
   :class:`TrainError` naming the file, raised before anything in the directory changes.
@@ -156,6 +157,12 @@ class Checkpoints:
                 error = str(caught)
         self._agree(error)
         return folder
+
+    def point_latest(self, name: str) -> None:
+        """Rank 0 only: point ``latest`` back at the checkpoint ``name`` (a diverged run's last good
+        one, so that ``--resume`` continues from it; the newer folders stay, unnamed). A failure is a
+        :class:`RunFileError` on this rank alone: call it where no collective follows."""
+        write_atomic(self.root / "latest", name + "\n", "the checkpoint pointer")
 
     def _write(self, folder: Path, engine, extra: Dict[str, Any]) -> None:
         state = {"world_size": self.world, "extra": extra}
