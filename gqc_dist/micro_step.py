@@ -127,8 +127,8 @@ def refuse_outside_changes(cleared: float, unchanged: float, num_draws: int) -> 
         raise GQCUsageError(
             f"the window's accumulated gradient ({held}) was cleared or replaced outside GQC since the last "
             f"step() ({int(cleared)} gradient tensors, summed over ranks): a zero_grad() (model.zero_grad(), "
-            "optimizer.zero_grad(), a framework's) after backward, or an assignment to param.grad. Remove it: "
-            "GQC zeroes the gradients itself when it steps")
+            "optimizer.zero_grad(), a framework's) between micro-batches. Remove it: GQC zeroes the gradients "
+            "itself when it steps")
     if unchanged:
         raise GQCUsageError(
             f"step() was called with no backward since the last step() (no gradient changed on {int(unchanged)} "

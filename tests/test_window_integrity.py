@@ -32,22 +32,24 @@ def batches(count=8, seed=0):
     return [(torch.randn(8, 8, generator=generator), torch.randn(8, 1, generator=generator)) for _ in range(count)]
 
 
-@pytest.mark.parametrize("leftover", ["model.zero_grad()", "optimizer.zero_grad()", "param.grad = ..."])
+@pytest.mark.parametrize("leftover", ["model.zero_grad()", "optimizer.zero_grad()", "zero_grad() before step()"])
 def test_a_window_cleared_from_outside_is_refused_and_nothing_is_counted(leftover):
+    """The old loop's ``step(); zero_grad()`` (then the next backward starts the gradient afresh),
+    or a ``zero_grad()`` between backward and step()."""
     model = make_mlp()
     wrapper = fixed(model)
     data = batches()
     loss_of(model, data[0]).backward()
     assert wrapper.step() is False
-    loss_of(model, data[1]).backward()
     if leftover == "model.zero_grad()":
         model.zero_grad()
+        loss_of(model, data[1]).backward()
     elif leftover == "optimizer.zero_grad()":
         wrapper._optimizer.zero_grad()  # the wrapped torch optimizer, as a framework holds it
+        loss_of(model, data[1]).backward()
     else:
-        first = next(model.parameters())
-        first.grad = first.grad.clone()
-    loss_of(model, data[2]).backward()
+        loss_of(model, data[1]).backward()
+        model.zero_grad()
     with pytest.raises(GQCUsageError, match=re.escape(CLEARED)) as error:
         wrapper.step()
     assert "\n" not in str(error.value) and "(1 micro-batch)" in str(error.value)

@@ -374,15 +374,18 @@ class DeepSpeedGradients(GradientAdapter):
             engine.enable_backward_allreduce = enabled
 
     def discard(self) -> None:
-        if self.fp16:
-            # DeepSpeed's own overflow path: skips the update, backs off the scale, zeroes.
-            self.original_step()
-            self.zero.after_step()
-            return
-        for tensor in self.zero.accumulators(self.state):
-            tensor.zero_()
-        self.engine.optimizer.zero_grad()
-        self.engine._unmanaged_backward_count = 0  # dropped samples are not trained on
+        try:
+            if self.fp16:
+                # DeepSpeed's own overflow path: skips the update, backs off the scale, zeroes.
+                self.original_step()
+                self.zero.after_step()
+                return
+            for tensor in self.zero.accumulators(self.state):
+                tensor.zero_()
+            self.engine.optimizer.zero_grad()
+            self.engine._unmanaged_backward_count = 0  # dropped samples are not trained on
+        finally:
+            self._window_closed()
 
     # ------------------------------------------------------------------ checkpoints
     def save_accumulated(self):

@@ -5,6 +5,7 @@ Gradients live in ``param.grad`` (DTensor under FSDP2). Pieces and their replica
 """
 
 import operator
+import weakref
 from typing import Optional
 
 import torch
@@ -45,6 +46,8 @@ class TorchOptimizerGradients(GradientAdapter):
         # open): what outside_changes() compares with
         self._seen = None
         self._cleared = 0  # what the last outside_changes() found cleared: an empty read is then no error
+        self._restarted = 0  # gradients a backward found gone since the last read (_gradient_arrives)
+        self._hooks = None
 
     def params_changed(self) -> None:
         """Call after ``add_param_group``: FSDP2 ownership is looked up again."""
@@ -82,12 +85,27 @@ class TorchOptimizerGradients(GradientAdapter):
 
     def _remember(self, grads) -> None:
         self._seen = (grads, list(map(_version, grads)))
+        self._held = {id(param) for group in self.optimizer.param_groups for param in group["params"]
+                      if param.grad is not None}
+        self._restarted = 0
+        if self._hooks is None:  # once: the parameters' gradient hooks (see _watch)
+            self._hooks = [_watch(param, self) for group in self.optimizer.param_groups
+                           for param in group["params"] if param.requires_grad]
+
+    def _gradient_arrives(self, param) -> None:
+        """A backward is about to accumulate into ``param.grad``: if the window is open and the
+        gradient it held at the last read is gone, that backward starts it afresh (a ``zero_grad()``
+        since then)."""
+        if self._seen is not None and param.grad is None and id(param) in self._held:
+            self._restarted += 1
 
     def outside_changes(self):
-        """Compares every ``param.grad`` with what the last read saw: gradients accumulate in
-        place within a window (autograd, DDP's reducer and FSDP2 add into the same tensor), so a
-        gradient that became ``None`` or another tensor was cleared or replaced from outside, and
-        a window in which no gradient's version moved saw no backward."""
+        """A window's gradient is cleared from outside when a gradient the last read saw is
+        ``None`` now, or a backward since then found it ``None`` (``_gradient_arrives``: autograd
+        then creates it afresh); FSDP2 adds into its sharded gradients in place, so there another
+        tensor means replaced. A window in which no gradient moved (tensor or in-place version)
+        saw no backward. A tensor replaced by one the user computed (``p.grad = p.grad + g``)
+        counts as moved, not cleared."""
         seen = self._seen
         if seen is None:
             return 0, 0
@@ -95,9 +113,12 @@ class TorchOptimizerGradients(GradientAdapter):
         if len(grads) != len(before):
             return 0, 0  # params added: nothing to compare
         same = all(map(operator.is_, grads, before))
-        cleared = 0 if same else sum(1 for g, b in zip(grads, before) if b is not None and g is not b)
+        cleared = self._restarted
+        if not same:
+            cleared += sum(1 for g, b in zip(grads, before)
+                           if b is not None and (g is None or (g is not b and hasattr(b, "_local_tensor"))))
         self._cleared = cleared
-        return cleared, int(same and list(map(_version, grads)) == versions)
+        return cleared, int(same and not cleared and list(map(_version, grads)) == versions)
 
     def local_pieces(self):
         if self.state is GradientState.LOCAL:
@@ -249,3 +270,16 @@ def _version(grad) -> int:
         return -1
     local = getattr(grad, "_local_tensor", grad)
     return local._version
+
+
+def _watch(param, adapter):
+    """A hook on ``param``'s incoming gradient that tells ``adapter`` (weakly held) before autograd
+    accumulates it."""
+    ref = weakref.ref(adapter)
+
+    def arriving(grad):
+        owner = ref()
+        if owner is not None:
+            owner._gradient_arrives(param)
+
+    return param.register_hook(arriving)
