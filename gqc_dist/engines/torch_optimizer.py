@@ -88,9 +88,10 @@ class TorchOptimizerGradients(GradientAdapter):
         self._held = {id(param) for group in self.optimizer.param_groups for param in group["params"]
                       if param.grad is not None}
         self._restarted = 0
-        if self._hooks is None:  # once: the parameters' gradient hooks (see _watch)
+        if self._hooks is None:  # once: the parameters' gradient hooks (see _watch); FSDP2's sharded
+            # parameters get theirs assigned by FSDP2, never from autograd: compared by identity instead
             self._hooks = [_watch(param, self) for group in self.optimizer.param_groups
-                           for param in group["params"] if param.requires_grad]
+                           for param in group["params"] if param.requires_grad and not hasattr(param, "device_mesh")]
 
     def _gradient_arrives(self, param) -> None:
         """A backward is about to accumulate into ``param.grad``: if the window is open and the
@@ -273,13 +274,14 @@ def _version(grad) -> int:
 
 
 def _watch(param, adapter):
-    """A hook on ``param``'s incoming gradient that tells ``adapter`` (weakly held) before autograd
-    accumulates it."""
-    ref = weakref.ref(adapter)
+    """A hook on ``param``'s incoming gradient that tells ``adapter`` before autograd accumulates
+    it. Both are held weakly: the hook lives on the parameter and must keep neither alive (a
+    cycle through a parameter outlives the process group at interpreter exit, which aborts gloo)."""
+    owner_ref, param_ref = weakref.ref(adapter), weakref.ref(param)
 
     def arriving(grad):
-        owner = ref()
-        if owner is not None:
-            owner._gradient_arrives(param)
+        owner, watched = owner_ref(), param_ref()
+        if owner is not None and watched is not None:
+            owner._gradient_arrives(watched)
 
     return param.register_hook(arriving)
