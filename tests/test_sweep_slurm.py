@@ -142,7 +142,7 @@ def task_list(results, job_index) -> list:
 
 def test_job_arrays_on_two_nodes_match_the_local_sweep(local_results, cluster, tmp_path):
     spec = _write_spec(tmp_path, SPEC)
-    results = tmp_path / "results"
+    results = tmp_path / "sweep results"  # a space: the task logs' path is an sbatch argument, not a directive
     env = {**ENV, **cluster.env}
     out = sweep(spec, "--slurm", "--results", results, env=env, cwd=tmp_path)
     jobs = submitted(out)

@@ -33,7 +33,7 @@ def _script(spec: Spec, tasks: Path, count: int) -> str:
         "#!/bin/bash",
         f"#SBATCH --job-name=gqc-sweep-{spec.name}",
         f"#SBATCH --array=0-{count - 1}",
-        f"#SBATCH --output={spec.results / 'slurm'}/%A_%a.out",
+        "# task logs: sbatch --output=<results>/slurm/%A_%a.out, given on its command line (any path)",
         "#SBATCH --ntasks=1",
         f"#SBATCH --cpus-per-task={spec.nproc}",
         "# one run of the sweep per array task (gqc_dist.sweep.slurm)",
@@ -78,7 +78,8 @@ def submit(spec: Spec, spec_args: dict, retry_failed: bool = False, sbatch_args:
             script = folder / f"array-{stamp}-{i}.sbatch"
             script.write_text(_script(spec, tasks, len(wave)))
             after = [f"--dependency=afterany:{jobs[-1]}"] if jobs else []
-            jobs.append(_sbatch(script, [*spec.sbatch, *sbatch_args, *after], env))
+            logs = f"--output={folder / '%A_%a.out'}"  # an argument, not a directive: any path
+            jobs.append(_sbatch(script, [logs, *spec.sbatch, *sbatch_args, *after], env))
             say(f"sweep {spec.name}: submitted job array {jobs[-1]} ({len(wave)} runs{', after ' + jobs[-2] if after else ''}"
                 f"); `gqc-train sweep {spec_args['spec']} --report-only` merges what has finished")
         return jobs
