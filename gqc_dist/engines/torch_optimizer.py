@@ -80,18 +80,20 @@ class TorchOptimizerGradients(GradientAdapter):
     def _check_local_support(self) -> None:
         """DDP under ``no_sync()``, FSDP2 with gradient sync off, or one process."""
 
+    def _flat_params(self):
+        return [param for group in self.optimizer.param_groups for param in group["params"]]
+
     def _grads(self):
-        return [param.grad for group in self.optimizer.param_groups for param in group["params"]]
+        return [param.grad for param in self._flat_params()]
 
     def _remember(self, grads) -> None:
         self._seen = (grads, list(map(_version, grads)))
-        self._held = {id(param) for group in self.optimizer.param_groups for param in group["params"]
-                      if param.grad is not None}
+        self._held = {id(param) for param, grad in zip(self._flat_params(), grads) if grad is not None}
         self._restarted = 0
         if self._hooks is None:  # once: the parameters' gradient hooks (see _watch); FSDP2's sharded
             # parameters get theirs assigned by FSDP2, never from autograd: compared by identity instead
-            self._hooks = [_watch(param, self) for group in self.optimizer.param_groups
-                           for param in group["params"] if param.requires_grad and not hasattr(param, "device_mesh")]
+            self._hooks = [_watch(param, self) for param in self._flat_params()
+                           if param.requires_grad and not hasattr(param, "device_mesh")]
 
     def _gradient_arrives(self, param) -> None:
         """A backward is about to accumulate into ``param.grad``: if the window is open and the

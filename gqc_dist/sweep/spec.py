@@ -283,8 +283,7 @@ def parse(raw: dict, root: Path, spec_path: Optional[Path] = None) -> Spec:
             _fail(key, f"expected a string, got {raw[key]!r}")
     results = (root / raw.get("results", "results")).resolve()
     if command is None:  # gqc-train runs: every arm's config is checked now, not when its run starts
-        for arm in arms.values():
-            _check_config(arm, base_config, base_set)
+        _check_configs(list(arms.values()), base_config, base_set)
     return Spec(
         path=spec_path, name=raw.get("name") or (spec_path.stem if spec_path else "sweep"),
         about=raw.get("about", ""), results=results, runs=(root / raw.get("runs", str(results / "runs"))).resolve(),
@@ -294,25 +293,30 @@ def parse(raw: dict, root: Path, spec_path: Optional[Path] = None) -> Spec:
         k1_lr=_number("k1_lr", raw["k1_lr"]) if "k1_lr" in raw else None, sbatch=list(sbatch))
 
 
-def _check_config(arm: Arm, config: Optional[Path], base_set: Sequence[Tuple[str, Any]]) -> None:
-    """The gqc-train config ``arm``'s runs get, validated: a bad key or value is one line."""
+def _check_configs(arms: Sequence[Arm], config: Optional[Path], base_set: Sequence[Tuple[str, Any]]) -> None:
+    """The gqc-train config each arm's runs get, validated (the base once, then each arm on it):
+    a bad key or value is one line naming where it came from."""
     from ..train.settings import apply_override, load_config, validate
+
+    def overridden(values, pairs):
+        for key, value in pairs:
+            values = apply_override(values, f"{key}={json.dumps(value)}")
+        return values
 
     where = "base.config" if config is not None else "base.set"
     try:
-        values = load_config(config) if config is not None else {}
+        base = load_config(config) if config is not None else {}
         where = "base.set"
-        for key, value in base_set:
-            values = apply_override(values, f"{key}={json.dumps(value)}")
-        validate(values)
-        if arm.k is not None:
-            values = {**values, "gqc": {"algorithm": "fixed", "accumulation_steps": arm.k}}
-        elif arm.gqc is not None:
-            values = {**values, "gqc": arm.gqc}
-        where = f"arm {arm.name}: set"
-        for key, value in arm.overrides:
-            values = apply_override(values, f"{key}={json.dumps(value)}")
-        validate(values)
+        base = overridden(base, base_set)
+        validate(base)
+        for arm in arms:
+            where = f"arm {arm.name}: set"
+            values = base
+            if arm.k is not None:
+                values = {**values, "gqc": {"algorithm": "fixed", "accumulation_steps": arm.k}}
+            elif arm.gqc is not None:
+                values = {**values, "gqc": arm.gqc}
+            validate(overridden(values, arm.overrides))
     except GQCConfigError as error:
         _fail(where, str(error))
 
