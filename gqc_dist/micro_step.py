@@ -67,7 +67,7 @@ def collect(
     validate_settings: Callable[[Dict[str, float]], None],
     fallback_device: Callable[[], torch.device],
     timeout_s: Optional[float] = None,
-    outside: Tuple[int, int] = (0, 0),
+    outside: Tuple[int, int, int] = (0, 0, 0),
 ) -> MicroStepStats:
     """One micro-step's global statistics.
 
@@ -117,13 +117,20 @@ def collect(
                           rank0_settings, scale, fields)
 
 
-def refuse_outside_changes(cleared: float, unchanged: float, num_draws: int) -> None:
+def refuse_outside_changes(cleared: float, unchanged: float, edited: float, num_draws: int) -> None:
     """Raise :class:`GQCUsageError`, on every rank alike (the counts are sums over the ranks),
-    when a window was cleared or replaced from outside or a micro-step saw no backward: either
-    would train silently wrong (a step on part of the window while the counters count all of it;
-    a micro-batch counted that never happened)."""
+    when a window was cleared, replaced or changed in place from outside or a micro-step saw no
+    backward: each would train silently wrong (a step on part of the window, or on a changed sum,
+    while the counters count all of it; a micro-batch counted that never happened)."""
+    held = f"{num_draws - 1} micro-batch{'es' if num_draws != 2 else ''}"
+    if edited and not cleared:
+        raise GQCUsageError(
+            f"the window's accumulated gradient ({held}) was changed in place outside GQC since the last step() "
+            f"({int(edited)} gradient tensors, summed over ranks): a zero_grad(set_to_none=False) (model's, "
+            "optimizer's, a framework's) or a clip_grad_norm_ between micro-batches. Remove it: GQC zeroes the "
+            "gradients itself when it steps; clip the window's mean instead with "
+            "gradients=gqc_dist.engines.TorchOptimizerGradients(optimizer, clip=...)")
     if cleared:
-        held = f"{num_draws - 1} micro-batch{'es' if num_draws != 2 else ''}"
         raise GQCUsageError(
             f"the window's accumulated gradient ({held}) was cleared or replaced outside GQC since the last "
             f"step() ({int(cleared)} gradient tensors, summed over ranks): a zero_grad() (model.zero_grad(), "

@@ -314,7 +314,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         carry, self._carry = self._carry, None
         part_sums, self._part_sums = self._part_sums, None
         # before this read (host integers, no sync); local mode's re-read at a step follows no backward
-        outside = self._gradients.outside_changes() if add_fields else (0, 0)
+        outside = self._gradients.outside_changes() if add_fields else (0, 0, 0)
 
         def fields(packet):
             if add_fields:

@@ -421,30 +421,34 @@ def test_a_diverged_run_names_a_checkpoint_to_resume_from_and_a_fix_that_trains(
     assert (out / "checkpoints" / f"step_{first_bad:06d}").is_dir() and good_step < first_bad
     assert named.parent == out / "checkpoints" and (named / "rank0.pt").is_file()
     assert (out / "checkpoints" / "latest").read_text().strip() == named.name == summary(out)["last_good_checkpoint"]
-    assert f"--resume --out-dir {out} continues from it" in line
+    fix = re.search(r"likely fix: a lower optimizer.lr \(now 100\): (--resume --out-dir \S+ --set \S+) continues "
+                    r"from that checkpoint", line)[1]
+    assert fix == f"--resume --out-dir {out} --set optimizer.lr=10"
 
-    # --resume, as the line says: it continues from the named checkpoint, whose next window steps
-    # with a finite loss (this optimizer.lr then diverges again at the same step, and says so)
+    # --resume alone continues from the named checkpoint, whose next window steps with a finite loss
+    # (this optimizer.lr then diverges again at the same step, and says so)
     resumed = run("--no-progress", "--resume", "--out-dir", out)
     assert resumed.returncode == 4, resumed.stderr[-3000:]
     assert f"resuming {out} from {named}: optimizer step {good_step}," in resumed.stderr
     after = [r for r in records(out) if r["step"] > good_step]
     assert after and after[0]["step"] == good_step + 1 and math.isfinite(after[0]["loss"])
-    assert f"the last good checkpoint is {named} " in resumed.stderr.splitlines()[-1]
+    assert f"the last good checkpoint is {named};" in resumed.stderr.splitlines()[-1]
+    lr_at_100 = after[0]["lr"]
 
-    # a resumed run keeps its optimizer (the line says so): a lower lr on --resume is refused, naming the way
-    refused = run("--no-progress", "--resume", "--out-dir", out, "--set", "optimizer.lr=10")
-    assert refused.returncode == 2 and "optimizer.lr" in one_line(refused.stderr)
-    assert "another --out-dir" in refused.stderr
-
-    # the likely fix, exactly as the line writes it: a lower optimizer.lr in a new --out-dir, to the end
-    fix = re.search(r"e\.g\. (--set \S+) in a new --out-dir", line)[1].split()
-    assert fix == ["--set", "optimizer.lr=10"]
-    fresh = tmp_path / "fixed"
-    done = run(*QUICK, "--out-dir", fresh, *fix)
+    # the fix exactly as the line writes it: the same checkpoint, a lower peak rate, trained to the end
+    done = run("--no-progress", *fix.split())
     assert done.returncode == 0, done.stderr[-3000:]
-    assert all(r["loss"] is not None and math.isfinite(r["loss"]) for r in records(fresh))
-    assert summary(fresh)["status"] == "finished" and math.isfinite(summary(fresh)["val_loss"])
+    assert f"resuming {out} from {named}: optimizer step {good_step}," in done.stderr
+    assert "optimizer.lr 10\n" in done.stderr
+    after = [r for r in records(out) if r["step"] > good_step]
+    assert after[0]["step"] == good_step + 1 and all(math.isfinite(r["loss"]) for r in after)
+    assert after[0]["lr"] == pytest.approx(lr_at_100 / 10, rel=1e-9) and json.loads((out / "config.json").read_text())["optimizer"]["lr"] == 10
+    assert summary(out)["status"] == "finished" and math.isfinite(summary(out)["val_loss"])
+
+    # anything else of the optimizer stays the run's own
+    refused = run("--no-progress", "--resume", "--out-dir", out, "--set", "optimizer.weight_decay=0")
+    assert refused.returncode == 2 and "optimizer.weight_decay" in one_line(refused.stderr)
+    assert "another --out-dir" in refused.stderr
 
 
 # ------------------------------------------------------------------ launcher death, stop signals

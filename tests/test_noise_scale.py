@@ -121,11 +121,11 @@ def test_noise_statistics_match_the_closed_form_on_one_process(seed):
 
 
 def test_noise_statistics_match_the_closed_form_on_ddp():
-    for seed in (0, 1):
-        results = run_distributed(_torch_run, 2, "ddp", seed, 400, (100, 400), timeout=300)
-        assert results[0] == results[1]  # every rank holds the same estimate
-        _assert_within(results[0][100], seed, 0.15)
-        _assert_within(results[0][400], seed, 0.10)
+    """Seed 1 (FSDP2 and ZeRO-2 run seed 0; one process runs five seeds)."""
+    results = run_distributed(_torch_run, 2, "ddp", 1, 400, (100, 400), timeout=300)
+    assert results[0] == results[1]  # every rank holds the same estimate
+    _assert_within(results[0][100], 1, 0.15)
+    _assert_within(results[0][400], 1, 0.10)
 
 
 def test_noise_statistics_match_the_closed_form_on_fsdp2():

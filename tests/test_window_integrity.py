@@ -21,6 +21,7 @@ from reference import adamw, global_batches, loss_of, make_mlp
 
 CLEARED = "was cleared or replaced outside GQC since the last step()"
 NO_BACKWARD = "step() was called with no backward since the last step()"
+EDITED = "was changed in place outside GQC since the last step()"
 
 
 def fixed(model, k=4, **kwargs):
@@ -53,6 +54,37 @@ def test_a_window_cleared_from_outside_is_refused_and_nothing_is_counted(leftove
     with pytest.raises(GQCUsageError, match=re.escape(CLEARED)) as error:
         wrapper.step()
     assert "\n" not in str(error.value) and "(1 micro-batch)" in str(error.value)
+    assert (wrapper.num_batches, wrapper.num_draws, wrapper.num_steps) == (1, 1, 0)
+
+
+@pytest.mark.parametrize("leftover", ["optimizer.zero_grad(set_to_none=False)", "model.zero_grad(set_to_none=False)",
+                                      "clip_grad_norm_", "zeroed, then step() without backward"])
+def test_a_window_changed_in_place_from_outside_is_refused(leftover):
+    """Zeroing in place keeps the gradient tensors (their identity says nothing): the old loop's
+    ``step(); zero_grad(set_to_none=False)``, the same before the next backward, a clip of the
+    running sum after step(), or a zeroing followed by step() with no backward."""
+    model = make_mlp()
+    wrapper = fixed(model)
+    data = batches()
+    loss_of(model, data[0]).backward()
+    assert wrapper.step() is False
+    if leftover == "optimizer.zero_grad(set_to_none=False)":
+        wrapper._optimizer.zero_grad(set_to_none=False)
+    elif leftover == "model.zero_grad(set_to_none=False)":
+        model.zero_grad(set_to_none=False)
+    elif leftover == "clip_grad_norm_":
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-3)
+    else:
+        model.zero_grad(set_to_none=False)
+        with pytest.raises(GQCUsageError, match=re.escape(EDITED)):
+            wrapper.step()
+        assert (wrapper.num_batches, wrapper.num_draws) == (1, 1)
+        return
+    loss_of(model, data[1]).backward()
+    with pytest.raises(GQCUsageError, match=re.escape(EDITED)) as error:
+        wrapper.step()
+    assert "\n" not in str(error.value) and "(1 micro-batch)" in str(error.value)
+    assert "zero_grad(set_to_none=False)" in str(error.value) and "clip=" in str(error.value)
     assert (wrapper.num_batches, wrapper.num_draws, wrapper.num_steps) == (1, 1, 0)
 
 
@@ -89,7 +121,7 @@ def test_no_false_alarm_with_split_probes_and_clipping():
         optimizer = adamw(model.parameters())
         gradients = TorchOptimizerGradients(optimizer, clip=0.5)
         if not checking:
-            gradients.outside_changes = lambda: (0, 0)
+            gradients.outside_changes = lambda: (0, 0, 0)
         wrapper = gqc_dist.OptimizerWrapperCBC(optimizer, 8, gradients=gradients, probe="split",
                                                micro_batch_size=8)
         decisions = _train(model, wrapper, batches(40), split=True)
@@ -100,7 +132,7 @@ def test_no_false_alarm_with_split_probes_and_clipping():
 
 # --- several ranks: a clear on one rank is refused on every rank, at the same micro-step ----------
 
-def _run(rank, world_size, engine, clear_on=None, local=False, after_step=False):
+def _run(rank, world_size, engine, clear_on=None, local=False, after_step=False, set_to_none=True):
     model = make_mlp()
     if engine == "ddp":
         wrapped = DDP(model)
@@ -128,7 +160,7 @@ def _run(rank, world_size, engine, clear_on=None, local=False, after_step=False)
         except GQCUsageError as error:
             return {"error": str(error), "at": index}
         if clear_on == (rank, index) and after_step:  # the old loop's `optimizer.step(); zero_grad()`
-            wrapped.zero_grad()
+            wrapped.zero_grad(set_to_none=set_to_none)
     return {"decisions": decisions, "params": [p.detach().clone() if engine == "ddp" else p.full_tensor().detach()
                                                for p in wrapped.parameters()]}
 
@@ -141,6 +173,14 @@ def test_a_clear_on_one_rank_is_refused_on_every_rank(engine, after_step):
     expected = 5 if after_step else 4
     assert [r.get("at") for r in results] == [expected, expected], results
     assert results[0]["error"] == results[1]["error"] and CLEARED in results[0]["error"]
+
+
+def test_a_window_zeroed_in_place_on_one_rank_is_refused_on_every_rank():
+    """DDP, rank 1 runs the old loop's ``zero_grad(set_to_none=False)`` after step() at
+    micro-step 4: every rank refuses at the next step(), with the same line."""
+    results = run_distributed(_run, 2, "ddp", clear_on=(1, 4), after_step=True, set_to_none=False)
+    assert [r.get("at") for r in results] == [5, 5], results
+    assert results[0]["error"] == results[1]["error"] and EDITED in results[0]["error"]
 
 
 @pytest.mark.parametrize("engine, local", [("ddp", False), ("fsdp2", False), ("ddp", True)])

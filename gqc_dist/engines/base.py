@@ -79,14 +79,16 @@ class GradientAdapter:
         """
         raise NotImplementedError
 
-    def outside_changes(self) -> Tuple[int, int]:
+    def outside_changes(self) -> Tuple[int, int, int]:
         """What happened to this rank's accumulated gradient since the adapter last read it in the
-        open window, as host integers (no sync): ``(cleared, unchanged)``: ``cleared`` counts the
-        tensors that were cleared or replaced outside GQC (a ``zero_grad()`` after backward);
-        ``unchanged`` is 1 when no gradient changed at all (``step()`` without a backward). The
-        wrapper reduces them with the micro-step's statistics, so every rank refuses together.
-        ``(0, 0)`` where the adapter cannot tell (the default) or no window is open."""
-        return 0, 0
+        open window, as host integers (no sync): ``(cleared, unchanged, edited)``: ``cleared``
+        counts the tensors that were cleared or replaced outside GQC (a ``zero_grad()``);
+        ``unchanged`` is 1 when no gradient changed at all (``step()`` without a backward);
+        ``edited`` counts the tensors changed in place outside GQC (``zero_grad(set_to_none=False)``,
+        a clip between micro-batches). The wrapper reduces them with the micro-step's statistics,
+        so every rank refuses together. ``(0, 0, 0)`` where the adapter cannot tell (the default)
+        or no window is open."""
+        return 0, 0, 0
 
     def params_changed(self) -> None:
         """The optimizer's parameters changed (``add_param_group``): forget cached layouts."""

@@ -315,9 +315,9 @@ class DeepSpeedGradients(GradientAdapter):
         window in their reduced partitions, which a ``zero_grad()`` does not touch. (A step with
         no backward is refused by ``gqc_dist.deepspeed``'s ``engine.step()`` before it gets here.)"""
         if self._seen is None:
-            return 0, 0
+            return 0, 0, 0
         cleared = sum(1 for grad, before in zip(self._grads(), self._seen) if before is not None and grad is not before)
-        return cleared, 0
+        return cleared, 0, 0
 
     def _window_closed(self) -> None:
         super()._window_closed()

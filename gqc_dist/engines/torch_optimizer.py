@@ -47,6 +47,9 @@ class TorchOptimizerGradients(GradientAdapter):
         self._seen = None
         self._cleared = 0  # what the last outside_changes() found cleared: an empty read is then no error
         self._restarted = 0  # gradients a backward found gone since the last read (_gradient_arrives)
+        self._edited = 0  # gradients a backward found changed in place since the last read
+        self._arrived = False  # a backward reached a watched parameter since the last read
+        self._held = {}  # id(param) -> (param.grad, its version) at the last read, until a backward arrives
         self._hooks = None
 
     def params_changed(self) -> None:
@@ -57,6 +60,7 @@ class TorchOptimizerGradients(GradientAdapter):
     def _forget_layout(self) -> None:
         self._last_layout = None  # let freed gradients go
         self._seen = None
+        self._held = {}
         self._pieces = []
         self.layout_version += 1
         self._window_closed()
@@ -87,41 +91,61 @@ class TorchOptimizerGradients(GradientAdapter):
         return [param.grad for param in self._flat_params()]
 
     def _remember(self, grads) -> None:
-        self._seen = (grads, list(map(_version, grads)))
-        self._held = {id(param) for param, grad in zip(self._flat_params(), grads) if grad is not None}
-        self._restarted = 0
+        versions = list(map(_version, grads))
+        self._seen = (grads, versions)
+        self._held = {id(param): (grad, version) for param, grad, version in zip(self._flat_params(), grads, versions)
+                      if grad is not None}
+        self._restarted = self._edited = 0
+        self._arrived = False
         if self._hooks is None:  # once: the parameters' gradient hooks (see _watch); FSDP2's sharded
             # parameters get theirs assigned by FSDP2, never from autograd: compared by identity instead
             self._hooks = [_watch(param, self) for param in self._flat_params()
                            if param.requires_grad and not hasattr(param, "device_mesh")]
 
     def _gradient_arrives(self, param) -> None:
-        """A backward is about to accumulate into ``param.grad``: if the window is open and the
-        gradient it held at the last read is gone, that backward starts it afresh (a ``zero_grad()``
-        since then)."""
-        if self._seen is not None and param.grad is None and id(param) in self._held:
+        """A backward is about to accumulate into ``param.grad``. The first one since the last read
+        in an open window checks what the read saw: a gradient gone means this backward starts it
+        afresh (a ``zero_grad()`` since then); the same tensor at another in-place version was changed
+        outside (``zero_grad(set_to_none=False)``, a clip). A view's version is its bucket's (DDP's
+        ``gradient_as_bucket_view``): not compared."""
+        if self._seen is None:
+            return
+        self._arrived = True
+        held = self._held.pop(id(param), None)
+        if held is None:
+            return
+        grad = param.grad
+        if grad is None:
             self._restarted += 1
+        elif grad is held[0] and grad._version != held[1] and not grad._is_view():
+            self._edited += 1
 
     def outside_changes(self):
         """A window's gradient is cleared from outside when a gradient the last read saw is
         ``None`` now, or a backward since then found it ``None`` (``_gradient_arrives``: autograd
         then creates it afresh); FSDP2 adds into its sharded gradients in place, so there another
-        tensor means replaced. A window in which no gradient moved (tensor or in-place version)
+        tensor means replaced. It was changed in place from outside when a backward found it at
+        another version, or, with no backward since, it is (watched parameters only: FSDP2's
+        sharded ones are not). A window in which no gradient moved (tensor or in-place version)
         saw no backward. A tensor replaced by one the user computed (``p.grad = p.grad + g``)
         counts as moved, not cleared."""
         seen = self._seen
         if seen is None:
-            return 0, 0
+            return 0, 0, 0
         grads, (before, versions) = self._grads(), seen
         if len(grads) != len(before):
-            return 0, 0  # params added: nothing to compare
+            return 0, 0, 0  # params added: nothing to compare
         same = all(map(operator.is_, grads, before))
-        cleared = self._restarted
+        cleared, edited = self._restarted, self._edited
         if not same:
             cleared += sum(1 for g, b in zip(grads, before)
                            if b is not None and (g is None or (g is not b and hasattr(b, "_local_tensor"))))
-        self._cleared = cleared
-        return cleared, int(same and not cleared and list(map(_version, grads)) == versions)
+        moved = list(map(_version, grads)) != versions
+        if moved and self._hooks and not self._arrived:
+            edited += sum(1 for g, b, v in zip(grads, before, versions)
+                          if g is b and g is not None and _version(g) != v and not g._is_view())
+        self._cleared = cleared + edited
+        return cleared, int(same and not cleared and not moved), edited
 
     def local_pieces(self):
         if self.state is GradientState.LOCAL:

@@ -73,6 +73,9 @@ QUICK = {"model": {"seq_len": 32, "dim": 32, "layers": 1, "heads": 2},
 
 # What a resumed run may not change: it would no longer be the run its checkpoints belong to.
 FIXED_ON_RESUME = ("engine", "seed", "model", "data", "optimizer", "gqc", "deepspeed")
+# what a resumed run may change among them: the peak learning rate (the way on after a divergence;
+# every step's rate is set from the config by the window hook, so the checkpoint holds none of it)
+CHANGEABLE_ON_RESUME = ("optimizer.lr",)
 
 
 def default_out_dir(args) -> str:
@@ -88,8 +91,8 @@ def build_config(args) -> dict:
     """The validated config from defaults, --config, --quick, flags and --set (in that order).
 
     With ``--resume`` the run's own ``config.json`` takes the place of the defaults, and an
-    override that would change its model, data, optimizer, algorithm, engine or seed is refused
-    naming the key.
+    override that would change its model, data, optimizer (but its peak ``optimizer.lr``),
+    algorithm, engine or seed is refused naming the key.
     """
     if args.resume:
         from .run_dir import saved_config
@@ -109,10 +112,10 @@ def _check_unchanged(saved: dict, config: dict, path: str = "") -> None:
         old, new = saved.get(key), config.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
             _check_unchanged(old, new, name)
-        elif old != new:
+        elif old != new and name not in CHANGEABLE_ON_RESUME:
             raise GQCConfigError(f"--resume would change {name} from {old!r} to {new!r}: a resumed run keeps "
-                                 "the model, data, optimizer, algorithm, engine and seed of its config.json; "
-                                 "start a new run with another --out-dir to change them")
+                                 "the model, data, optimizer (but optimizer.lr), algorithm, engine and seed of its "
+                                 "config.json; start a new run with another --out-dir to change them")
 
 
 def _overrides(args, config: dict) -> dict:

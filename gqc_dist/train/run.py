@@ -167,6 +167,10 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
         last_good = extra.get("last_good_checkpoint")
         batches.load_state_dict(extra["batches"])
         budget.steps_done, budget.micro_steps_done = counters["step"], counters["micro_step"]
+        # the peak rate is the config's (the one setting --resume may change): the optimizer's
+        # param groups, which the window hook scales every step, came back from the checkpoint
+        for group in engine.controller.param_groups:
+            group["lr"] = config["optimizer"]["lr"]
     # the run's files change only now, after the checks and the checkpoint load, under the lock
     claim(out_dir, RunLock.held(out_dir), resume, overwrite, rank, checkpoints.loaded, engine.device)
     if rank == 0:
@@ -175,7 +179,8 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
             truncate_metrics(metrics_path, counters["step"])
             print(f"gqc-train: resuming {out_dir} from {checkpoints.root / checkpoints.loaded}: optimizer step "
                   f"{counters['step']}, micro-step {counters['micro_step']}, "
-                  f"{counters['micro_step'] * global_batch * seq_len:,} tokens", file=sys.stderr, flush=True)
+                  f"{counters['micro_step'] * global_batch * seq_len:,} tokens, optimizer.lr "
+                  f"{config['optimizer']['lr']:g}", file=sys.stderr, flush=True)
         else:
             write_atomic(metrics_path, "", "metrics")
 
@@ -355,20 +360,22 @@ def _end_early(config, out_dir, rank, counters, stopped, watch, checkpoints, tok
                  if latest else "no checkpoint was written before")
     else:
         named = f"the last good checkpoint is {checkpoints.root / good}"
-        pointed = latest == good
-        if rank == 0 and not pointed:  # --resume continues from the latest: make that the good one
+        pointed = latest == good or rank != 0  # rank 0 points it
+        if not pointed:  # --resume continues from the latest: make that the good one
             try:
                 checkpoints.point_latest(good)
                 pointed = True
             except RunFileError as error:
                 named += f" (checkpoints/latest still names {latest}: {error.cause})"
-        if pointed:
-            named += (f" (checkpoints/latest names it: --resume --out-dir {out_dir} continues from it with this "
-                      "run's optimizer)")
+    fix = f"--set optimizer.lr={lr / 10:g}"
+    if good is not None and pointed:
+        fix = (f"--resume --out-dir {out_dir} {fix} continues from that checkpoint with it (checkpoints/latest "
+               "names it); a new --out-dir starts over")
+    else:
+        fix += " in a new --out-dir, which starts over"
     line = (f"training diverged: {watch.verdict()}; stopped at {where} without a checkpoint; {named}; likely fix: a "
-            f"lower optimizer.lr (now {lr:g}, e.g. --set optimizer.lr={lr / 10:g} in a new --out-dir, which starts "
-            "over: --resume keeps a run's optimizer)"
-            + ("; or bf16 instead of fp16" if config["precision"] == "fp16" else ""))
+            f"lower optimizer.lr (now {lr:g}): {fix}" + ("; or bf16 instead of fp16" if config["precision"] == "fp16"
+                                                        else ""))
     if rank == 0:
         summary = {"status": "diverged", "reason": line, "val_loss": None, "tokens": tokens,
                    "optimizer_steps": counters["step"], "micro_steps": counters["micro_step"],
