@@ -4,11 +4,11 @@ from setuptools import find_packages, setup
 
 # What each optional part needs (the library itself needs torch and torch-schedule-anything).
 EXTRAS = {
-    "deepspeed": ["deepspeed>=0.19.5,<0.20"],  # gqc_dist.deepspeed: ZeRO internals are pinned
+    "deepspeed": ["deepspeed>=0.19.5,<0.20"],  # gqc_dist.frontends.deepspeed: ZeRO internals are pinned
     "train": ["tqdm>=4.60", "matplotlib>=3.6", "numpy>=1.24"],  # gqc-train's progress bar and plots
     "mpi": ["mpi4py>=3.1", "mpich>=4"],  # gqc-train under mpirun: rank, world, rendezvous from MPI (mpi_env)
     "mht": ["scipy>=1.10"],  # the MHT algorithm's t-interval
-    # framework integrations (gqc_dist.integrations), pinned to the releases they were tested on
+    # framework integrations (gqc_dist.frontends), pinned to the releases they were tested on
     "hf": ["transformers>=5.24,<5.25", "accelerate>=1.16,<1.17"],
     "lightning": ["lightning>=2.6,<2.7"],
     "torchtitan": ["torchtitan==0.3.0", "triton>=3.9"],

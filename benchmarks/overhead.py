@@ -9,7 +9,7 @@ variant rotates too) so that the shared machine's noise hits all of them alike:
   (DeepSpeed: ``engine.step()`` every K-th micro-step, caller-owned accumulation, DeepSpeed's
   own ``gradient_clipping`` 1.0);
 * ``gqc``: ``gqc_dist.OptimizerWrapperFixed`` with the same K and clip 1.0 (DeepSpeed:
-  ``gqc_dist.deepspeed.initialize`` with ``{"algorithm": "fixed", "accumulation_steps": K}``),
+  ``gqc_dist.frontends.deepspeed.initialize`` with ``{"algorithm": "fixed", "accumulation_steps": K}``),
   ``step()`` every micro-step. It steps on exactly the same micro-steps, so the optimizer work is
   identical and the difference is GQC's own cost: one fused norm pass, one small all-reduce,
   one host sync (ZeRO-0/1: plus an all-reduce of a copy of the gradient, see below);
@@ -255,7 +255,7 @@ class TorchPlain(Variant):
 
     def local_grads(self):
         if self.nosync and hasattr(self.model, "set_requires_gradient_sync"):  # FSDP2, sync off
-            from gqc_dist.fsdp2_sync import fsdp2_param_groups_owning, unsharded_local_sums
+            from gqc_dist.engines.fsdp2 import fsdp2_param_groups_owning, unsharded_local_sums
 
             sums = unsharded_local_sums(fsdp2_param_groups_owning(self.model.parameters()))
             if sums:  # between boundaries: the unsharded sums, what local mode reads
@@ -331,7 +331,7 @@ def ds_config(stage, gqc, local=False):
 class DeepSpeedVariant(Variant):
     def __init__(self, stage, gqc, device, local=False):
         import deepspeed
-        import gqc_dist.deepspeed as gqc_deepspeed
+        import gqc_dist.frontends.deepspeed as gqc_deepspeed
         from gqc_dist.engines.deepspeed_zero import DeepSpeedGradients
 
         super().__init__()

@@ -3,7 +3,7 @@ against a second micro-batch (``probe="extra"``), at fixed parameters.
 
 gqc-train's ``third`` model (64-token sequences, width 64, 4 layers) is trained for a while at
 fixed k = 1, then frozen. Each probe gives the two-point estimate the wrapper folds in
-(``gqc_dist.noise_scale``: the increments of the accumulated squared norm at ``n = 1/2, 1``
+(``gqc_dist.core.noise_scale``: the increments of the accumulated squared norm at ``n = 1/2, 1``
 for a split, ``n = 1, 2`` for an extra micro-batch), in units of one micro-batch: ``|G|^2``
 (signal) and ``T = tr(Sigma) / B`` (noise). The reference is the direct spread of all the
 micro-batch gradients drawn. Prints each probe's mean and the standard error of that mean.

@@ -5,31 +5,35 @@ A drop-in for torch-gqc (``gradient_quality_control``) whose norms are exact on 
 decisions identical on every rank.
 """
 
-from .algorithms.cbc import OptimizerWrapperCBC, make_cbc_with_cosine_annealing_schedule
-from .algorithms.fixed import OptimizerWrapperFixed
-from .algorithms.goodput import OptimizerWrapperGoodput
-from .algorithms.gnr import (
+from gqc_dist import _moved
+
+_moved.install()
+
+from gqc_dist.algorithms.cbc import OptimizerWrapperCBC, make_cbc_with_cosine_annealing_schedule
+from gqc_dist.algorithms.fixed import OptimizerWrapperFixed
+from gqc_dist.algorithms.goodput import OptimizerWrapperGoodput
+from gqc_dist.algorithms.gnr import (
     OptimizerWrapperGNR,
     make_gnr_with_cosine_annealing_schedule,
     make_gnr_with_cosine_annealing_schedule_conventional_lr,
 )
-from .algorithms.gns import (
+from gqc_dist.algorithms.gns import (
     OptimizerWrapperGNS,
     make_gns_default,
     make_gns_with_cosine_annealing_schedule,
 )
-from .algorithms.gnts import (
+from gqc_dist.algorithms.gnts import (
     OptimizerWrapperGNTS,
     make_gnts_with_cosine_annealing_schedule,
     make_gnts_with_cosine_annealing_schedule_conventional_lr,
 )
-from .algorithms.mht import OptimizerWrapperMHT, make_mht_with_warmup_schedule
-from .algorithms.sbc import (
+from gqc_dist.algorithms.mht import OptimizerWrapperMHT, make_mht_with_warmup_schedule
+from gqc_dist.algorithms.sbc import (
     OptimizerWrapperSBC,
     make_sbc_with_polynomial_schedule,
     make_sbc_with_polynomial_schedule_conventional_lr,
 )
-from .errors import (
+from gqc_dist.errors import (
     CheckpointError,
     CollectiveTimeoutError,
     GQCConfigError,
@@ -39,9 +43,9 @@ from .errors import (
     PartialGradientError,
     RankDivergenceError,
 )
-from .reduction import Replicated, Sharded
-from .window import LRCoupling, Window
-from .wrapper import GQCOptimizerWrapper
+from gqc_dist.core.reduction import Replicated, Sharded
+from gqc_dist.core.window import LRCoupling, Window
+from gqc_dist.core.wrapper import GQCOptimizerWrapper
 
 __version__ = "0.1.0"
 

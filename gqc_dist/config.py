@@ -33,11 +33,11 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch_schedule_anything as tsa
 
-from .algorithms.cbc import PROBES, ROUNDINGS
-from .algorithms.spec import REQUIRED, AlgorithmSpec, algorithms
-from .errors import GQCConfigError
-from .schedules import hidden_initial_lr, synchronous
-from .window import RULES, WINDOW_GRADIENTS, LRCoupling
+from gqc_dist.algorithms.cbc import PROBES, ROUNDINGS
+from gqc_dist.algorithms.spec import REQUIRED, AlgorithmSpec, algorithms
+from gqc_dist.errors import GQCConfigError
+from gqc_dist.schedules import hidden_initial_lr, synchronous
+from gqc_dist.core.window import RULES, WINDOW_GRADIENTS, LRCoupling
 
 SECTION = "gradient_quality_control"
 

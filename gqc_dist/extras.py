@@ -3,7 +3,7 @@ with an extra (``pip install 'gqc_dist[deepspeed]'``, ``[train]``, ``[mpi]``, ``
 
 import importlib
 
-from .errors import GQCUsageError
+from gqc_dist.errors import GQCUsageError
 
 
 def require(module: str, extra: str, what: str):

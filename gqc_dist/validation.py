@@ -2,7 +2,7 @@
 
 import math
 
-from .errors import GQCConfigError, GQCTypeError
+from gqc_dist.errors import GQCConfigError, GQCTypeError
 
 
 def check_number(name: str, value, *, minimum=None, allow_equal=True, integer=False):
@@ -41,10 +41,10 @@ def check_wrapper_args(optimizer, max_draws, distributed_mode, grad_scaler, veri
     the argument."""
     import torch
 
-    from .engines.base import GradientAdapter
-    from .reduction import group_policy
+    from gqc_dist.engines.base import GradientAdapter
+    from gqc_dist.core.reduction import group_policy
 
-    from .optimizer_lookalike import OptimizerLookalike
+    from gqc_dist.core.optimizer_lookalike import OptimizerLookalike
 
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise GQCTypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")

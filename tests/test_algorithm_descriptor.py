@@ -19,7 +19,7 @@ from gqc_dist.algorithms import spec as spec_module  # noqa: E402
 from gqc_dist.algorithms.spec import REQUIRED, AlgorithmSpec, register  # noqa: E402
 from gqc_dist.config import build_controller, parse_section  # noqa: E402
 from gqc_dist.errors import GQCConfigError  # noqa: E402
-from gqc_dist.wrapper import GQCOptimizerWrapper  # noqa: E402
+from gqc_dist.core.wrapper import GQCOptimizerWrapper  # noqa: E402
 from reference import make_mlp, micro_batches  # noqa: E402
 
 DOCUMENTED = {"gnts", "gns", "gnr", "sbc", "mht", "fixed"}  # docs/library.md and docs/deepspeed.md: the algorithms they document
@@ -215,7 +215,7 @@ def test_toy_trains_under_gqc_train(registered_toy, tmp_path):
 
 # ---------------------------------------------------------------- (c) the toy under DeepSpeed
 def _toy_deepspeed(rank, world_size):
-    import gqc_dist.deepspeed as gqc_deepspeed
+    import gqc_dist.frontends.deepspeed as gqc_deepspeed
 
     register(toy_spec())  # in the process that trains
     model = make_mlp()

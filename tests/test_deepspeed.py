@@ -1,4 +1,4 @@
-"""gqc_dist.deepspeed.initialize on 2 real ranks (gloo, DS_ACCELERATOR=cpu), ZeRO 0-3, against the
+"""gqc_dist.frontends.deepspeed.initialize on 2 real ranks (gloo, DS_ACCELERATOR=cpu), ZeRO 0-3, against the
 single-process oracle on the whole model with the same micro-batches."""
 
 import os
@@ -11,7 +11,7 @@ import torch.distributed as dist
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import gqc_dist  # noqa: E402
-import gqc_dist.deepspeed as gqc_deepspeed  # noqa: E402
+import gqc_dist.frontends.deepspeed as gqc_deepspeed  # noqa: E402
 from distributed_harness import run_distributed  # noqa: E402
 from reference import make_mlp, micro_batches, reference_gnts  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""engine.save_checkpoint / engine.load_checkpoint of gqc_dist.deepspeed engines on 2 real ranks
+"""engine.save_checkpoint / engine.load_checkpoint of gqc_dist.frontends.deepspeed engines on 2 real ranks
 (gloo, DS_ACCELERATOR=cpu): resuming in a fresh engine, at a step boundary and mid-window, is
 bitwise the uninterrupted run on ZeRO 1-3, and checkpoints that carry no (or another algorithm's)
 GQC state are refused before anything changes."""
@@ -11,8 +11,8 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import gqc_dist  # noqa: E402
-from gqc_dist import checkpoint_state  # noqa: E402
-import gqc_dist.deepspeed as gqc_deepspeed  # noqa: E402
+from gqc_dist.core import checkpoint_state  # noqa: E402
+import gqc_dist.frontends.deepspeed as gqc_deepspeed  # noqa: E402
 from distributed_harness import run_distributed  # noqa: E402
 from reference import make_mlp, micro_batches  # noqa: E402
 

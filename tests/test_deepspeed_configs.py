@@ -9,7 +9,7 @@ import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import gqc_dist.deepspeed as gqc_deepspeed  # noqa: E402
+import gqc_dist.frontends.deepspeed as gqc_deepspeed  # noqa: E402
 from distributed_harness import run_distributed, run_launcher, torchrun_command  # noqa: E402
 from gqc_dist.train.corpus import ByteBatches, load_corpus  # noqa: E402
 from gqc_dist.train.model import GPT, ModelConfig  # noqa: E402

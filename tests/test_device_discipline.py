@@ -7,7 +7,7 @@ rank's accelerator from those made on the host (see its docstring). With it:
   the expert-parallel MoE layer gets a tensor on the run's device: NCCL would take it;
 * gqc-train's loop reads the device once per micro-step (the controller's packet), not once more
   for the loss;
-* the one place (``gqc_dist.collectives``) refuses a host tensor when the run is on another
+* the one place (``gqc_dist.core.collectives``) refuses a host tensor when the run is on another
   device, and no module of gqc_dist calls torch.distributed's tensor collectives around it.
 """
 
@@ -73,7 +73,7 @@ def test_every_collective_of_the_loop_is_on_the_run_device(tmp_path):
 def _traced_moe(rank, world):
     """An expert-parallel MoE layer (EP 2 x EDP 2) forward and backward on ``cpu:0`` under the
     tracer: the token and index exchange (all_to_all) and the experts' gradient all-reduce."""
-    from gqc_dist.moe import ExpertParallelMoE, expert_parallel_groups, reduce_expert_grads
+    from gqc_dist.engines.moe import ExpertParallelMoE, expert_parallel_groups, reduce_expert_grads
 
     tracer = DeviceTracer()
     with tracer.active():
@@ -100,7 +100,7 @@ def test_the_loop_takes_one_host_sync_per_micro_step(tmp_path):
 
 
 def test_a_collective_refuses_a_tensor_off_the_run_device():
-    from gqc_dist import collectives
+    from gqc_dist.core import collectives
 
     host = torch.zeros(2)
     for device in (torch.device("cuda", 0), torch.device("meta")):
@@ -117,7 +117,7 @@ def test_no_module_calls_torch_distributed_collectives_around_the_one_place():
              "all_gather", "reduce_scatter", "barrier", "all_gather_object", "all_to_all", "reduce"}
     found = []
     for path in sorted(package.rglob("*.py")):
-        if path.name == "collectives.py" and path.parent == package:
+        if path == package / "core" / "collectives.py":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
             if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in names

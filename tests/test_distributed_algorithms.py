@@ -1,6 +1,6 @@
 """GNS, SBC, MHT and GNR under DDP (2 real ranks) against hand-written whole-model oracles.
 
-Each oracle implements its rule from the published formula (not from gqc_dist.rules) on the
+Each oracle implements its rule from the published formula (not from gqc_dist.core.rules) on the
 shard gradients and losses that the ranks see.
 """
 

@@ -4,7 +4,7 @@ tiny models built in code or from a config; nothing is downloaded).
 Each leftover that would train silently wrong is refused at the misused call with one
 ``GQCUsageError`` line naming the line to remove and its replacement, the GQC window untouched:
 
-* Accelerate, after ``gqc_dist.integrations.accelerate.prepare``: the prepared optimizer's
+* Accelerate, after ``gqc_dist.frontends.accelerate.prepare``: the prepared optimizer's
   ``step()`` / ``zero_grad()`` (also under DeepSpeed, where the stock ones are silent no-ops) and
   ``accelerator.clip_grad_norm_`` / ``clip_grad_value_`` (they would clip the window's running
   sum every micro-batch);
@@ -38,9 +38,9 @@ import gqc_dist  # noqa: E402
 from gqc_dist.config import build_controller, parse_section  # noqa: E402
 from gqc_dist.engines import TorchOptimizerGradients  # noqa: E402
 from gqc_dist.errors import GQCUsageError  # noqa: E402
-from gqc_dist.integrations import accelerate as gqc_accelerate  # noqa: E402
-from gqc_dist.integrations.hf import GQCTrainer  # noqa: E402
-from gqc_dist.integrations.lightning import GQCLightningModule  # noqa: E402
+from gqc_dist.frontends import accelerate as gqc_accelerate  # noqa: E402
+from gqc_dist.frontends.hf import GQCTrainer  # noqa: E402
+from gqc_dist.frontends.lightning import GQCLightningModule  # noqa: E402
 from reference import loss_of, make_mlp  # noqa: E402
 
 pytestmark = [
@@ -76,7 +76,7 @@ def decay(step):
 
 # ---------------------------------------------------------------------- Accelerate
 def accelerate_loop(clip=0.0):
-    """``gqc_dist.integrations.accelerate.prepare`` on one CPU process: an MLP, SGD, a LambdaLR,
+    """``gqc_dist.frontends.accelerate.prepare`` on one CPU process: an MLP, SGD, a LambdaLR,
     12 micro-batches of 4."""
     accelerator = Accelerator(cpu=True)
     model = make_mlp()
@@ -99,12 +99,12 @@ def test_accelerate_leftover_step_and_zero_grad_are_refused_and_the_window_is_un
     with pytest.raises(GQCUsageError) as error:
         optimizer.step()
     message = one_line(error)
-    assert message.startswith("optimizer.step() on the optimizer gqc_dist.integrations.accelerate.prepare returned")
+    assert message.startswith("optimizer.step() on the optimizer gqc_dist.frontends.accelerate.prepare returned")
     assert "remove it" in message and REPLACEMENT in message and "zeroes the gradients itself" in message
     with pytest.raises(GQCUsageError) as error:
         optimizer.zero_grad()
     message = one_line(error)
-    assert message.startswith("optimizer.zero_grad() on the optimizer gqc_dist.integrations.accelerate.prepare")
+    assert message.startswith("optimizer.zero_grad() on the optimizer gqc_dist.frontends.accelerate.prepare")
     assert "would clear GQC's window" in message and "remove it" in message and REPLACEMENT in message
     assert all(torch.equal(a, b) for a, b in zip(params(model), before))
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
@@ -247,7 +247,7 @@ def test_plain_trainer_given_the_wrapper_is_refused_at_its_first_step(tmp_path, 
         trainer.train()
     message = one_line(error)
     assert message.startswith("a plain transformers.Trainer is driving a GQC wrapper")
-    assert "use gqc_dist.integrations.hf.GQCTrainer(..., gqc={...}) with the plain torch optimizer" in message
+    assert "use gqc_dist.frontends.hf.GQCTrainer(..., gqc={...}) with the plain torch optimizer" in message
     assert trainer.state.global_step == 0 and scheduler.last_epoch == 0
     assert (wrapper.num_batches, wrapper.num_steps) == (0, 0)
 
@@ -316,7 +316,7 @@ def test_plain_lightning_module_with_the_wrapper_names_gqc_lightning_module():
         lightning_trainer(max_steps=4).fit(module, lightning_loader())
     message = one_line(error)
     assert message.startswith("zero_grad() on a GQC wrapper was called by Lightning's loop")
-    assert "make gqc_dist.integrations.lightning.GQCLightningModule the module's base class" in message
+    assert "make gqc_dist.frontends.lightning.GQCLightningModule the module's base class" in message
     assert "Remove the zero_grad() call" not in message
     assert all(torch.equal(a, b) for a, b in zip(params(module), before))
 

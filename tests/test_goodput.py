@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import gqc_dist
 from distributed_harness import run_distributed
 from gqc_dist.algorithms.goodput import goodput_draws
-from gqc_dist.costs import FIELDS, CostMeter
+from gqc_dist.core.costs import FIELDS, CostMeter
 from reference import LOCAL_BATCH, adamw, loss_of, make_mlp, micro_batches, reference_windows
 from test_local_mode import _replay
 from test_noise_scale import synthetic_gradients, window_lengths

@@ -126,7 +126,7 @@ def test_gpu_every_algorithm_syncs_once_per_micro_step(algorithm, fp16):
 
 
 def test_gpu_collective_device_check():
-    from gqc_dist import collectives
+    from gqc_dist.core import collectives
 
     with pytest.raises(collectives.DeviceMismatchError):
         collectives.check_device("all_reduce", torch.device("cuda", torch.cuda.current_device()), torch.zeros(1))

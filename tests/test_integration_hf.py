@@ -34,13 +34,14 @@ accelerate = pytest.importorskip("accelerate")
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 
 from gqc_dist.config import build_controller, parse_section  # noqa: E402
+from gqc_dist.core import state_files  # noqa: E402
 from gqc_dist.engines import TorchOptimizerGradients  # noqa: E402
 from gqc_dist.errors import GQCConfigError  # noqa: E402
-from gqc_dist.integrations import accelerate as gqc_accelerate  # noqa: E402
-from gqc_dist.integrations.hf import GQCTrainer  # noqa: E402
+from gqc_dist.frontends import accelerate as gqc_accelerate  # noqa: E402
+from gqc_dist.frontends.hf import GQCTrainer  # noqa: E402
 
 # ranks import these once, in the fork server, when this file starts it
-preload_in_forkserver("gqc_dist.integrations.hf", "transformers.models.llama.modeling_llama", __name__)
+preload_in_forkserver("gqc_dist.frontends.hf", "transformers.models.llama.modeling_llama", __name__)
 
 VOCAB, SEQ = 64, 8
 LR = 1e-3
@@ -276,12 +277,12 @@ def _fsdp2_state_round_trip(rank, world_size, save_dir):
 
     model, controller, schedule = build()
     run(model, controller, batches[:2])  # mid-window: nothing stepped, the optimizer state is empty
-    gqc_accelerate.write_state(save_dir, controller, schedule)
-    state = torch.load(gqc_accelerate.state_path(save_dir, rank), weights_only=True)
+    state_files.write_state(save_dir, controller, schedule)
+    state = torch.load(state_files.state_path(save_dir, rank), weights_only=True)
     local_shapes = [tuple(g.shape) for g in state["wrapper"]["accumulated_grads"][0]]
     full = run(model, controller, batches[2:])
     model, controller, schedule = build()
-    gqc_accelerate.restore_state(controller, schedule, gqc_accelerate.read_state(save_dir))
+    state_files.restore_state(controller, schedule, state_files.read_state(save_dir))
     resumed = run(model, controller, batches[2:])
     return {"full": full, "resumed": resumed, "local_shapes": local_shapes,
             "full_shapes": [tuple(p.shape) for p in make_mlp().parameters()], "steps": controller.num_steps}

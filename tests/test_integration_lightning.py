@@ -1,4 +1,4 @@
-"""gqc_dist.integrations.lightning: real Lightning 2.6 Trainers on CPU (single process, DDP on 2
+"""gqc_dist.frontends.lightning: real Lightning 2.6 Trainers on CPU (single process, DDP on 2
 gloo ranks, GQCDeepSpeedStrategy ZeRO-2 on 2 ranks), each against gqc_dist's own loop (the
 wrapper driven by hand, a torch scheduler stepped on its steps) on the same micro-batches:
 decisions, parameters (1e-6), ``trainer.global_step``, the learning rate of every optimizer step,
@@ -21,12 +21,12 @@ from lightning.pytorch.loggers import Logger  # noqa: E402
 from gqc_dist.config import build_controller, parse_section  # noqa: E402
 from gqc_dist.engines import TorchOptimizerGradients  # noqa: E402
 from gqc_dist.errors import GQCConfigError, GQCUsageError  # noqa: E402
-from gqc_dist.integrations import lightning as gqc_lightning  # noqa: E402
-from gqc_dist.integrations.lightning import GQCDeepSpeedStrategy, GQCLightningModule  # noqa: E402
+from gqc_dist.frontends import lightning as gqc_lightning  # noqa: E402
+from gqc_dist.frontends.lightning import GQCDeepSpeedStrategy, GQCLightningModule  # noqa: E402
 from distributed_harness import preload_in_forkserver, run_distributed  # noqa: E402
 from reference import loss_of, make_mlp, micro_batches  # noqa: E402
 
-preload_in_forkserver("lightning.pytorch", "gqc_dist.integrations.lightning")
+preload_in_forkserver("lightning.pytorch", "gqc_dist.frontends.lightning")
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The `srun` command is available"),
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\)"),

@@ -1,4 +1,4 @@
-"""The torchtitan 0.3.0 recipe (gqc_dist.integrations.torchtitan) on FSDP2 over 2 gloo ranks.
+"""The torchtitan 0.3.0 recipe (gqc_dist.frontends.torchtitan) on FSDP2 over 2 gloo ranks.
 
 One real torchrun launch (``tests/torchtitan_launch.py``; torchtitan's imports cost ~10 s a
 process, so the checks share it) runs the recipe through torchtitan's config registry path
@@ -25,7 +25,7 @@ import torch
 import torchtitan_helpers as h
 from distributed_harness import run_launcher, torchrun_command
 from gqc_dist.errors import GQCConfigError
-from gqc_dist.integrations import torchtitan as recipe
+from gqc_dist.frontends import torchtitan as recipe
 
 TOL = 1e-6
 

@@ -170,9 +170,9 @@ def test_fsdp2_with_gradient_sync_off_steps_exactly_with_one_reduce_scatter_per_
 
 
 def _ds_local_run(rank, world_size, stage, clip):
-    """ZeRO-0/1 under gqc_dist.deepspeed with local_accumulation: sizes of every all-reduce per
+    """ZeRO-0/1 under gqc_dist.frontends.deepspeed with local_accumulation: sizes of every all-reduce per
     micro-step, decisions, final weights."""
-    from gqc_dist.deepspeed import initialize
+    from gqc_dist.frontends.deepspeed import initialize
 
     model = make_mlp()
     config = {"train_micro_batch_size_per_gpu": LOCAL_BATCH, "gradient_clipping": clip,
@@ -210,7 +210,7 @@ def test_deepspeed_zero01_local_accumulation_steps_exactly_with_one_reduction_pe
 
 
 def test_local_accumulation_is_refused_where_it_saves_nothing():
-    from gqc_dist.deepspeed import initialize
+    from gqc_dist.frontends.deepspeed import initialize
 
     config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2},
               "gradient_quality_control": {"algorithm": "gnts", "threshold": 1, "local_accumulation": True}}

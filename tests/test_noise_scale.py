@@ -22,7 +22,7 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import gqc_dist  # noqa: E402
-import gqc_dist.deepspeed as gqc_deepspeed  # noqa: E402
+import gqc_dist.frontends.deepspeed as gqc_deepspeed  # noqa: E402
 from distributed_harness import run_distributed  # noqa: E402
 from reference import reference_windows  # noqa: E402
 

@@ -13,11 +13,11 @@ import torch
 import torch.distributed as dist
 
 from distributed_harness import run_distributed
-from gqc_dist import checkpoint_state, rules
+from gqc_dist.core import checkpoint_state, rules
 from gqc_dist.errors import CheckpointError, GQCConfigError
-from gqc_dist.grad_norms import WeightCache, local_group_sums, per_tensor_norms
-from gqc_dist.packet import StatsPacket
-from gqc_dist.reduction import POLICY_KEY, Piece, Replicated, Sharded, group_policy, resolve_piece
+from gqc_dist.core.grad_norms import WeightCache, local_group_sums, per_tensor_norms
+from gqc_dist.core.packet import StatsPacket
+from gqc_dist.core.reduction import POLICY_KEY, Piece, Replicated, Sharded, group_policy, resolve_piece
 
 CPU = torch.device("cpu")
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gqc_dist
-from gqc_dist.noise_scale import NoiseScaleEstimator
+from gqc_dist.core.noise_scale import NoiseScaleEstimator
 from distributed_harness import run_distributed
 from reference import adamw, make_mlp, micro_batches
 import test_noise_scale as regression

@@ -17,9 +17,9 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import gqc_dist  # noqa: E402
-import gqc_dist.deepspeed as gqc_deepspeed  # noqa: E402
+import gqc_dist.frontends.deepspeed as gqc_deepspeed  # noqa: E402
 from distributed_harness import run_distributed  # noqa: E402
-from gqc_dist.window import LRCoupling, Window  # noqa: E402
+from gqc_dist.core.window import LRCoupling, Window  # noqa: E402
 from reference import loss_of, make_mlp, micro_batches  # noqa: E402
 
 LR, WD, K, MICRO_STEPS, ROWS = 0.1, 0.01, 1.5, 12, 4  # K 1.5: windows of 1, 2, 1, 2, ...

@@ -196,7 +196,7 @@ def _ds_run(rank, world_size, stage, clear_on=None, twice_on=None):
     import os
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import gqc_dist.deepspeed as gqc_deepspeed
+    import gqc_dist.frontends.deepspeed as gqc_deepspeed
 
     model = make_mlp()
     config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": stage},

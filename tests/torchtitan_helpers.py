@@ -67,7 +67,7 @@ from torchtitan.protocols.model import BaseModel  # noqa: E402
 from torchtitan.protocols.model_spec import ModelSpec  # noqa: E402
 from torchtitan.trainer import Trainer  # noqa: E402
 
-from gqc_dist.integrations.torchtitan import GQCTrainer, with_gqc  # noqa: E402
+from gqc_dist.frontends.torchtitan import GQCTrainer, with_gqc  # noqa: E402
 
 
 class TinyLM(BaseModel):

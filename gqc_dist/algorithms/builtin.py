@@ -1,7 +1,7 @@
 """The built-in algorithms, registered: one line each."""
 
-from . import cbc, fixed, gnr, gns, gnts, goodput, mht, sbc
-from .spec import register
+from gqc_dist.algorithms import cbc, fixed, gnr, gns, gnts, goodput, mht, sbc
+from gqc_dist.algorithms.spec import register
 
 register(gnts.SPEC)
 register(gns.SPEC)

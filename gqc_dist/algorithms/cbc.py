@@ -3,7 +3,7 @@ measured gradient noise scale.
 
 The gradient noise scale ``B_simple = tr(Sigma) / |G|^2`` is the batch size above which more
 samples per step stop paying for themselves (McCandlish et al. 2018); it grows as training
-proceeds. CBC reads it from the windows' own exact norms (``gqc_dist.noise_scale``: no extra
+proceeds. CBC reads it from the windows' own exact norms (``gqc_dist.core.noise_scale``: no extra
 communication) and steps once ``n >= ceil(kappa * B_simple)`` micro-batches, within
 ``[min_draws, max_draws]``. ``kappa`` is a plain ratio (1: the paper's efficient point), not a
 gradient norm: nothing to tune per model.
@@ -49,12 +49,12 @@ from typing import Optional, Tuple
 import torch
 import torch_schedule_anything as tsa
 
-from ..errors import GQCConfigError
-from ..packet import world_rank_and_size
-from ..schedules import synchronous
-from ..validation import check_number, check_schedule_args
-from ..wrapper import GQCOptimizerWrapper, MicroStepStats
-from .spec import REQUIRED, AlgorithmSpec
+from gqc_dist.errors import GQCConfigError
+from gqc_dist.core.packet import world_rank_and_size
+from gqc_dist.schedules import synchronous
+from gqc_dist.validation import check_number, check_schedule_args
+from gqc_dist.core.wrapper import GQCOptimizerWrapper, MicroStepStats
+from gqc_dist.algorithms.spec import REQUIRED, AlgorithmSpec
 
 
 ROUNDINGS = ("ceil", "dither")
@@ -123,7 +123,7 @@ class OptimizerWrapperCBC(GQCOptimizerWrapper):
             micro-batch) or ``"split"`` (:attr:`split_next` asks the host for its micro-batch in
             two halves, :meth:`after_part` between them; a window that was not split takes the
             extra micro-batch).
-        **kwargs: see :class:`gqc_dist.wrapper.GQCOptimizerWrapper` (``micro_batch_size``,
+        **kwargs: see :class:`gqc_dist.core.wrapper.GQCOptimizerWrapper` (``micro_batch_size``,
             ``noise_beta``, ``window_hook``, ``grad_scaler``, ``verify``, ``gradients``).
     """
 

@@ -12,9 +12,9 @@ from typing import Optional, Union
 
 import torch
 
-from ..validation import check_number
-from ..wrapper import GQCOptimizerWrapper, MicroStepStats
-from .spec import REQUIRED, AlgorithmSpec
+from gqc_dist.validation import check_number
+from gqc_dist.core.wrapper import GQCOptimizerWrapper, MicroStepStats
+from gqc_dist.algorithms.spec import REQUIRED, AlgorithmSpec
 
 
 def pattern_draws(accumulation_steps: float, window: int) -> int:

@@ -6,12 +6,12 @@ from typing import Optional, Tuple
 import torch
 import torch_schedule_anything as tsa
 
-from .. import rules
-from ..errors import GQCUsageError
-from ..schedules import synchronous
-from ..validation import check_number, check_schedule_args
-from ..wrapper import GQCOptimizerWrapper, MicroStepStats
-from .spec import REQUIRED, AlgorithmSpec
+from gqc_dist.core import rules
+from gqc_dist.errors import GQCUsageError
+from gqc_dist.schedules import synchronous
+from gqc_dist.validation import check_number, check_schedule_args
+from gqc_dist.core.wrapper import GQCOptimizerWrapper, MicroStepStats
+from gqc_dist.algorithms.spec import REQUIRED, AlgorithmSpec
 
 
 class OptimizerWrapperGNS(GQCOptimizerWrapper):

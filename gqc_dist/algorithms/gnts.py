@@ -5,11 +5,11 @@ from typing import Optional, Tuple
 import torch
 import torch_schedule_anything as tsa
 
-from .. import rules
-from ..schedules import conventional_lr_twin, lr_and_weight_decay, synchronous
-from ..validation import check_schedule_args
-from ..wrapper import GQCOptimizerWrapper, MicroStepStats
-from .spec import REQUIRED, AlgorithmSpec
+from gqc_dist.core import rules
+from gqc_dist.schedules import conventional_lr_twin, lr_and_weight_decay, synchronous
+from gqc_dist.validation import check_schedule_args
+from gqc_dist.core.wrapper import GQCOptimizerWrapper, MicroStepStats
+from gqc_dist.algorithms.spec import REQUIRED, AlgorithmSpec
 
 
 class OptimizerWrapperGNTS(GQCOptimizerWrapper):
@@ -24,7 +24,7 @@ class OptimizerWrapperGNTS(GQCOptimizerWrapper):
         optimizer: the optimizer to drive.
         max_batch_draws: micro-batches after which a step is forced (>= 1).
         distributed_mode: ``None`` (detect), ``"replicated"`` or ``"sharded"``.
-        grad_scaler, verify, gradients: see :class:`gqc_dist.wrapper.GQCOptimizerWrapper`.
+        grad_scaler, verify, gradients: see :class:`gqc_dist.core.wrapper.GQCOptimizerWrapper`.
     """
 
     ALGORITHM = "gnts"

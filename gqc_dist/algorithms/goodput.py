@@ -6,7 +6,7 @@ to reach a loss grow as ``1 + b / n`` for windows of ``n`` micro-batches, ``b = 
 micro-batches (McCandlish et al. 2018), so one step makes ``n / (n + b)`` of an ideal step's
 progress. A window costs ``n * c + r`` seconds: ``c`` a micro-step's compute, ``r`` what a step
 adds once per window (the gradient reduction under rank-local accumulation, the optimizer step)
-(``gqc_dist.costs``). Progress per second,
+(``gqc_dist.core.costs``). Progress per second,
 
     g(n) = n / ((n + b) (n c + r)),
 
@@ -23,8 +23,8 @@ Costs are wall-clock measurements: decisions are identical on every rank of a ru
 import math
 from typing import Optional
 
-from .cbc import WINDOW_OPTIONS, OptimizerWrapperCBC, builder
-from .spec import AlgorithmSpec
+from gqc_dist.algorithms.cbc import WINDOW_OPTIONS, OptimizerWrapperCBC, builder
+from gqc_dist.algorithms.spec import AlgorithmSpec
 
 
 def goodput(n: float, noise_scale: float, micro_step_s: float, window_s: float) -> float:

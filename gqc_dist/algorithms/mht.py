@@ -7,12 +7,12 @@ from typing import Optional, Tuple
 import torch
 import torch_schedule_anything as tsa
 
-from .. import rules
-from ..errors import GQCConfigError, GQCTypeError
-from ..schedules import lr_and_weight_decay, synchronous
-from ..validation import check_number, check_schedule_args
-from ..wrapper import GQCOptimizerWrapper, MicroStepStats
-from .spec import AlgorithmSpec
+from gqc_dist.core import rules
+from gqc_dist.errors import GQCConfigError, GQCTypeError
+from gqc_dist.schedules import lr_and_weight_decay, synchronous
+from gqc_dist.validation import check_number, check_schedule_args
+from gqc_dist.core.wrapper import GQCOptimizerWrapper, MicroStepStats
+from gqc_dist.algorithms.spec import AlgorithmSpec
 
 
 class OptimizerWrapperMHT(GQCOptimizerWrapper):

@@ -5,12 +5,12 @@ from typing import Optional, Tuple
 import torch
 import torch_schedule_anything as tsa
 
-from .. import rules
-from ..errors import GQCConfigError
-from ..schedules import conventional_lr_twin, lr_and_weight_decay, synchronous
-from ..validation import check_number, check_schedule_args
-from ..wrapper import GQCOptimizerWrapper, MicroStepStats
-from .spec import REQUIRED, AlgorithmSpec
+from gqc_dist.core import rules
+from gqc_dist.errors import GQCConfigError
+from gqc_dist.schedules import conventional_lr_twin, lr_and_weight_decay, synchronous
+from gqc_dist.validation import check_number, check_schedule_args
+from gqc_dist.core.wrapper import GQCOptimizerWrapper, MicroStepStats
+from gqc_dist.algorithms.spec import REQUIRED, AlgorithmSpec
 
 
 class OptimizerWrapperSBC(GQCOptimizerWrapper):

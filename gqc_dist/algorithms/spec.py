@@ -58,7 +58,7 @@ class AlgorithmSpec:
     def check_engine(self, engine: str, path: str = "gradient_quality_control.algorithm") -> None:
         """Raise :class:`GQCConfigError` naming the key ``path`` when the algorithm cannot run on
         ``engine`` (one of :data:`ENGINES`)."""
-        from ..errors import GQCConfigError
+        from gqc_dist.errors import GQCConfigError
 
         if engine not in self.engines:
             raise GQCConfigError(
@@ -66,7 +66,7 @@ class AlgorithmSpec:
                 + (f": {self.unsupported}" if self.unsupported else ""))
 
     def step(self, wrapper, loss=None) -> bool:
-        """One micro-step of ``wrapper`` (:meth:`~gqc_dist.wrapper.GQCOptimizerWrapper.after_backward`);
+        """One micro-step of ``wrapper`` (:meth:`~gqc_dist.core.wrapper.GQCOptimizerWrapper.after_backward`);
         ``loss``, this rank's micro-batch loss, is read only when the algorithm needs it."""
         return wrapper.after_backward(loss if self.needs_loss else None).stepped
 

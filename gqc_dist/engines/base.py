@@ -5,8 +5,8 @@ from typing import Any, List, Optional, Tuple, Union
 
 import torch
 
-from ..errors import GQCUsageError
-from ..reduction import Piece
+from gqc_dist.errors import GQCUsageError
+from gqc_dist.core.reduction import Piece
 
 
 def clip_coefficient(clip: float, norm: float) -> float:
@@ -18,7 +18,7 @@ class GradientState(enum.Enum):
     """What the adapter's accumulated gradient is, as it reads it.
 
     ``EXACT``: the engine reduces it every micro-step (the default). Rank-local accumulation
-    (``gqc_dist.local_mode``) moves between the other two: ``LOCAL`` between steps (each rank's
+    (``gqc_dist.core.local_mode``) moves between the other two: ``LOCAL`` between steps (each rank's
     own sum, unreduced), ``REDUCED`` once :meth:`GradientAdapter.reduce_local` has averaged it
     over the ranks for the window's step; the step, a dropped window or a restore return it to
     ``LOCAL``.

@@ -1,7 +1,7 @@
 """Adapter for a plain ``torch.optim.Optimizer``: single process, DDP, FSDP2/HSDP, mixed MoE.
 
 Gradients live in ``param.grad`` (DTensor under FSDP2). Pieces and their replication come from
-``gqc_dist.reduction``; FSDP2 sync flags are checked every micro-step (``fsdp2_sync``).
+``gqc_dist.core.reduction``; FSDP2 sync flags are checked every micro-step (``gqc_dist.engines.fsdp2``).
 """
 
 import operator
@@ -10,13 +10,13 @@ from typing import Optional
 
 import torch
 
-from .. import collectives
-from ..errors import CheckpointError, GQCUsageError
-from ..fsdp2_sync import (check_gradient_sync, check_local_layout, fsdp2_param_groups_owning,
+from gqc_dist.core import collectives
+from gqc_dist.errors import CheckpointError, GQCUsageError
+from gqc_dist.engines.fsdp2 import (check_gradient_sync, check_local_layout, fsdp2_param_groups_owning,
                           reduce_scatter_local_sums, unsharded_local_sums)
-from ..packet import world_rank_and_size
-from ..reduction import POLICY_KEY, Piece, group_policy, resolve_piece
-from .base import GradientAdapter, GradientState, clip_coefficient
+from gqc_dist.core.packet import world_rank_and_size
+from gqc_dist.core.reduction import POLICY_KEY, Piece, group_policy, resolve_piece
+from gqc_dist.engines.base import GradientAdapter, GradientState, clip_coefficient
 
 
 class TorchOptimizerGradients(GradientAdapter):

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from gqc_dist.examples.hf_trainer import dataset
-from gqc_dist.integrations import accelerate as gqc_accelerate
+from gqc_dist.frontends import accelerate as gqc_accelerate
 
 
 def collate(rows):

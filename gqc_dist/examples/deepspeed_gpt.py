@@ -20,7 +20,7 @@ _FORCED_CPU = "--device" in sys.argv and sys.argv[sys.argv.index("--device") + 1
 if not torch.cuda.is_available() or _FORCED_CPU:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed picks its accelerator on import
 
-from gqc_dist.deepspeed import initialize  # was: from deepspeed import initialize  # noqa: E402
+from gqc_dist.frontends.deepspeed import initialize  # was: from deepspeed import initialize  # noqa: E402
 from gqc_dist.train.corpus import ByteBatches, load_corpus  # noqa: E402
 from gqc_dist.train.model import GPT, ModelConfig  # noqa: E402
 

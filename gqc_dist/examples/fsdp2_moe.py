@@ -17,7 +17,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
 import gqc_dist
-from gqc_dist.moe import ExpertParallelMoE, expert_param_groups, expert_parallel_groups, reduce_expert_grads
+from gqc_dist.engines.moe import ExpertParallelMoE, expert_param_groups, expert_parallel_groups, reduce_expert_grads
 from gqc_dist.train.device import DEVICES, resolve_device
 
 

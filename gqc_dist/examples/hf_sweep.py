@@ -28,7 +28,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 
-from gqc_dist.integrations.hf import GQCTrainer  # noqa: E402
+from gqc_dist.frontends.hf import GQCTrainer  # noqa: E402
 from gqc_dist.sweep import RunRecorder  # noqa: E402
 
 GQC = {"algorithm": "cbc", "kappa": 0.25, "max_draws": 8}  # the section when the sweep passes null

@@ -20,7 +20,7 @@ if not torch.cuda.is_available():
 
 from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
 
-from gqc_dist.integrations.hf import GQCTrainer  # was: from transformers import Trainer  # noqa: E402
+from gqc_dist.frontends.hf import GQCTrainer  # was: from transformers import Trainer  # noqa: E402
 
 GQC = {"algorithm": "cbc", "kappa": 4.0, "max_draws": 8}
 

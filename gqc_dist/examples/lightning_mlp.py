@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
 import lightning.pytorch as pl  # noqa: E402
 
 import gqc_dist  # noqa: E402
-from gqc_dist.integrations.lightning import GQCDeepSpeedStrategy, GQCLightningModule  # noqa: E402  # GQC
+from gqc_dist.frontends.lightning import GQCDeepSpeedStrategy, GQCLightningModule  # noqa: E402  # GQC
 
 SECTION = {"algorithm": "gnts", "threshold": 1.1, "max_draws": 5}
 

@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 2 -m gqc_dist.examples.torchtitan_tiny
 
 This module is a torchtitan config registry: :func:`tiny_gqc` is an ordinary ``Trainer.Config``
-function turned into a ``GQCTrainer.Config`` by :func:`gqc_dist.integrations.torchtitan.with_gqc`.
+function turned into a ``GQCTrainer.Config`` by :func:`gqc_dist.frontends.torchtitan.with_gqc`.
 Running the module calls torchtitan's own entry point, ``torchtitan.train.main``, with
 ``--module gqc_dist.examples.torchtitan_tiny --config tiny_gqc`` and your arguments (any
 torchtitan option, or a key of the GQC section: ``--gradient_quality_control.kappa 1.0``). Every
@@ -12,7 +12,7 @@ TensorBoard/W&B metrics carry ``gqc/window`` etc. About 20 s on 2 CPU cores, mos
 
 Your own config function changes the same way (two lines)::
 
-    from gqc_dist.integrations.torchtitan import with_gqc
+    from gqc_dist.frontends.torchtitan import with_gqc
     def llama3_debugmodel_gqc():
         return with_gqc(llama3_debugmodel(), {"algorithm": "cbc", "kappa": 0.25, "max_draws": 16})
 
@@ -54,7 +54,7 @@ def use_cpu() -> bool:
 
 def tiny_gqc():
     """Config function: the tiny model under ``GQCTrainer`` with CBC and the square-root lr rule."""
-    from gqc_dist.integrations.torchtitan import with_gqc
+    from gqc_dist.frontends.torchtitan import with_gqc
 
     return with_gqc(_tiny_trainer_config(), {"algorithm": "cbc", "kappa": 2.0, "max_draws": 8,
                                              "lr_coupling": "sqrt"})

@@ -12,6 +12,6 @@ JSON per run, and what a user's own training script calls to write it::
     recorder.write(out_dir, val_loss=final_loss, tokens=tokens_seen)
 """
 
-from .records import RunRecorder, write_result
+from gqc_dist.sweep.records import RunRecorder, write_result
 
 __all__ = ["RunRecorder", "write_result"]

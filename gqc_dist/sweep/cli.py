@@ -14,8 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..errors import GQCError
-from . import runs as R
+from gqc_dist.errors import GQCError
+from gqc_dist.sweep import runs as R
 
 
 def _parser():
@@ -50,7 +50,7 @@ def _keys(spec, names):
 
 def report(spec, say=print) -> int:
     """Write and print the report; returns how many planned runs have neither record nor failure."""
-    from .report import markdown, plot
+    from gqc_dist.sweep.report import markdown, plot
 
     records = R.load_records(spec)
     failures = [f for f in R.load_failures(spec) if f["arm"] in spec.arms]
@@ -69,12 +69,12 @@ def main(argv) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.task:
-            from .slurm import run_task
+            from gqc_dist.sweep.slurm import run_task
 
             return run_task(Path(args.task[0]), int(args.task[1]))
         if not args.spec:
             raise GQCError("give the sweep's spec file (gqc-train sweep SPEC; see --help)")
-        from .spec import load
+        from gqc_dist.sweep.spec import load
 
         spec = load(args.spec, args.set, args.results)
         if args.jobs < 1:
@@ -83,13 +83,13 @@ def main(argv) -> int:
             report(spec)
             return 0
         if args.slurm:
-            from .slurm import submit
+            from gqc_dist.sweep.slurm import submit
 
             spec_args = {"spec": str(Path(args.spec).resolve()), "set": args.set,
                          "results": None if args.results is None else str(Path(args.results).resolve())}
             submit(spec, spec_args, args.retry_failed, args.sbatch)
             return 0
-        from .local import SweepStopped, main_line, run_local
+        from gqc_dist.sweep.local import SweepStopped, main_line, run_local
 
         try:
             status = run_local(spec, _keys(spec, args.only) if args.only else None, args.jobs, args.retry_failed)

@@ -17,9 +17,9 @@ import socket
 import time
 from typing import Callable, Dict, List, Optional
 
-from ..errors import GQCError
-from . import runs as R
-from .spec import Spec
+from gqc_dist.errors import GQCError
+from gqc_dist.sweep import runs as R
+from gqc_dist.sweep.spec import Spec
 
 LOCK_NAME = ".sweep.lock"
 

@@ -17,8 +17,8 @@ import math
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from ..atomic_file import replace_atomically
-from .table import adaptive_steps_bound
+from gqc_dist.atomic_file import replace_atomically
+from gqc_dist.sweep.table import adaptive_steps_bound
 
 SCRIPT_RESULT = "sweep_result.json"  # what a user's script writes into its {out} folder
 

@@ -10,9 +10,9 @@ locally or in Slurm tasks.
 from pathlib import Path
 from typing import List, Sequence
 
-from .runs import Key, run_name
-from .spec import Spec
-from .table import best_fixed, by_arm, fmt, setting_rows, spread_text, verdicts
+from gqc_dist.sweep.runs import Key, run_name
+from gqc_dist.sweep.spec import Spec
+from gqc_dist.sweep.table import best_fixed, by_arm, fmt, setting_rows, spread_text, verdicts
 
 
 def _records_of(spec: Spec, records: Sequence[dict]) -> List[dict]:

@@ -35,10 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..errors import GQCConfigError
-from .records import SCRIPT_RESULT, record_of_run, record_of_script, write_json
-from .spec import TWIN_NUDGE, Arm, Spec
-from .table import best_fixed_per_k, by_arm
+from gqc_dist.errors import GQCConfigError
+from gqc_dist.sweep.records import SCRIPT_RESULT, record_of_run, record_of_script, write_json
+from gqc_dist.sweep.spec import TWIN_NUDGE, Arm, Spec
+from gqc_dist.sweep.table import best_fixed_per_k, by_arm
 
 TEMPLATE_FIELDS = ("out", "seed", "arm", "lr", "lr_base", "k", "gqc", "python")
 Key = Tuple[str, int]

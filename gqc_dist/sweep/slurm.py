@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Callable, List, Optional, Sequence
 
-from ..errors import GQCError
-from . import runs as R
-from .local import hold_results
-from .spec import Spec, load
+from gqc_dist.errors import GQCError
+from gqc_dist.sweep import runs as R
+from gqc_dist.sweep.local import hold_results
+from gqc_dist.sweep.spec import Spec, load
 
 
 def _script(spec: Spec, tasks: Path, count: int) -> str:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from ..errors import GQCConfigError
+from gqc_dist.errors import GQCConfigError
 
 TWIN_NUDGE = 1e-6  # a twin's learning rate: its arm's times (1 + this), no systematic effect
 _TOP = {"name", "about", "results", "runs", "base", "base_lr", "arms", "seeds", "twins", "judge", "nproc",
@@ -190,7 +190,7 @@ def _expand_arm(path: str, raw, seeds: Tuple[int, ...]) -> List[Arm]:
     if gqc is not None and not isinstance(gqc, dict):
         _fail(f"{path}.gqc", f"expected a gradient_quality_control section (an object) or null, got {gqc!r}")
     if gqc is not None:
-        from ..config import parse_section
+        from gqc_dist.config import parse_section
 
         try:
             parse_section(gqc)
@@ -260,7 +260,7 @@ def parse(raw: dict, root: Path, spec_path: Optional[Path] = None) -> Spec:
             _fail("command", f"expected a command line (a string or a list of strings), got {raw['command']!r}")
         if not any("{out}" in part for part in command):
             _fail("command", "the template must pass {out}: the folder the script writes its result to")
-        from .runs import TEMPLATE_FIELDS
+        from gqc_dist.sweep.runs import TEMPLATE_FIELDS
 
         for part in command:
             try:
@@ -296,7 +296,7 @@ def parse(raw: dict, root: Path, spec_path: Optional[Path] = None) -> Spec:
 def _check_configs(arms: Sequence[Arm], config: Optional[Path], base_set: Sequence[Tuple[str, Any]]) -> None:
     """The gqc-train config each arm's runs get, validated (the base once, then each arm on it):
     a bad key or value is one line naming where it came from."""
-    from ..train.settings import apply_override, load_config, validate
+    from gqc_dist.train.settings import apply_override, load_config, validate
 
     def overridden(values, pairs):
         for key, value in pairs:
@@ -333,7 +333,7 @@ def _config_lr(config: Optional[Path], overrides: Sequence[Tuple[str, Any]]) -> 
             _fail("base.config", f"{config} is not JSON: {error}")
         if lr is not None:
             return _number(f"base.config ({config.name}) optimizer.lr", lr)
-    from ..train.settings import DEFAULT_CONFIG
+    from gqc_dist.train.settings import DEFAULT_CONFIG
 
     return DEFAULT_CONFIG["optimizer"]["lr"]
 

@@ -1,5 +1,5 @@
 """``python -m gqc_dist.train``: the same as the ``gqc-train`` console script."""
 
-from .cli import entry
+from gqc_dist.train.cli import entry
 
 entry()

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..errors import GQCConfigError, GQCError
-from ..extras import require
-from .settings import DEFAULT_CONFIG, apply_override, load_config, merge, validate
+from gqc_dist.errors import GQCConfigError, GQCError
+from gqc_dist.extras import require
+from gqc_dist.train.settings import DEFAULT_CONFIG, apply_override, load_config, merge, validate
 
 
 def _accumulation(text: str):
@@ -95,7 +95,7 @@ def build_config(args) -> dict:
     algorithm, engine or seed is refused naming the key.
     """
     if args.resume:
-        from .run_dir import saved_config
+        from gqc_dist.train.run_dir import saved_config
 
         out_dir = Path(args.out_dir or default_out_dir(args))
         saved = validate(saved_config(out_dir))
@@ -152,7 +152,7 @@ def compare_main(argv) -> int:
     except GQCError as error:
         print(f"gqc-train compare: {error}", file=sys.stderr)
         return 2
-    from .plots import plot_compare
+    from gqc_dist.train.plots import plot_compare
 
     runs = [(Path(run).name, Path(run) / "metrics.jsonl") for run in args.runs]
     try:
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:])
     if argv[:1] == ["sweep"]:
-        from ..sweep.cli import main as sweep_main
+        from gqc_dist.sweep.cli import main as sweep_main
 
         return sweep_main(argv[1:])
     args = _parser().parse_args(argv)
@@ -210,11 +210,11 @@ def main(argv=None) -> int:
     except GQCError as error:
         print(f"gqc-train: {error}", file=sys.stderr)
         return 2
-    from . import signals
-    from .health import TrainDiverged
-    from .run import train
-    from .run_lock import release_all
-    from .storage import cause_of
+    from gqc_dist.train import signals
+    from gqc_dist.train.health import TrainDiverged
+    from gqc_dist.train.run import train
+    from gqc_dist.train.run_lock import release_all
+    from gqc_dist.train.storage import cause_of
 
     restore_signals = signals.install()  # SIGTERM / SIGUSR1: checkpoint and stop at the next micro-step
     try:
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
     if dist.is_initialized():
         import torch
 
-        from .. import collectives
+        from gqc_dist.core import collectives
 
         collectives.barrier(torch.device(summary["device"]))  # rank 0 may still be plotting; tear down together
         dist.destroy_process_group()
@@ -276,7 +276,7 @@ def entry() -> None:
     Under a launcher the process also asks to die with it (``signals.die_with_parent``): torchrun
     starts each rank in a session of its own, and a rank outliving a killed launcher would train
     on into the run directory. (Here, not in :func:`main`: an in-process caller keeps its own.)"""
-    from . import signals
+    from gqc_dist.train import signals
 
     if signals.launched():
         signals.die_with_parent()

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
-from ..errors import GQCConfigError
+from gqc_dist.errors import GQCConfigError
 
 SEPARATOR = 0
 """Byte (NUL) appended after every file when files are concatenated."""

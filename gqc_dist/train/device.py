@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from ..errors import GQCConfigError
+from gqc_dist.errors import GQCConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "bf16", "fp16")

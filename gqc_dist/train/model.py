@@ -5,7 +5,7 @@ Pre-LayerNorm blocks, causal self-attention through
 embeddings, vocabulary 256 (one token = one byte). The output head is UNTIED (its own
 ``Linear(dim, 256, bias=False)``), so every module can be FSDP2-sharded on its own.
 Linear layers have no bias; LayerNorms do. With ``num_experts > 0`` every block's MLP is a
-:class:`gqc_dist.moe.ExpertParallelMoE` (top-1, experts split over ``ep_group``).
+:class:`gqc_dist.engines.moe.ExpertParallelMoE` (top-1, experts split over ``ep_group``).
 
 Initialization is deterministic from ``seed``, draws from private generators only (the global
 RNG is left as it was) and is identical on every rank and every expert-parallel layout: dense
@@ -23,8 +23,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import GQCConfigError
-from ..moe import ExpertParallelMoE
+from gqc_dist.errors import GQCConfigError
+from gqc_dist.engines.moe import ExpertParallelMoE
 
 VOCAB_SIZE = 256
 

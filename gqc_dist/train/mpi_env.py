@@ -22,7 +22,7 @@ def launched_by_mpi() -> bool:
 
 def discover() -> Dict[str, str]:
     """``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` from MPI."""
-    from ..extras import require
+    from gqc_dist.extras import require
 
     MPI = require("mpi4py.MPI", "mpi", "gqc-train under mpirun")
     world = MPI.COMM_WORLD

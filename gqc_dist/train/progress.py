@@ -5,7 +5,7 @@ An adaptive run does not know its step count in advance, so with a token budget
 batch ramps are keyed on consumed samples: adaptive and fixed-accumulation runs then share one
 schedule shape over one budget. Without one, schedules count optimizer steps.
 
-Schedules read the :class:`gqc_dist.window.Window` each optimizer step is taken on (identical on
+Schedules read the :class:`gqc_dist.core.window.Window` each optimizer step is taken on (identical on
 every rank, restored with the controller from a checkpoint), never the loop's own counters:
 
 * learning rate (:func:`lr_hook`): linear warm-up, then cosine to 0.1x at the end of the budget
@@ -22,7 +22,7 @@ import math
 import warnings
 from typing import Any, Dict
 
-from ..window import LRCoupling, Window
+from gqc_dist.core.window import LRCoupling, Window
 
 
 class Budget:

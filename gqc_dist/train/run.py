@@ -34,23 +34,23 @@ from typing import Any, Dict
 
 import torch
 
-from .. import collectives
-from ..errors import GQCConfigError, TrainError
-from ..packet import world_rank_and_size
-from .corpus import ByteBatches, evaluate_batches, load_corpus
-from .engines import TrainEngine, build_engine, init_distributed
-from .plots import plot_run
-from .device import flops_per_token, peak_tflops
-from .progress import Budget
-from .throughput import Throughput
-from .health import DivergenceWatch, TrainDiverged
-from .run_dir import Checkpoints, claim, prepare, truncate_metrics
-from .run_lock import RunLock
-from .signals import STOP, RunStopped, signal_name
-from .storage import Appender, RunFileError, write_atomic
+from gqc_dist.core import collectives
+from gqc_dist.errors import GQCConfigError, TrainError
+from gqc_dist.core.packet import world_rank_and_size
+from gqc_dist.train.corpus import ByteBatches, evaluate_batches, load_corpus
+from gqc_dist.train.backends import TrainEngine, build_engine, init_distributed
+from gqc_dist.train.plots import plot_run
+from gqc_dist.train.device import flops_per_token, peak_tflops
+from gqc_dist.train.progress import Budget
+from gqc_dist.train.throughput import Throughput
+from gqc_dist.train.health import DivergenceWatch, TrainDiverged
+from gqc_dist.train.run_dir import Checkpoints, claim, prepare, truncate_metrics
+from gqc_dist.train.run_lock import RunLock
+from gqc_dist.train.signals import STOP, RunStopped, signal_name
+from gqc_dist.train.storage import Appender, RunFileError, write_atomic
 
 
-COST_KEYS = ("cost_micro_step_s", "cost_reduction_s", "cost_optimizer_step_s")  # gqc_dist.costs, per step
+COST_KEYS = ("cost_micro_step_s", "cost_reduction_s", "cost_optimizer_step_s")  # gqc_dist.core.costs, per step
 
 
 def _strict(value):

@@ -23,10 +23,10 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .. import collectives
-from ..errors import GQCError, TrainError
-from .run_lock import LOCK_NAME, RunLock
-from .storage import RunFileError, save_tensors, write_atomic, writing
+from gqc_dist.core import collectives
+from gqc_dist.errors import GQCError, TrainError
+from gqc_dist.train.run_lock import LOCK_NAME, RunLock
+from gqc_dist.train.storage import RunFileError, save_tensors, write_atomic, writing
 
 __all__ = ["prepare", "claim", "saved_config", "Checkpoints", "truncate_metrics", "write_atomic", "RUN_FILES"]
 

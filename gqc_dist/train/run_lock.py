@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from ..errors import TrainError
-from .storage import cause_of
+from gqc_dist.errors import TrainError
+from gqc_dist.train.storage import cause_of
 
 LOCK_NAME = "gqc-train.lock"
 _OWNER, _MEMBERS = 0, 1  # byte offsets

@@ -20,11 +20,11 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
-from ..algorithms.spec import get as algorithm_spec
-from ..config import parse_section
-from ..errors import GQCConfigError
-from ..window import RULES, SEESAW
-from .device import DEVICES, PRECISIONS
+from gqc_dist.algorithms.spec import get as algorithm_spec
+from gqc_dist.config import parse_section
+from gqc_dist.errors import GQCConfigError
+from gqc_dist.core.window import RULES, SEESAW
+from gqc_dist.train.device import DEVICES, PRECISIONS
 
 ENGINES = ("single", "ddp", "fsdp2", "deepspeed")
 
@@ -38,7 +38,7 @@ DEFAULT_CONFIG: Dict[str, Any] = {
               "num_experts": 0, "ep_size": 1},
     "data": {"path": None, "max_bytes": 4_000_000, "micro_batch_size": 16},
     # lr: the peak for a window of one micro-batch; lr_coupling scales it (and weight decay) with
-    # the window each step takes (gqc_dist.window.LRCoupling), fixed accumulation included
+    # the window each step takes (gqc_dist.core.window.LRCoupling), fixed accumulation included
     "optimizer": {"lr": 3e-3, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95,
                   "warmup_steps": 20, "warmup_fraction": 0.067, "grad_clip": 1.0,
                   "lr_coupling": "sqrt", "seesaw": False},
@@ -81,7 +81,7 @@ SCHEMA = {
               "eval_batches": _INT_POS, "final_eval_batches": _INT_POS, "checkpoint_interval": _INT_POS, "collective_timeout_s": _NUM_POS,
               "peak_tflops": ((int, float, type(None)), lambda v: v is None or v > 0, "> 0 or null"),
               "max_nonfinite_windows": _INT_POS},
-    "deepspeed": "any-object",  # a ds_config fragment, checked by gqc_dist.deepspeed
+    "deepspeed": "any-object",  # a ds_config fragment, checked by gqc_dist.frontends.deepspeed
 }
 
 
@@ -133,7 +133,7 @@ def validate(config: Dict[str, Any]) -> Dict[str, Any]:
             "over an expert-parallel group there")
     if model["num_experts"] and checked["engine"] == "deepspeed":
         raise GQCConfigError("model.num_experts > 0 is not supported with engine deepspeed in gqc-train "
-                             "(use fsdp2, or deepspeed.moe with gqc_dist.deepspeed.initialize)")
+                             "(use fsdp2, or deepspeed.moe with gqc_dist.frontends.deepspeed.initialize)")
     if model["num_experts"] % model["ep_size"]:
         raise GQCConfigError("model.num_experts must be a multiple of model.ep_size")
     algorithm_spec(checked["gqc"]["algorithm"]).check_engine(checked["engine"], "gqc.algorithm")

@@ -14,8 +14,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from ..atomic_file import replace_atomically
-from ..errors import TrainError
+from gqc_dist.atomic_file import replace_atomically
+from gqc_dist.errors import TrainError
 
 # errno -> what the user reads; anything else gets the system's own strerror
 _CAUSES = {

@@ -19,10 +19,10 @@ _PASS_THROUGH = (_in_package("torch", "optim", ""), _in_package("torch", "amp", 
 
 STOCK_TRAINER = ("a plain transformers.Trainer is driving a GQC wrapper (optimizers=(wrapper, scheduler)): it would "
                  "count every micro-batch as an optimizer step, step the lr scheduler on each and zero the window "
-                 "after each; use gqc_dist.integrations.hf.GQCTrainer(..., gqc={...}) with the plain torch optimizer")
+                 "after each; use gqc_dist.frontends.hf.GQCTrainer(..., gqc={...}) with the plain torch optimizer")
 _STOCK_LIGHTNING = ("zero_grad() on a GQC wrapper was called by Lightning's loop: a plain LightningModule zeroes the "
                     "gradients every micro-batch, which would clear GQC's window; make "
-                    "gqc_dist.integrations.lightning.GQCLightningModule the module's base class (it leaves zeroing, "
+                    "gqc_dist.frontends.lightning.GQCLightningModule the module's base class (it leaves zeroing, "
                     "scheduler steps and step counting to GQC)")
 
 

@@ -2,7 +2,7 @@
 
 A Trainer script changes one class and adds the section::
 
-    from gqc_dist.integrations.hf import GQCTrainer
+    from gqc_dist.frontends.hf import GQCTrainer
     trainer = GQCTrainer(model=model, args=args, train_dataset=ds,
                          gqc={"algorithm": "cbc", "kappa": 0.25, "max_draws": 16})
 
@@ -54,13 +54,14 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..algorithms.spec import get as algorithm_spec
-from ..config import SECTION, parse_section
-from ..errors import CheckpointError, GQCConfigError
-from ..extras import require
-from . import accelerate as gqc_accelerate
+from gqc_dist.algorithms.spec import get as algorithm_spec
+from gqc_dist.config import SECTION, parse_section
+from gqc_dist.errors import CheckpointError, GQCConfigError
+from gqc_dist.extras import require
+from gqc_dist.frontends import accelerate as gqc_accelerate
+from gqc_dist.core import state_files
 
-require("transformers", "hf", "gqc_dist.integrations.hf")
+require("transformers", "hf", "gqc_dist.frontends.hf")
 
 from accelerate import skip_first_batches  # noqa: E402
 from transformers import Trainer  # noqa: E402
@@ -148,9 +149,9 @@ class GQCTrainer(Trainer):
         """This rank's GQC state in a Trainer checkpoint (under DeepSpeed: in the engine's tag
         directory, checked against the engine once it exists, in ``_prepare_for_training``)."""
         if not self.is_deepspeed_enabled:
-            return gqc_accelerate.read_state(checkpoint)
-        from ..deepspeed_checkpoint import STATE_FORMAT, state_file
-        from ..packet import world_rank_and_size
+            return state_files.read_state(checkpoint)
+        from gqc_dist.engines.deepspeed_checkpoint import STATE_FORMAT, state_file
+        from gqc_dist.core.packet import world_rank_and_size
 
         try:
             with open(os.path.join(checkpoint, "latest")) as handle:
@@ -170,7 +171,7 @@ class GQCTrainer(Trainer):
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         world = self.accelerator.num_processes
         if self.is_deepspeed_enabled:
-            from ..deepspeed import attach_controller
+            from gqc_dist.frontends.deepspeed import attach_controller
 
             engine = self.model_wrapped
             attach_controller(engine, self.gqc_section, self._gqc_clip)
@@ -183,7 +184,7 @@ class GQCTrainer(Trainer):
         self._gqc_pending = None
         if self._gqc_resume_state is not None:
             if self.is_deepspeed_enabled:
-                from ..deepspeed_checkpoint import agreed, read_gqc_state
+                from gqc_dist.engines.deepspeed_checkpoint import agreed, read_gqc_state
 
                 # DeepSpeed loaded its own state inside super() (before the controller existed)
                 self._gqc_pending = agreed(lambda: read_gqc_state(self._gqc_ds_dir, engine, self.gqc,
@@ -198,11 +199,11 @@ class GQCTrainer(Trainer):
         # after _inner_training_loop's model.zero_grad(), which would wipe restored gradients
         state, self._gqc_pending = self._gqc_pending, None
         if self.is_deepspeed_enabled:
-            from ..deepspeed_checkpoint import restore_gqc_state
+            from gqc_dist.engines.deepspeed_checkpoint import restore_gqc_state
 
             restore_gqc_state(self.model_wrapped, self.gqc, state)
         else:
-            gqc_accelerate.restore_state(self.gqc, self.gqc_schedule, state)
+            state_files.restore_state(self.gqc, self.gqc_schedule, state)
         self._gqc_logged = (self.gqc.num_batches - self.gqc.num_draws, self.gqc.num_steps)
 
     def _save_optimizer_and_scheduler(self, output_dir):
@@ -210,7 +211,7 @@ class GQCTrainer(Trainer):
         (DeepSpeed: ``engine.save_checkpoint`` already wrote it into its tag directory)."""
         super()._save_optimizer_and_scheduler(output_dir)
         if not self.is_deepspeed_enabled:
-            gqc_accelerate.write_state(output_dir, self.gqc, self.gqc_schedule)
+            state_files.write_state(output_dir, self.gqc, self.gqc_schedule)
 
     # ------------------------------------------------------------------ logs
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:

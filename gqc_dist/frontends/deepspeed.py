@@ -1,9 +1,9 @@
-"""``gqc_dist.deepspeed.initialize``: ``deepspeed.initialize`` with GQC deciding when to step.
+"""``gqc_dist.frontends.deepspeed.initialize``: ``deepspeed.initialize`` with GQC deciding when to step.
 
 Add a top-level ``"gradient_quality_control"`` section to ds_config.json (see
 ``gqc_dist.config``) and change one import; the loop stays DeepSpeed's::
 
-    engine, optimizer, _, scheduler = gqc_dist.deepspeed.initialize(model=model, config=cfg, ...)
+    engine, optimizer, _, scheduler = gqc_dist.frontends.deepspeed.initialize(model=model, config=cfg, ...)
     for batch in loader:                       # one micro-batch per iteration
         loss = engine(batch)
         engine.backward(loss)
@@ -14,14 +14,14 @@ What the returned engine adds:
 * ``engine.gqc``: the controller: ``engine.gqc.statistics()``, ``engine.gqc.vital_statistics()``,
   ``engine.gqc.num_steps`` ...
 * ``engine.step()`` returns True when the optimizer stepped (``engine.gqc_stepped`` holds the
-  last result, ``engine.gqc_decision`` the last :class:`~gqc_dist.window.Decision`).
+  last result, ``engine.gqc_decision`` the last :class:`~gqc_dist.core.window.Decision`).
   DeepSpeed's ``global_steps`` counts optimizer steps, ``global_samples`` the samples that went
   into them; the lr scheduler steps once per optimizer step, and so does the
   threshold schedule of the section (``engine.gqc_schedule``).
 * ``engine.gqc_after_part(fraction)``: a micro-batch in two parts (CBC's split probes,
   ``engine.gqc.split_next``): ``backward`` of the first part (its loss times ``fraction``),
   ``gqc_after_part``, ``backward`` of the rest (times ``1 - fraction``), ``step()``. See
-  :meth:`gqc_dist.wrapper.GQCOptimizerWrapper.after_part`.
+  :meth:`gqc_dist.core.wrapper.GQCOptimizerWrapper.after_part`.
 * ``engine.save_checkpoint(dir, ...)`` / ``engine.load_checkpoint(dir, ...)`` (DeepSpeed's own
   arguments and return values) also carry the controller: counters, algorithm state, noise-scale
   estimate, the value schedule's position and, when saved mid-window, this rank's accumulated
@@ -38,7 +38,7 @@ Options that cannot work are refused before training starts, naming the key.
 
 ``"local_accumulation": true`` (ZeRO-0/1, dense models) keeps the gradients rank-local between
 steps: each micro-step all-reduces a few floats and decides from a predicted norm
-(``gqc_dist.local_mode``), and DeepSpeed's own boundary reduction runs once per step, instead of
+(``gqc_dist.core.local_mode``), and DeepSpeed's own boundary reduction runs once per step, instead of
 the exact mode's full-size copy all-reduce every micro-step.
 """
 
@@ -50,12 +50,12 @@ from typing import Any, Dict, Tuple
 
 import torch
 
-from .algorithms.spec import get as algorithm_spec
-from .config import SECTION, build_controller, parse_section
-from .deepspeed_checkpoint import agreed, gqc_state, latest_tag, read_gqc_state, restore_gqc_state, write_gqc_state
-from .engines.deepspeed_zero import DeepSpeedGradients
-from .errors import GQCConfigError, GQCUsageError
-from .extras import require
+from gqc_dist.algorithms.spec import get as algorithm_spec
+from gqc_dist.config import SECTION, build_controller, parse_section
+from gqc_dist.engines.deepspeed_checkpoint import agreed, gqc_state, latest_tag, read_gqc_state, restore_gqc_state, write_gqc_state
+from gqc_dist.engines.deepspeed_zero import DeepSpeedGradients
+from gqc_dist.errors import GQCConfigError, GQCUsageError
+from gqc_dist.extras import require
 
 
 def load_ds_config(config) -> Dict[str, Any]:
@@ -172,7 +172,7 @@ def initialize(*args, config=None, config_params=None, **kwargs):
 
     Without a ``"gradient_quality_control"`` section this is ``deepspeed.initialize`` unchanged.
     """
-    deepspeed = require("deepspeed", "deepspeed", "gqc_dist.deepspeed.initialize")
+    deepspeed = require("deepspeed", "deepspeed", "gqc_dist.frontends.deepspeed.initialize")
 
     if config is None and config_params is not None:
         config = config_params

@@ -20,7 +20,7 @@ How Lightning's loop is adapted (it decides step-or-accumulate before the backwa
 * **The step.** Lightning's precision plugins call ``optimizer.step(closure=...)`` (automatic
   optimization) and the user calls ``opt.step()`` (manual); the wrapper runs the closure, then
   decides (``GQCOptimizerWrapper.step``); under DeepSpeed ``engine.step()`` is the decision
-  (``gqc_dist.deepspeed.attach_controller``). ``opt.step()`` returns True when the optimizer stepped.
+  (``gqc_dist.frontends.deepspeed.attach_controller``). ``opt.step()`` returns True when the optimizer stepped.
 * **Step counting.** Lightning counts every ``optimizer.step()`` call as a step. The
   :class:`GQCCallback` sees every decision (an observer on the controller's ``after_backward``)
   and, when the controller did not step, takes that call back out of Lightning's counter before
@@ -64,21 +64,20 @@ Private Lightning API this module touches (pinned to ``lightning>=2.6,<2.7``; ea
 CPU path of ``setup_environment`` / ``setup_distributed`` skips: the CUDA-only checks).
 """
 
-import argparse
 import math
 from typing import Any, List, Optional
 
-from ..errors import GQCConfigError, GQCUsageError
-from ..extras import require
+from gqc_dist.errors import GQCConfigError, GQCUsageError
+from gqc_dist.extras import require
 
-lightning = require("lightning", "lightning", "gqc_dist.integrations.lightning")
+lightning = require("lightning", "lightning", "gqc_dist.frontends.lightning")
 
 from lightning.pytorch import Callback, LightningModule  # noqa: E402
 from lightning.pytorch.plugins.precision import MixedPrecision  # noqa: E402
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy  # noqa: E402
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy  # noqa: E402
 from lightning.pytorch.utilities.model_helpers import is_overridden  # noqa: E402
 
-from ..wrapper import GQCOptimizerWrapper  # noqa: E402
+from gqc_dist.core.wrapper import GQCOptimizerWrapper  # noqa: E402
 
 #: the Lightning releases this integration was tested on (its private counters move between minors)
 TESTED_LIGHTNING = (2, 6)
@@ -88,7 +87,7 @@ def _check_version(version: str) -> None:
     found = tuple(int(part) for part in version.split(".")[:2])
     if found != TESTED_LIGHTNING:
         raise GQCUsageError(
-            f"gqc_dist.integrations.lightning supports lightning {TESTED_LIGHTNING[0]}.{TESTED_LIGHTNING[1]}.x "
+            f"gqc_dist.frontends.lightning supports lightning {TESTED_LIGHTNING[0]}.{TESTED_LIGHTNING[1]}.x "
             f"(it adjusts Lightning's step counters, which move between releases); found {version}: "
             f"pip install 'gqc_dist[lightning]'")
 
@@ -120,7 +119,7 @@ def check_trainer(trainer, module) -> None:
     if isinstance(strategy, DeepSpeedStrategy) and not deepspeed:
         raise GQCConfigError(
             "Trainer(strategy=DeepSpeedStrategy(...)) forces its own gradient accumulation: use "
-            "gqc_dist.integrations.lightning.GQCDeepSpeedStrategy(..., gqc={...}) with GQC")
+            "gqc_dist.frontends.lightning.GQCDeepSpeedStrategy(..., gqc={...}) with GQC")
     if isinstance(strategy, FSDPStrategy):
         raise GQCConfigError("Trainer(strategy='fsdp') (FSDP1 flat parameters) is not supported with GQC; use DDP "
                              "or GQCDeepSpeedStrategy")
@@ -365,77 +364,7 @@ class GQCLightningModule(LightningModule):
         return super().on_before_batch_transfer(batch, dataloader_idx)
 
 
-# ---------------------------------------------------------------------- DeepSpeed
-def _deepspeed_on_cpu() -> bool:
-    from deepspeed.accelerator import get_accelerator
-
-    return get_accelerator().device_name() == "cpu"
-
-
-class GQCDeepSpeedStrategy(DeepSpeedStrategy):
-    """Lightning's ``DeepSpeedStrategy`` with ``engine.step()`` a GQC decision.
-
-    Takes ``DeepSpeedStrategy``'s arguments and ``gqc``: a ``gradient_quality_control`` section
-    (e.g. ``{"algorithm": "gnts", "threshold": 0.5, "max_draws": 16}``), or ``None`` for the
-    section inside ``config``. DeepSpeed runs with caller-owned accumulation
-    (``gqc_dist.deepspeed.split_config`` / ``attach_controller``); ``gradient_clip_val`` (DeepSpeed's
-    ``gradient_clipping``) is applied by GQC to the window mean. ``configure_optimizers``
-    returns the plain torch optimizer. Runs on CPU too when DeepSpeed's accelerator is the CPU
-    (``DS_ACCELERATOR=cpu``, ``Trainer(accelerator="cpu")``).
-    """
-
-    strategy_name = "gqc_deepspeed"
-
-    def __init__(self, *args, gqc: Optional[dict] = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        from ..config import parse_section
-
-        self.gqc_section = None if gqc is None else parse_section(gqc)
-
-    def _on_cpu(self) -> bool:
-        return self.root_device.type == "cpu" and _deepspeed_on_cpu()
-
-    def setup_environment(self) -> None:
-        if self._on_cpu():  # DeepSpeedStrategy refuses anything but CUDA; DeepSpeed's CPU accelerator works
-            DDPStrategy.setup_environment(self)
-        else:
-            super().setup_environment()
-
-    def setup_distributed(self) -> None:
-        if self._on_cpu():  # the parent insists on CUDA device indices
-            from lightning.fabric.utilities.seed import reset_seed
-
-            reset_seed()
-            self.set_world_ranks()
-            self._init_deepspeed_distributed()
-        else:
-            super().setup_distributed()
-
-    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
-        """PRIVATE in Lightning 2.6 (``DeepSpeedStrategy._setup_model_and_optimizer``): the one
-        place Lightning calls ``deepspeed.initialize`` for training."""
-        import deepspeed
-
-        from ..deepspeed import attach_controller, split_config
-
-        if isinstance(optimizer, GQCOptimizerWrapper):
-            raise GQCConfigError(
-                "under GQCDeepSpeedStrategy configure_optimizers returns the plain torch optimizer; the GQC section goes "
-                "to GQCDeepSpeedStrategy(gqc={...}) or into the DeepSpeed config")
-        module = self.lightning_module
-        if not isinstance(module, GQCLightningModule):
-            raise GQCConfigError(
-                f"GQCDeepSpeedStrategy needs a GQCLightningModule (it owns zeroing, scheduler steps and step counting), "
-                f"got {type(module).__name__}")
-        check_trainer(module.trainer, module)
-        ds_config, section, clip = split_config(self.config, model, self.gqc_section)
-        index = self.root_device.index
-        engine, ds_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank if index is None else index),
-            config=ds_config, model=model, model_parameters=filter(lambda p: p.requires_grad, model.parameters()),
-            optimizer=optimizer, lr_scheduler=lr_scheduler, dist_init_required=False)
-        attach_controller(engine, section, clip)
-        return engine, ds_optimizer
-
+# the DeepSpeed strategy lives beside this module; imported last, since it builds on what is above
+from gqc_dist.frontends.lightning_deepspeed import GQCDeepSpeedStrategy  # noqa: E402
 
 __all__ = ["GQCLightningModule", "GQCCallback", "GQCDeepSpeedStrategy", "check_trainer", "TESTED_LIGHTNING"]

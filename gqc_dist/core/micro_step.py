@@ -10,10 +10,10 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .engines.base import GradientAdapter
-from .errors import GQCUsageError, PartialGradientError, RankDivergenceError
-from .grad_norms import WeightCache, local_group_sums
-from .packet import StatsPacket, world_rank_and_size
+from gqc_dist.engines.base import GradientAdapter
+from gqc_dist.errors import GQCUsageError, PartialGradientError, RankDivergenceError
+from gqc_dist.core.grad_norms import WeightCache, local_group_sums
+from gqc_dist.core.packet import StatsPacket, world_rank_and_size
 
 _BASE_FIELDS = frozenset({"group_sq", "settings", "scale", "fingerprint", "fingerprint0", "outside"})
 _EPS = 2.0**-52

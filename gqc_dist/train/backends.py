@@ -19,17 +19,17 @@ from typing import Any, Dict
 import torch
 import torch.distributed as dist
 
-from ..algorithms.spec import get as algorithm_spec
-from ..config import build_controller
-from ..errors import TrainError
-from ..engines import TorchOptimizerGradients
-from ..moe import expert_param_groups, expert_parallel_groups, reduce_expert_grads
-from ..packet import world_rank_and_size
-from .device import autocast, grad_scaler, resolve_device
-from .progress import Budget, TokenKeyedSchedule, lr_hook
-from .mpi_env import discover, launched_by_mpi
-from .slurm_env import first_host
-from .model import GPT, ModelConfig, block_modules, expert_parameters, token_loss
+from gqc_dist.algorithms.spec import get as algorithm_spec
+from gqc_dist.config import build_controller
+from gqc_dist.errors import TrainError
+from gqc_dist.engines import TorchOptimizerGradients
+from gqc_dist.engines.moe import expert_param_groups, expert_parallel_groups, reduce_expert_grads
+from gqc_dist.core.packet import world_rank_and_size
+from gqc_dist.train.device import autocast, grad_scaler, resolve_device
+from gqc_dist.train.progress import Budget, TokenKeyedSchedule, lr_hook
+from gqc_dist.train.mpi_env import discover, launched_by_mpi
+from gqc_dist.train.slurm_env import first_host
+from gqc_dist.train.model import GPT, ModelConfig, block_modules, expert_parameters, token_loss
 
 
 _LAUNCHER_KEYS = (("RANK", "WORLD_SIZE", "LOCAL_RANK"),  # torchrun, deepspeed launcher, MPI (mpi_env)
@@ -206,7 +206,7 @@ class FSDP2Engine(TrainEngine):
             return
         import torch.distributed.checkpoint as dcp
 
-        from .storage import RunFileError, cause_of
+        from gqc_dist.train.storage import RunFileError, cause_of
 
         try:
             dcp.save(self._sharded_state_dict(), checkpoint_id=str(folder / "dcp"))
@@ -228,7 +228,7 @@ class FSDP2Engine(TrainEngine):
 
 
 class DeepSpeedEngine(TrainEngine):
-    """A ``gqc_dist.deepspeed`` engine: DeepSpeed casts, backwards and steps (the step is the GQC
+    """A ``gqc_dist.frontends.deepspeed`` engine: DeepSpeed casts, backwards and steps (the step is the GQC
     decision, which also advances the value schedule), and its own checkpoint carries everything:
     model, optimizer and the GQC controller with its schedule."""
 
@@ -326,7 +326,7 @@ def _keyed(value_schedule, config, budget, controller):
 
 
 def _deepspeed_engine(config, module, optimizer, micro_batch, budget) -> TrainEngine:
-    from .. import deepspeed as gqc_deepspeed
+    from gqc_dist.frontends import deepspeed as gqc_deepspeed
 
     precision = config["precision"]
     ds_config = {**config["deepspeed"], "train_micro_batch_size_per_gpu": micro_batch,

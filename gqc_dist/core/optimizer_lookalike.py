@@ -11,10 +11,10 @@ from typing import List, Tuple
 
 import torch
 
-from .errors import GQCUsageError
-from .framework_leftovers import calling_loop, zero_grad_message
-from .reduction import group_policy
-from .validation import check_number
+from gqc_dist.errors import GQCUsageError
+from gqc_dist.core.framework_leftovers import calling_loop, zero_grad_message
+from gqc_dist.core.reduction import group_policy
+from gqc_dist.validation import check_number
 
 
 class OptimizerLookalike(torch.optim.Optimizer):

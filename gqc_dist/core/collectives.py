@@ -18,7 +18,7 @@ from typing import Any, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .errors import GQCError
+from gqc_dist.errors import GQCError
 
 
 class DeviceMismatchError(GQCError, RuntimeError):

@@ -70,7 +70,7 @@ def mht_should_step(
         return False
     if num_draws >= max_draws:
         return True
-    from .extras import require
+    from gqc_dist.extras import require
 
     stats = require("scipy.stats", "mht", "the MHT algorithm")  # local: only MHT needs scipy
 

@@ -1,11 +1,9 @@
-"""The optimizer wrapper every GQC algorithm shares.
-
-(About 460 lines: the class is torch-gqc's public surface that every algorithm subclasses, and
-the decision API frameworks drive: counters, the micro-step, reporting, checkpoints. What can
-live apart does: the statistics collection in ``micro_step``, the checkpoint format in
-``checkpoint_state``, the optimizer look-alike in ``optimizer_lookalike``, rank-local
-accumulation in ``local_mode``, the noise estimate in ``noise_scale``, costs in ``costs``, the
-window hook in ``window``, argument checks in ``validation``.)
+"""The optimizer wrapper every GQC algorithm shares: the decision API frameworks drive
+(counters, the micro-step, the step). What can live apart does: reporting in
+``wrapper_reporting``, checkpoints in ``wrapper_checkpoints`` and ``checkpoint_state``, the
+statistics collection in ``micro_step``, the optimizer look-alike in ``optimizer_lookalike``,
+rank-local accumulation in ``local_mode``, the noise estimate in ``noise_scale``, costs in
+``costs``, the window hook in ``window``, argument checks in ``gqc_dist.validation``.
 
 Per micro-step (one ``after_backward()`` / ``step()`` call after one ``backward``) data flows one
 way:
@@ -34,7 +32,6 @@ Policies this wrapper implements (documented in docs/guarantees.md):
   mid-window continues exactly as an uninterrupted run.
 """
 
-import copy
 import dataclasses
 import math
 import sys
@@ -44,26 +41,27 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import checkpoint_state
-from .costs import CostMeter
-from .errors import CheckpointError, GQCConfigError, GQCUsageError
-from .engines import GradientAdapter, TorchOptimizerGradients
-from .grad_norms import WeightCache
-from .micro_step import MicroStepStats, collect, local_sums, verify_agreement
-from .local_mode import LocalAccumulation
-from .noise_scale import NoiseScaleEstimator
-from .framework_leftovers import STOCK_TRAINER, calling_loop
-from .optimizer_lookalike import OptimizerLookalike
-from .packet import StatsPacket, world_rank_and_size
-from .reduction import POLICY_KEY
-from .validation import check_number, check_wrapper_args
-from .window import WINDOW_GRADIENTS, Decision, StepValues, Window, WindowHook, window_gradient_factor
+from gqc_dist.core import checkpoint_state
+from gqc_dist.core.costs import CostMeter
+from gqc_dist.errors import GQCConfigError, GQCUsageError
+from gqc_dist.engines import GradientAdapter, TorchOptimizerGradients
+from gqc_dist.core.grad_norms import WeightCache
+from gqc_dist.core.micro_step import MicroStepStats, collect, local_sums, verify_agreement
+from gqc_dist.core.local_mode import LocalAccumulation
+from gqc_dist.core.noise_scale import NoiseScaleEstimator
+from gqc_dist.core.framework_leftovers import STOCK_TRAINER, calling_loop
+from gqc_dist.core.optimizer_lookalike import OptimizerLookalike
+from gqc_dist.core.packet import StatsPacket, world_rank_and_size
+from gqc_dist.validation import check_number, check_wrapper_args
+from gqc_dist.core.wrapper_checkpoints import WrapperCheckpoints
+from gqc_dist.core.wrapper_reporting import WrapperReporting
+from gqc_dist.core.window import WINDOW_GRADIENTS, Decision, StepValues, Window, WindowHook, window_gradient_factor
 
 _CARRIED = "carried"  # the packet field of carry()'s values
 _PART = "part_sq"  # the packet field of after_part()'s squared norms
 
 
-class GQCOptimizerWrapper(OptimizerLookalike):
+class GQCOptimizerWrapper(WrapperReporting, WrapperCheckpoints, OptimizerLookalike):
     """Base of the GQC optimizer wrappers (subclasses implement one decision rule each).
 
     Args:
@@ -82,18 +80,18 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             known: ``statistics()`` then reports the gradient noise scale in samples too.
         noise_beta: ``None`` (default): the noise-scale estimate remembers about the last half of
             the run; a number in [0, 1): a fixed EMA factor per informative window instead
-            (:class:`gqc_dist.noise_scale.NoiseScaleEstimator`).
+            (:class:`gqc_dist.core.noise_scale.NoiseScaleEstimator`).
         timeout_s: seconds the per-micro-step collective may take before every waiting rank
             raises :class:`gqc_dist.CollectiveTimeoutError` (a stalled or dead rank); ``None``:
             the process group's own timeout.
         local_accumulation: gradients are rank-local sums (DDP under ``no_sync()`` every
             micro-step, FSDP2 with ``set_requires_gradient_sync(False)``, DeepSpeed ZeRO-0/1):
             each micro-step reduces only a few scalars and decides from the predicted global
-            norm (``gqc_dist.local_mode``); the step reduces the gradients over the ranks (one
+            norm (``gqc_dist.core.local_mode``); the step reduces the gradients over the ranks (one
             full all-reduce, or FSDP2's reduce-scatter) and recalibrates. ``statistics()``
             counts ``estimated_decisions`` and reports ``last_prediction_error``.
         window_hook: ``hook(window, param_groups)`` called before every optimizer step with the
-            :class:`gqc_dist.window.Window` it is taken on; what it writes to ``lr`` and
+            :class:`gqc_dist.core.window.Window` it is taken on; what it writes to ``lr`` and
             ``weight_decay`` holds for that step only (e.g. :class:`gqc_dist.LRCoupling`, the
             square-root rule). Also settable later as the ``window_hook`` attribute.
         window_gradient: what the optimizer steps on for a window of ``n`` micro-batches:
@@ -101,7 +99,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
             ``"sqrt"`` (the sum over ``sqrt(n)``: every window's noise the size of one
             micro-batch's, so Adam's second moment fits every window when windows vary; what
             gqc-train's default CBC uses; see
-            :func:`gqc_dist.window.window_gradient_factor`). Clipping (the engine adapter's
+            :func:`gqc_dist.core.window.window_gradient_factor`). Clipping (the engine adapter's
             ``clip``) bounds the norm of what the optimizer receives.
 
     The wrapper duck-types as the optimizer (``param_groups``, ``state``, ``add_param_group`` ...)
@@ -158,47 +156,6 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         self._part: Optional[float] = None  # after_part()'s fraction until the micro-batch's after_backward()
         self._part_sums: Optional[torch.Tensor] = None  # this rank's squared norms of the part, per group
 
-    # ------------------------------------------------------------------ counters
-    @property
-    def local_accumulation(self) -> bool:
-        """Whether gradients accumulate rank-locally (decisions from a predicted norm)."""
-        return self._local is not None
-
-    @property
-    def num_batches(self) -> int:
-        """Micro-batches received since creation (``step()`` calls)."""
-        return self._counters["num_batches"]
-
-    @property
-    def num_steps(self) -> int:
-        """Optimizer steps taken."""
-        return self._counters["num_steps"]
-
-    @property
-    def num_draws(self) -> int:
-        """Micro-batches accumulated in the current window."""
-        return self._counters["num_draws"]
-
-    @property
-    def max_draws(self) -> int:
-        """Micro-batches after which a step is forced."""
-        return self._max_draws
-
-    @property
-    def last_num_draws(self) -> Optional[int]:
-        """Micro-batches in the most recent optimizer step; ``None`` before the first."""
-        return self._counters["last_num_draws"]
-
-    @property
-    def last_grad_norm(self) -> Optional[float]:
-        """Global L2 norm of the gradient the optimizer last stepped with (after averaging)."""
-        return self._counters["last_grad_norm"]
-
-    @property
-    def distributed_mode(self) -> Optional[str]:
-        return self._distributed_mode
-
-    # ------------------------------------------------------------------ the micro-step
     def after_backward(self, loss=None) -> Decision:
         """The decision API: call once after every micro-batch's backward, on every rank.
 
@@ -206,7 +163,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         decides, and when the rule says so steps the optimizer (window hook, average, clip,
         step) and zeroes the gradients; otherwise the gradients keep accumulating. The wrapper
         owns zeroing: do not call ``zero_grad()``. ``loss`` is this rank's micro-batch loss, read
-        only by algorithms that need it (MHT). Returns the :class:`~gqc_dist.window.Decision`.
+        only by algorithms that need it (MHT). Returns the :class:`~gqc_dist.core.window.Decision`.
         """
         stepped = self._micro_step(**self._inputs(loss))
         return Decision(stepped, not stepped and self._counters["num_draws"] == 0, self._counters["num_draws"],
@@ -228,7 +185,7 @@ class GQCOptimizerWrapper(OptimizerLookalike):
         every rank) and the rest's by ``1 - fraction``: the micro-batch's gradient is then its
         mean, as if taken whole, and the window and its step are unchanged. What the split adds
         is the part's exact norm, a point at ``n - 1 + fraction`` micro-batches for the noise
-        estimate (``gqc_dist.noise_scale``), so that a window of one micro-batch informs it. This
+        estimate (``gqc_dist.core.noise_scale``), so that a window of one micro-batch informs it. This
         rank's sums are taken here (one fused pass, no sync) and ride in the micro-step's own
         all-reduce: no extra host sync, and no extra collective except where reading the pieces
         takes one (ZeRO-0/1 in exact mode all-reduces a copy). With rank-local accumulation it
@@ -426,109 +383,3 @@ class GQCOptimizerWrapper(OptimizerLookalike):
     def _verify_agreement(self, decision: bool) -> None:
         verify_agreement(self.device, (float(decision), float(self._counters["num_draws"]),
                                        self._state_checksum()), self.num_batches, self._timeout_s)
-
-    # ------------------------------------------------------------------ reporting
-    def statistics(self, behavior: str = "verbose", aggregate_behavior: str = "mean") -> Dict[str, Any]:
-        """Counters, the last decision's norms and the schedulable values, as plain numbers.
-
-        Always has ``num_batches``, ``num_steps``, ``num_draws``, ``last_num_draws`` (after the
-        first step) and ``mean_grad_norm``: the global L2 norm of the accumulated gradient divided
-        by the draws, as used by the last decision (unscaled under AMP). Param-group values that
-        differ across groups are aggregated with ``aggregate_behavior`` and get a ``*`` suffix.
-        ``behavior="vital"`` is the short form of :meth:`vital_statistics`.
-        """
-        if behavior not in ("verbose", "vital"):
-            raise GQCConfigError(f"behavior must be 'verbose' or 'vital', got {behavior!r}")
-        aggregate = {"mean": lambda v: sum(v) / len(v), "max": max, "min": min}.get(aggregate_behavior)
-        if aggregate is None:
-            raise GQCConfigError(
-                f"aggregate_behavior must be 'mean', 'max' or 'min', got {aggregate_behavior!r}"
-            )
-        if behavior == "vital":
-            return self.vital_statistics(aggregate_behavior)
-        out = {name: value for name, value in self._counters.items() if value is not None}
-        out["max_draws"] = self._max_draws
-        out.update(self._noise.statistics())
-        out.update(self._costs.statistics())
-        if self._local is not None:
-            out.update(self._local.statistics())
-        out.update(self._algorithm_statistics())
-        for name, values in self._scalar_group_values():
-            if all(v == values[0] for v in values):
-                out[name] = values[0]
-            else:
-                out[name + "*"] = aggregate(values)
-        return out
-
-    def vital_statistics(self, aggregate_behavior: str = "mean") -> Dict[str, Any]:
-        """The monitoring subset (e.g. a tqdm postfix): counters, the last decision's norms, the
-        algorithm's vital values and the param-group values (lr, thresholds, ...); a superset of
-        torch-gqc's vital statistics."""
-        full = self.statistics("verbose", aggregate_behavior)
-        hidden = {"nonfinite_micro_batches", "dropped_windows", "dropped_micro_batches", "max_draws"}
-        hidden.update(self._verbose_only_statistics())
-        return {key: value for key, value in full.items() if key not in hidden}
-
-    def _verbose_only_statistics(self) -> List[str]:
-        """Keys of ``statistics()`` that ``vital_statistics()`` leaves out."""
-        return []
-
-    # ------------------------------------------------------------------ checkpoints
-    def state_dict(self, include_optimizer: bool = True) -> Dict[str, Any]:
-        """A deep copy of the wrapper, optimizer and accumulated-gradient state.
-
-        ``include_optimizer=False`` leaves the optimizer's state out (``"optimizer": None``) for
-        callers whose engine checkpoints it (torch.distributed.checkpoint, DeepSpeed).
-
-        Mid-window (``num_draws > 0``) it carries this rank's accumulated gradients (as the
-        engine adapter keeps them), so that ``load_state_dict`` resumes exactly where the run
-        stopped. Each rank saves its own (under FSDP2 and ZeRO, its own shards). Process-group
-        policies are not saved. Format: :mod:`gqc_dist.checkpoint_state`.
-        """
-        if self._part is not None:
-            raise GQCUsageError("state_dict() between after_part() and after_backward(): the micro-batch's first "
-                                "part would not be saved; checkpoint after its after_backward()")
-        optimizer_state = None
-        if include_optimizer:
-            optimizer_state = self._optimizer.state_dict()
-            optimizer_state["param_groups"] = [
-                {k: v for k, v in group.items() if k != POLICY_KEY}
-                for group in optimizer_state["param_groups"]
-            ]
-        return {
-            "format": checkpoint_state.FORMAT,
-            "algorithm": self.ALGORITHM,
-            "max_draws": self._max_draws,
-            "counters": dict(self._counters),
-            "algorithm_state": copy.deepcopy(self._algorithm_state()),
-            "optimizer": copy.deepcopy(optimizer_state),
-            "accumulated_grads": self._gradients.save_accumulated() if self._counters["num_draws"] else None,
-            "noise_state": self._noise.state_dict(),
-        }
-
-    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; validates everything before changing anything.
-
-        Also accepts torch-gqc's ``{"wrapper_states", "optimizer_states"}`` saved at a step
-        boundary. Raises :class:`CheckpointError` naming what is wrong otherwise.
-        """
-        state_dict = checkpoint_state.upgrade_torch_gqc(state_dict, self.ALGORITHM, self._max_draws,
-                                                        self._algorithm_state_from_torch_gqc)
-        checkpoint_state.validate(state_dict, self.ALGORITHM, self._max_draws, self._gradients.check_accumulated)
-        if state_dict["optimizer"] is not None:  # None: the engine restores the optimizer itself
-            policies = [group.get(POLICY_KEY) for group in self._optimizer.param_groups]
-            try:
-                self._optimizer.load_state_dict(copy.deepcopy(state_dict["optimizer"]))
-            except (ValueError, KeyError, RuntimeError) as error:
-                raise CheckpointError(f"optimizer state does not fit this optimizer: {error}") from error
-            for group, policy in zip(self._optimizer.param_groups, policies):
-                if policy is not None:
-                    group[POLICY_KEY] = policy
-        self._gradients.restore_accumulated(state_dict["accumulated_grads"])
-        self._counters = dict(state_dict["counters"])
-        if "noise_state" in state_dict:
-            self._noise.load_state_dict(state_dict["noise_state"])
-        self._load_algorithm_state(copy.deepcopy(state_dict["algorithm_state"]))
-
-    def _algorithm_state_from_torch_gqc(self, values: Dict[str, Any]) -> Dict[str, Any]:
-        return self._algorithm_state()

@@ -49,13 +49,13 @@ from typing import Any, Dict, Iterator, List
 
 import torch
 
-from ..algorithms.spec import algorithms
-from ..config import SECTION, build_controller, parse_section
-from ..engines import TorchOptimizerGradients
-from ..errors import CheckpointError, GQCConfigError, GQCUsageError
-from ..extras import require
+from gqc_dist.algorithms.spec import algorithms
+from gqc_dist.config import SECTION, build_controller, parse_section
+from gqc_dist.engines import TorchOptimizerGradients
+from gqc_dist.errors import CheckpointError, GQCConfigError, GQCUsageError
+from gqc_dist.extras import require
 
-require("torchtitan.trainer", "torchtitan", "gqc_dist.integrations.torchtitan")
+require("torchtitan.trainer", "torchtitan", "gqc_dist.frontends.torchtitan")
 
 from torchtitan.components.loss import IGNORE_INDEX  # noqa: E402
 from torchtitan.components.optimizer import OptimizersContainer  # noqa: E402
@@ -75,7 +75,7 @@ def _check_version() -> None:
     installed = metadata.version("torchtitan")
     if installed.split("+")[0] != TESTED_TORCHTITAN:
         raise GQCUsageError(
-            f"gqc_dist.integrations.torchtitan overrides torchtitan {TESTED_TORCHTITAN}'s Trainer.train_step and "
+            f"gqc_dist.frontends.torchtitan overrides torchtitan {TESTED_TORCHTITAN}'s Trainer.train_step and "
             f"is tested on that release only; torchtitan {installed} is installed: pip install 'gqc_dist[torchtitan]'")
 
 
@@ -197,7 +197,7 @@ class GQCTrainer(Trainer):
     Attributes (after construction):
         gqc: the GQC wrapper (:class:`gqc_dist.GQCOptimizerWrapper`) over :class:`OptimizersView`.
         gqc_schedule: the section's value schedule (stepped once per optimizer step) or ``None``.
-        gqc_decision: the :class:`gqc_dist.window.Decision` of the last micro-batch.
+        gqc_decision: the :class:`gqc_dist.core.window.Decision` of the last micro-batch.
     """
 
     @dataclass(kw_only=True, slots=True)

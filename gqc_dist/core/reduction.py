@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from .errors import GQCConfigError, PartialGradientError
+from gqc_dist.errors import GQCConfigError, PartialGradientError
 
 POLICY_KEY = "gqc_reduction"
 

@@ -9,8 +9,8 @@ before anything is changed, and every refusal is a :class:`CheckpointError` nami
 
 from typing import Any, Callable, Dict
 
-from .errors import CheckpointError
-from .noise_scale import STATE_KEYS, state_keys_valid
+from gqc_dist.errors import CheckpointError
+from gqc_dist.core.noise_scale import STATE_KEYS, state_keys_valid
 
 FORMAT = "gqc_dist.wrapper/1"
 

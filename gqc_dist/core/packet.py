@@ -20,8 +20,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 
-from . import collectives
-from .errors import CollectiveTimeoutError
+from gqc_dist.core import collectives
+from gqc_dist.errors import CollectiveTimeoutError
 
 Number = Union[int, float]
 

@@ -21,8 +21,8 @@ every rank predicts, decides and steps alike.
 import math
 from typing import Any, Callable, Dict, Optional
 
-from .micro_step import MicroStepStats
-from .packet import world_rank_and_size
+from gqc_dist.core.micro_step import MicroStepStats
+from gqc_dist.core.packet import world_rank_and_size
 
 
 class LocalAccumulation:

@@ -19,8 +19,8 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from .collectives import host_to_device
-from .reduction import Piece
+from gqc_dist.core.collectives import host_to_device
+from gqc_dist.core.reduction import Piece
 
 
 def per_tensor_norms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

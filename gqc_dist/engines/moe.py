@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from . import collectives
-from .errors import GQCConfigError
-from .reduction import Sharded
+from gqc_dist.core import collectives
+from gqc_dist.errors import GQCConfigError
+from gqc_dist.core.reduction import Sharded
 
 
 def expert_parallel_groups(ep_size: int) -> Tuple[Optional[object], Optional[object]]:

@@ -2,7 +2,7 @@
 
 A loop changes three lines::
 
-    model, optimizer, loader, scheduler, gqc = gqc_dist.integrations.accelerate.prepare(
+    model, optimizer, loader, scheduler, gqc = gqc_dist.frontends.accelerate.prepare(
         accelerator, model, optimizer, loader, scheduler, gqc={"algorithm": "cbc", "kappa": 0.25})
     for batch in loader:
         accelerator.backward(model(**batch).loss)
@@ -16,7 +16,7 @@ A loop changes three lines::
   and the clip GQC applies to the window's mean gradient (exact global norm). ``gqc.step()``
   is the decision; when it says step, the window is averaged, clipped, stepped and zeroed.
 * DeepSpeed: the ds_config Accelerate hands to ``deepspeed.initialize`` is rewritten first
-  (``gqc_dist.deepspeed.split_config``: caller-owned accumulation, clipping moved to GQC), the
+  (``gqc_dist.frontends.deepspeed.split_config``: caller-owned accumulation, clipping moved to GQC), the
   controller is attached to the engine (``attach_controller``), and Accelerate's engine wrapper is
   replaced by :class:`GQCEngineWrapper`, whose ``backward`` runs the decision (``engine.step()``)
   after every micro-batch. ``gqc.step()`` reports it.
@@ -40,19 +40,18 @@ accumulation); ``DeepSpeedPlugin.deepspeed_config`` being the dict ``prepare`` h
 ``AcceleratedScheduler.step_with_optimizer``.
 """
 
-import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ..algorithms.spec import get as algorithm_spec
-from ..atomic_file import replace_atomically
-from ..config import SECTION, build_controller, parse_section
-from ..engines import TorchOptimizerGradients
-from ..errors import CheckpointError, GQCConfigError, GQCUsageError
-from ..extras import require
+from gqc_dist.algorithms.spec import get as algorithm_spec
+from gqc_dist.config import SECTION, build_controller, parse_section
+from gqc_dist.engines import TorchOptimizerGradients
+from gqc_dist.errors import GQCConfigError, GQCUsageError
+from gqc_dist.extras import require
+from gqc_dist.core.state_files import controller_state, read_state, restore_state, write_state
 
-require("accelerate", "hf", "gqc_dist.integrations.accelerate")
+require("accelerate", "hf", "gqc_dist.frontends.accelerate")
 
 from accelerate.optimizer import AcceleratedOptimizer  # noqa: E402
 from accelerate.scheduler import AcceleratedScheduler  # noqa: E402
@@ -62,10 +61,6 @@ from accelerate.utils.deepspeed import (  # noqa: E402
     DeepSpeedOptimizerWrapper,
     DeepSpeedSchedulerWrapper,
 )
-
-#: format of the per-rank GQC file in Trainer / ``save_state`` checkpoints (DeepSpeed: its own)
-STATE_FORMAT = "gqc_dist.integrations/1"
-
 
 class GQCEngineWrapper(DeepSpeedEngineWrapper):
     """Accelerate's DeepSpeed backward with GQC owning the step boundary.
@@ -96,14 +91,14 @@ class GQCEngineWrapper(DeepSpeedEngineWrapper):
 
 
 # ---------------------------------------------------------------------- leftovers of the stock loop
-_REMOVE_STEP = ("optimizer.step() on the optimizer gqc_dist.integrations.accelerate.prepare returned: remove it (and "
+_REMOVE_STEP = ("optimizer.step() on the optimizer gqc_dist.frontends.accelerate.prepare returned: remove it (and "
                 "optimizer.zero_grad()); `if gqc.step(): scheduler.step()` replaces them: GQC steps when the window is "
                 "complete and zeroes the gradients itself")
-_REMOVE_ZERO_GRAD = ("optimizer.zero_grad() on the optimizer gqc_dist.integrations.accelerate.prepare returned would "
+_REMOVE_ZERO_GRAD = ("optimizer.zero_grad() on the optimizer gqc_dist.frontends.accelerate.prepare returned would "
                      "clear GQC's window: remove it; GQC zeroes the gradients itself after each step (`if gqc.step(): "
                      "scheduler.step()` replaces optimizer.step(), scheduler.step() and optimizer.zero_grad())")
 _REMOVE_CLIP = ("accelerator.{name}() on an accelerator GQC is prepared on would clip the running sum of the window "
-                "every micro-batch: remove it and pass the max norm to gqc_dist.integrations.accelerate.prepare(..., "
+                "every micro-batch: remove it and pass the max norm to gqc_dist.frontends.accelerate.prepare(..., "
                 "clip=max_norm); GQC clips the window's mean gradient with the exact global norm "
                 "(gqc.controller.last_grad_norm is that norm)")
 
@@ -159,10 +154,10 @@ def _refused_clip(name):
 def rewrite_deepspeed_config(ds_config: Dict[str, Any], model, section: Optional[dict],
                              auto_clip: float) -> Tuple[Dict[str, Any], float]:
     """Rewrite, in place, the ds_config dict Accelerate will hand to ``deepspeed.initialize``
-    (``gqc_dist.deepspeed.split_config``: managed accumulation off, accumulation 1, GQC's section
+    (``gqc_dist.frontends.deepspeed.split_config``: managed accumulation off, accumulation 1, GQC's section
     removed, clipping moved to GQC). ``"auto"`` accumulation becomes 1 and ``"auto"`` clipping
     ``auto_clip``. Returns the parsed section (``section``, or the config's own) and the clip."""
-    from ..deepspeed import split_config
+    from gqc_dist.frontends.deepspeed import split_config
 
     if section is not None and SECTION in ds_config:
         raise GQCConfigError(f"GQC is configured twice: a gqc= section and a {SECTION!r} section in the DeepSpeed "
@@ -217,82 +212,6 @@ def torch_controller(section: Dict[str, Any], optimizer: torch.optim.Optimizer, 
                             physical_batch_size=per_rank_batch_size)
 
 
-# ---------------------------------------------------------------------- per-rank state files
-def state_path(directory: str, rank: int) -> str:
-    return os.path.join(directory, f"gqc_state_rank{rank}.pt")
-
-
-def _is_dtensor(tensor) -> bool:
-    return type(tensor).__name__ == "DTensor"
-
-
-def controller_state(controller, schedule) -> Dict[str, Any]:
-    """This rank's GQC state for a framework that saves the optimizer itself: counters, noise
-    estimate, value schedule, and mid-window the accumulated gradient (FSDP2's DTensor shards as
-    their local pieces, re-wrapped on load)."""
-    from ..packet import world_rank_and_size
-
-    wrapper = controller.state_dict(include_optimizer=False)
-    if wrapper["accumulated_grads"] is not None:
-        wrapper["accumulated_grads"] = [[grad.to_local() if grad is not None and _is_dtensor(grad) else grad
-                                         for grad in grads] for grads in wrapper["accumulated_grads"]]
-    rank, world = world_rank_and_size()
-    return {"format": STATE_FORMAT, "algorithm": controller.ALGORITHM, "rank": rank, "world_size": world,
-            "wrapper": wrapper, "schedule": None if schedule is None else schedule.state_dict()}
-
-
-def write_state(directory: str, controller, schedule) -> str:
-    """Write this rank's :func:`controller_state` to ``directory`` (atomically); returns the path."""
-    from ..packet import world_rank_and_size
-
-    os.makedirs(directory, exist_ok=True)
-    path = state_path(directory, world_rank_and_size()[0])
-    state = controller_state(controller, schedule)
-    replace_atomically(path, lambda handle: torch.save(state, handle))
-    return path
-
-
-def read_state(directory: str) -> Dict[str, Any]:
-    """This rank's GQC state file in ``directory``; :class:`CheckpointError` naming what is wrong."""
-    from ..packet import world_rank_and_size
-
-    rank, world = world_rank_and_size()
-    path = state_path(directory, rank)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"cannot resume GQC from {directory}: no {os.path.basename(path)} (saved without "
-                              "gradient_quality_control, or by another number of ranks)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a corrupt or foreign file
-        raise CheckpointError(f"cannot read GQC state {path}: {error}") from error
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{path} is not GQC state (format {STATE_FORMAT!r} expected)")
-    mid_window = bool(state["wrapper"]["counters"].get("num_draws"))
-    if mid_window and state.get("world_size") != world:
-        raise CheckpointError(f"{path} was saved mid-window by {state.get('world_size')} ranks; its accumulated "
-                              f"gradient cannot be resumed on {world}")
-    return state
-
-
-def restore_state(controller, schedule, state: Dict[str, Any]) -> None:
-    """Load :func:`read_state`'s state into ``controller`` (accumulated gradients included)."""
-    wrapper = dict(state["wrapper"])
-    if wrapper["accumulated_grads"] is not None:
-        from torch.distributed.tensor import DTensor
-
-        groups = [group["params"] for group in controller.param_groups]
-        wrapper["accumulated_grads"] = [
-            [DTensor.from_local(grad.to(param.device), param.device_mesh, param.placements, run_check=False,
-                                shape=param.shape, stride=param.stride())
-             if grad is not None and _is_dtensor(param) else grad for grad, param in zip(grads, params)]
-            for grads, params in zip(wrapper["accumulated_grads"], groups)]
-    if (state.get("schedule") is None) != (schedule is None):
-        raise CheckpointError("the checkpoint's GQC state and this run disagree on gradient_quality_control.schedule")
-    controller.load_state_dict(wrapper)
-    if schedule is not None:
-        schedule.load_state_dict(state["schedule"])
-
-
 # ---------------------------------------------------------------------- the plain-loop helper
 class GQCStep:
     """What :func:`prepare` returns last: ``gqc.step()`` after every ``accelerator.backward(loss)``.
@@ -300,7 +219,7 @@ class GQCStep:
     Attributes:
         controller: the GQC wrapper (``statistics()``, ``num_steps``, ``last_window`` ...).
         schedule: the section's value schedule (stepped here on every optimizer step), or ``None``.
-        decision: the last :class:`~gqc_dist.window.Decision`.
+        decision: the last :class:`~gqc_dist.core.window.Decision`.
     """
 
     def __init__(self, controller, schedule, section: Dict[str, Any], engine_wrapper: Optional[GQCEngineWrapper]):
@@ -368,7 +287,7 @@ def prepare(accelerator, *objects, gqc: Dict[str, Any] = None, clip: Optional[fl
                                                  1.0)
         check_section(section, engine)
         prepared = accelerator.prepare(*objects)
-        from ..deepspeed import attach_controller
+        from gqc_dist.frontends.deepspeed import attach_controller
 
         ds_engine = accelerator.deepspeed_engine_wrapped.engine
         attach_controller(ds_engine, section, clip)

@@ -21,8 +21,8 @@ from typing import Iterable, List, Tuple
 import torch
 import torch.distributed as dist
 
-from . import collectives
-from .errors import GQCUsageError, PartialGradientError
+from gqc_dist.core import collectives
+from gqc_dist.errors import GQCUsageError, PartialGradientError
 
 
 def fsdp2_param_groups_owning(params: Iterable) -> List:

@@ -23,7 +23,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Union
 
-from .errors import GQCConfigError
+from gqc_dist.errors import GQCConfigError
 
 RULES = {"none": 0.0, "sqrt": 0.5, "linear": 1.0, "noise": None}  # power of n / reference; noise: below
 SEESAW = (False, True, "noise")

@@ -1,5 +1,5 @@
 """GQC state in DeepSpeed checkpoints: ``engine.save_checkpoint`` / ``load_checkpoint`` of an
-engine from ``gqc_dist.deepspeed.initialize`` carry the controller with no extra call.
+engine from ``gqc_dist.frontends.deepspeed.initialize`` carry the controller with no extra call.
 
 Each rank writes ``<save_dir>/<tag>/gqc_state_rank{r}.pt`` (atomically, before DeepSpeed's own
 files, so ``latest`` only names complete checkpoints): the wrapper state without the torch
@@ -16,10 +16,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from . import checkpoint_state, collectives
-from .atomic_file import replace_atomically
-from .errors import CheckpointError
-from .packet import world_rank_and_size
+from gqc_dist.core import checkpoint_state, collectives
+from gqc_dist.atomic_file import replace_atomically
+from gqc_dist.errors import CheckpointError
+from gqc_dist.core.packet import world_rank_and_size
+from gqc_dist.core.state_files import state_path
 
 #: format of the per-rank GQC file next to DeepSpeed's checkpoint files
 STATE_FORMAT = "gqc_dist.deepspeed/1"
@@ -27,7 +28,7 @@ STATE_FORMAT = "gqc_dist.deepspeed/1"
 
 def state_file(checkpoint_dir: str, rank: int) -> str:
     """This rank's GQC state file inside DeepSpeed's ``<save_dir>/<tag>`` directory."""
-    return os.path.join(checkpoint_dir, f"gqc_state_rank{rank}.pt")
+    return state_path(checkpoint_dir, rank)
 
 
 def _schedulable_values(controller):
