@@ -262,3 +262,12 @@ def test_the_finished_run_resumes_cleanly(finished_run, tmp_path, capsys):
     copy = _copy_run(finished_run, tmp_path / "copy")
     assert main([*QUICK, "--resume", "--out-dir", str(copy)]) == 0
     assert json.loads((copy / "summary.json").read_text())["optimizer_steps"] == 12
+
+
+@pytest.mark.parametrize("flags, folder", [([], "runs/gqc-train"), (["--quick"], "runs/gqc-train-quick"),
+                                           (["--baseline", "2"], "runs/fixed-2"),
+                                           (["--baseline", "2", "--quick"], "runs/fixed-2-quick")])
+def test_runs_of_different_kinds_default_to_different_folders(flags, folder):
+    from gqc_dist.train.cli import _parser, default_out_dir
+
+    assert default_out_dir(_parser().parse_args(flags)) == folder

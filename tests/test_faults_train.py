@@ -451,6 +451,20 @@ def test_a_diverged_run_names_a_checkpoint_to_resume_from_and_a_fix_that_trains(
     assert "another --out-dir" in refused.stderr
 
 
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(tmp_path, quick_run):
+    out = tmp_path / "run"
+    shutil.copytree(quick_run[0], out)
+    before = _snapshot(out)
+    again = run("--no-progress", "--resume", "--out-dir", out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps, loss = summary(out)["optimizer_steps"], summary(out)["val_loss"]
+    assert one_line(again.stderr) == (f"gqc-train: {out} finished at optimizer step {steps} (validation loss {loss:.4f}): "
+                                      "nothing to resume, no file changed; raise its budget (--set train.tokens=... or "
+                                      "train.optimizer_steps=...) to train on")
+    assert f"validation loss {loss:.4f} nats/token" in again.stdout
+    assert _snapshot(out) == before
+
+
 # ------------------------------------------------------------------ launcher death, stop signals
 
 def _alive(pid) -> bool:

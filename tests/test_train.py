@@ -1,7 +1,9 @@
 """gqc-train end to end: the shortened default run, resume, baseline/compare, config errors,
 and 2-rank FSDP2 and DeepSpeed runs against the single-process run on the same data."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -56,6 +58,29 @@ def test_baseline_and_compare(tmp_path, quick_run):
     assert all(r["threshold"] is None for r in records(fixed))
     assert main(["compare", str(gqc), str(fixed), "--out", str(tmp_path / "c.png")]) == 0
     assert matplotlib.image.imread(tmp_path / "c.png").shape[0] >= 800
+
+
+def test_compare_labels_runs_by_arm_and_warns_where_more_than_the_arm_differs(tmp_path, quick_run, monkeypatch,
+                                                                             capsys):
+    import gqc_dist.train.plots as plots
+
+    shown = []
+    monkeypatch.setattr(plots, "plot_compare", lambda runs, out: shown.append([label for label, _ in runs]) or out)
+    other = tmp_path / "other"
+    shutil.copytree(quick_run[0], other)
+    config = json.loads((other / "config.json").read_text())
+    lr = config["optimizer"]["lr"]
+    config["gqc"] = {"algorithm": "fixed", "accumulation_steps": 2}
+    (other / "config.json").write_text(json.dumps(config))
+    assert main(["compare", str(quick_run[0]), str(other)]) == 0
+    assert shown[-1] == [f"{quick_run[0].name}: cbc, lr {lr}", f"other: fixed k=2, lr {lr}"]
+    assert "warning" not in capsys.readouterr().err  # only the arm differs
+
+    config["seed"], config["model"]["dim"] = 1, 48
+    (other / "config.json").write_text(json.dumps(config))
+    assert main(["compare", str(quick_run[0]), str(other)]) == 0
+    assert capsys.readouterr().err.strip() == ("gqc-train compare: warning: the runs differ in more than the controller: "
+                                               "model.dim 32 / 48; seed 0 / 1")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -155,3 +180,11 @@ def test_fsdp2_checkpoint_resumes_on_another_world_size(tmp_path, quick_run):
     gqc_train(*args, "--resume", nproc=1)
     assert summary(out)["world_size"] == 1
     assert_same_run(quick_run[0], out)
+
+
+def test_the_progress_line_tells_an_unmeasured_noise_scale_from_a_value():
+    from gqc_dist.train.run import _noise_text
+
+    assert _noise_text(None, " micro-batches") == "not measured yet"  # no informative window so far
+    assert _noise_text(0.0, " micro-batches") == "not resolved yet (<= 0)"  # the estimate is clamped at 0
+    assert _noise_text(4.256, " micro-batches") == "4.26 micro-batches"

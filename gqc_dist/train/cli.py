@@ -10,6 +10,7 @@
 """
 
 import argparse
+import json
 import os
 import sys
 import traceback
@@ -80,10 +81,10 @@ CHANGEABLE_ON_RESUME = ("optimizer.lr",)
 
 def default_out_dir(args) -> str:
     """Runs of different kinds get different default directories, so one never lands on another."""
+    if args.baseline is not None:
+        return f"runs/fixed-{args.baseline}" + ("-quick" if args.quick else "")
     if args.quick:
         return "runs/gqc-train-quick"
-    if args.baseline is not None:
-        return f"runs/fixed-{args.baseline}"
     return DEFAULT_CONFIG["out_dir"]
 
 
@@ -154,7 +155,13 @@ def compare_main(argv) -> int:
         return 2
     from gqc_dist.train.plots import plot_compare
 
-    runs = [(Path(run).name, Path(run) / "metrics.jsonl") for run in args.runs]
+    configs = [_run_config(Path(run)) for run in args.runs]
+    runs = [(f"{Path(run).name}: {_arm(config)}" if config else Path(run).name, Path(run) / "metrics.jsonl")
+            for run, config in zip(args.runs, configs)]
+    differ = _differences([c for c in configs if c])
+    if differ:  # a comparison of controllers should hold everything else equal
+        print("gqc-train compare: warning: the runs differ in more than the controller: "
+              + "; ".join(f"{key} {' / '.join(map(repr, values))}" for key, values in differ), file=sys.stderr)
     try:
         path = plot_compare(runs, args.out)
     except ValueError as error:
@@ -162,6 +169,44 @@ def compare_main(argv) -> int:
         return 2
     print(f"wrote {path}")
     return 0
+
+
+def _run_config(run_dir: Path):
+    """A run's ``config.json`` (``None`` if it has none or it is not a JSON object)."""
+    try:
+        config = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def _arm(config: dict) -> str:
+    """What a run compares: its controller (``fixed k=K`` for fixed accumulation) and learning rate."""
+    gqc = config.get("gqc") or {}
+    name = gqc.get("algorithm", "?")
+    if name == "fixed":
+        name = f"fixed k={gqc.get('accumulation_steps')}"
+    return f"{name}, lr {config.get('optimizer', {}).get('lr')}"
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _differences(configs) -> list:
+    """``(key, values)`` for every setting but the controller, the lr and the folder on which the
+    runs' configs differ."""
+    flat = [_flat(config) for config in configs]
+    keys = sorted(set().union(*flat)) if flat else []
+    arm = ("gqc.", "optimizer.lr", "out_dir")
+    return [(key, [f.get(key) for f in flat]) for key in keys
+            if not key.startswith(arm) and len({json.dumps(f.get(key)) for f in flat}) > 1]
 
 
 def _nccl_refused(error: RuntimeError) -> bool:

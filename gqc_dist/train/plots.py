@@ -134,6 +134,10 @@ def plot_run(metrics_path: PathLike, out_png: PathLike, title: Optional[str] = N
             draws_ax.plot(step, values, lw=1, color=color, label=label)
     finite = [v for v in draws if not math.isnan(v)]
     draws_ax.set_ylim(0, 2 * max(finite) + 1 if finite else 1)  # an inf noise scale does not flatten the rest
+    target = [v for v in _column(steps, "target_draws") if not math.isnan(v)]
+    if finite and max(finite) == 1 and target and max(target) < 1:  # say why the controller never accumulated
+        _note(draws_ax, f"windows of 1 throughout: the rule asked for at most {max(target):.2f} micro-batches\n"
+                        "(CBC: kappa x B_simple stayed below 1)")
     draws_ax.legend(loc="best")
     draws_ax.set(xlabel="optimizer step", ylabel="micro-batches",
                  title="(b) window per step, and the noise scale")
@@ -144,6 +148,9 @@ def plot_run(metrics_path: PathLike, out_png: PathLike, title: Optional[str] = N
         _note(value_ax, "fixed accumulation (no controller value)")
     else:
         value_ax.plot(step, value, lw=1.5, color="C3", label=value_name or "controller value")
+        shown = [v for v in value if math.isfinite(v)]
+        if shown and min(shown) >= 0:  # from 0: a constant value is not blown up to fill the axis
+            value_ax.set_ylim(0, 1.25 * max(shown) or 1)
         value_ax.set_ylabel(value_name or "controller value")
         value_ax.legend(loc="upper left")
     if any(not math.isnan(v) for v in norm):

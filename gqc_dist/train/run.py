@@ -85,8 +85,27 @@ class _IntervalMean:
         return self.total / max(1, self.count)
 
 
-def _noise_text(noise_scale) -> str:
-    return "-" if noise_scale is None else f"{noise_scale:.2f}"
+def _noise_text(noise_scale, unit: str = "") -> str:
+    """The progress line's noise scale: not yet measured (no informative window so far) or not yet
+    resolved (the noise estimate is not positive yet, clamped at 0) read differently from a value."""
+    if noise_scale is None:
+        return "not measured yet"
+    return "not resolved yet (<= 0)" if noise_scale == 0 else f"{noise_scale:.2f}{unit}"
+
+
+def _finished_summary(out_dir: Path, budget: Budget):
+    """The summary of a run in ``out_dir`` that finished with the budget (as configured now)
+    spent, or ``None``."""
+    try:
+        summary = json.loads((out_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(summary, dict) or summary.get("status") != "finished":
+        return None
+    budget.steps_done, budget.micro_steps_done = summary["optimizer_steps"], summary["micro_steps"]
+    spent = budget.exhausted()
+    budget.steps_done = budget.micro_steps_done = 0
+    return summary if spent else None
 
 
 def evaluate(engine: TrainEngine, eval_set, rank: int, world: int) -> float:
@@ -145,10 +164,17 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
                              f"the world size ({world})")
     out_dir = Path(config["out_dir"])
     prepare(out_dir, resume, overwrite, rank)
-    torch.manual_seed(config["seed"])
-    train_data, val_data = load_corpus(max_bytes=data["max_bytes"], path=data["path"])
     seq_len, global_batch = model_cfg["seq_len"], data["micro_batch_size"]
     budget = Budget(train_cfg, global_batch * seq_len)
+    finished = _finished_summary(out_dir, budget) if resume else None
+    if finished is not None:  # nothing left to train: say so and change nothing
+        if rank == 0:
+            print(f"gqc-train: {out_dir} finished at optimizer step {finished['optimizer_steps']} (validation loss "
+                  f"{finished['val_loss']:.4f}): nothing to resume, no file changed; raise its budget (--set "
+                  "train.tokens=... or train.optimizer_steps=...) to train on", file=sys.stderr, flush=True)
+        return finished
+    torch.manual_seed(config["seed"])
+    train_data, val_data = load_corpus(max_bytes=data["max_bytes"], path=data["path"])
     engine = build_engine(config, budget, device)
     batches = ByteBatches(train_data, seq_len, global_batch // world, seed=config["seed"], rank=rank,
                           world_size=world)
@@ -290,7 +316,7 @@ def train(config: Dict[str, Any], resume: bool = False, progress: bool = True,
                 bar.update(round(100 * budget.fraction) - bar.n)
         elif rank == 0 and progress and step % train_cfg["eval_interval"] == 0:  # a log file: one line
             print(f"gqc-train: step {step} | {100 * budget.fraction:.0f}% | loss {record['loss']:.3f} | mean window "
-                  f"{shown.mean():.2f} micro-batches | noise scale {_noise_text(record['noise_scale'])} micro-batches"
+                  f"{shown.mean():.2f} micro-batches | noise scale {_noise_text(record['noise_scale'], ' micro-batches')}"
                   f" | {record['tokens_per_s']:,.0f} tokens/s", file=sys.stderr, flush=True)
             shown.reset()
         if step % train_cfg["eval_interval"] == 0 and not budget.exhausted() and not signals:
