@@ -14,11 +14,13 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+import gqc_dist  # noqa: E402
 from distributed_harness import run_distributed  # noqa: E402
 from gqc_dist.algorithms import spec as spec_module  # noqa: E402
 from gqc_dist.algorithms.spec import REQUIRED, AlgorithmSpec, register  # noqa: E402
 from gqc_dist.config import build_controller, parse_section  # noqa: E402
 from gqc_dist.errors import GQCConfigError  # noqa: E402
+from gqc_dist.core.session import GQCSession  # noqa: E402
 from gqc_dist.core.wrapper import GQCOptimizerWrapper  # noqa: E402
 from reference import make_mlp, micro_batches  # noqa: E402
 
@@ -310,36 +312,41 @@ class LossRecorder(GQCOptimizerWrapper):
         return self.num_draws >= stats.settings["max_draws"]
 
 
-class NoLoss(LossRecorder):
-    def _inputs(self, loss):
-        self.received.append("no loss" if loss is None else "a loss")
-        return {}
-
-
 def _backward_once(model):
     x, y = micro_batches(1)[0]
     torch.nn.functional.mse_loss(model(x), y).backward()
 
 
-def test_needs_loss_spec_passes_the_loss_to_step():
-    spec = AlgorithmSpec(name="loss_recorder", build=None, needs_loss=True)
+def test_the_session_passes_the_loss_to_a_rule_that_reads_it():
     model = make_mlp()
-    wrapper = LossRecorder(torch.optim.SGD(model.parameters(), lr=0.1))
+    session = GQCSession(LossRecorder(torch.optim.SGD(model.parameters(), lr=0.1)))
+    wrapper = session.controller
     _backward_once(model)
-    assert spec.step(wrapper, torch.tensor(1.25)) is False
+    assert session.micro_step(torch.tensor(1.25)).stepped is False
     _backward_once(model)
-    assert spec.step(wrapper, 0.5) is True
+    assert session.micro_step(0.5).stepped is True
     assert wrapper.received == [1.25, 0.5]
     assert all(type(value) is float for value in wrapper.received)
 
 
-def test_spec_without_needs_loss_calls_step_without_the_loss():
-    spec = AlgorithmSpec(name="no_loss", build=None)
+class _Unreadable:
+    """A loss whose reading fails the test (a host sync on a device tensor)."""
+
+    def __float__(self):
+        raise AssertionError("the loss was read")
+
+    item = tolist = __bool__ = __float__
+
+
+def test_a_rule_without_the_loss_never_reads_it():
+    """Every front end hands the session its loss; a rule that does not need it (every built-in
+    one but MHT) does not read it: no host sync."""
     model = make_mlp()
-    wrapper = NoLoss(torch.optim.SGD(model.parameters(), lr=0.1))
+    session = GQCSession(gqc_dist.OptimizerWrapperFixed(torch.optim.SGD(model.parameters(), lr=0.1), 2))
     _backward_once(model)
-    assert spec.step(wrapper, torch.tensor(1.25)) is False
-    assert wrapper.received == ["no loss"]  # not even read: no host sync for algorithms without it
+    assert session.micro_step(_Unreadable()).stepped is False
+    _backward_once(model)
+    assert session.micro_step(_Unreadable()).stepped is True
 
 
 def test_builtin_mht_gets_the_loss_through_its_spec():
@@ -352,9 +359,10 @@ def test_builtin_mht_gets_the_loss_through_its_spec():
                                   torch.optim.SGD(model.parameters(), lr=0.1))
     losses = [2.0, 4.0, 9.0]
     decisions = []
+    session = GQCSession(wrapper)
     for loss in losses:
         _backward_once(model)
-        decisions.append(spec.step(wrapper, torch.tensor(loss)))
+        decisions.append(session.micro_step(torch.tensor(loss)).stepped)
     # torch-gqc's rule by hand: the running mean is seeded with the first metric, then blended
     # with beta 0.01 every micro-step; the judgment is [running mean] + this window's metrics.
     # Micro-step 1 judges [2, 2] (zero spread: steps); then [2.02, 4] and [2.0898, 4, 9] are wide.

@@ -85,8 +85,8 @@ def _controller_state(engine):
     stats = engine.gqc.statistics()
     keys = [*checkpoint_state.COUNTERS, "gradient_noise_scale_micro_batches", "gradient_noise_trace",
             *engine.gqc.SCHEDULABLE]
-    return {key: stats.get(key) for key in keys} | {"schedule": engine.gqc_schedule.state_dict()
-                                                    if engine.gqc_schedule is not None else None}
+    return {key: stats.get(key) for key in keys} | {"schedule": engine.gqc_session.schedule.state_dict()
+                                                    if engine.gqc_session.schedule is not None else None}
 
 
 def _refused(engine, rank, load_dir, batch):

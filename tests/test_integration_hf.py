@@ -34,7 +34,7 @@ accelerate = pytest.importorskip("accelerate")
 from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 
 from gqc_dist.config import build_controller, parse_section  # noqa: E402
-from gqc_dist.core import state_files  # noqa: E402
+from gqc_dist.core import session as gqc_session  # noqa: E402
 from gqc_dist.engines import TorchOptimizerGradients  # noqa: E402
 from gqc_dist.errors import GQCConfigError  # noqa: E402
 from gqc_dist.frontends import accelerate as gqc_accelerate  # noqa: E402
@@ -261,31 +261,30 @@ def _fsdp2_state_round_trip(rank, world_size, save_dir):
                 fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        controller, schedule = gqc_accelerate.torch_controller(parse_section({"algorithm": "fixed",
-                                                                              "accumulation_steps": 3}),
-                                                               optimizer, None, 1.0, None, None)
-        return model, controller, schedule
+        session = gqc_session.GQCSession(*gqc_accelerate.torch_controller(
+            parse_section({"algorithm": "fixed", "accumulation_steps": 3}), optimizer, None, 1.0, None, None))
+        return model, session
 
     batches = [(x.chunk(world_size)[rank], y.chunk(world_size)[rank])
                for x, y in micro_batches(8, batch=4 * world_size)]
 
-    def run(model, controller, batches):
+    def run(model, session, batches):
         for batch in batches:
             loss_of(model, batch).backward()
-            controller.step()
+            session.micro_step()
         return [p.full_tensor().detach().clone() for p in model.parameters()]
 
-    model, controller, schedule = build()
-    run(model, controller, batches[:2])  # mid-window: nothing stepped, the optimizer state is empty
-    state_files.write_state(save_dir, controller, schedule)
-    state = torch.load(state_files.state_path(save_dir, rank), weights_only=True)
+    model, session = build()
+    run(model, session, batches[:2])  # mid-window: nothing stepped, the optimizer state is empty
+    session.write(save_dir)
+    state = torch.load(gqc_session.state_path(save_dir, rank), weights_only=True)
     local_shapes = [tuple(g.shape) for g in state["wrapper"]["accumulated_grads"][0]]
-    full = run(model, controller, batches[2:])
-    model, controller, schedule = build()
-    state_files.restore_state(controller, schedule, state_files.read_state(save_dir))
-    resumed = run(model, controller, batches[2:])
+    full = run(model, session, batches[2:])
+    model, session = build()
+    session.load_state_dict(session.read(save_dir))
+    resumed = run(model, session, batches[2:])
     return {"full": full, "resumed": resumed, "local_shapes": local_shapes,
-            "full_shapes": [tuple(p.shape) for p in make_mlp().parameters()], "steps": controller.num_steps}
+            "full_shapes": [tuple(p.shape) for p in make_mlp().parameters()], "steps": session.controller.num_steps}
 
 
 def _ddp_session(rank, world_size, tmp):

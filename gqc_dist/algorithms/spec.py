@@ -65,11 +65,6 @@ class AlgorithmSpec:
                 f"{path} {self.name!r} is not supported on {ENGINE_NAMES[engine]}"
                 + (f": {self.unsupported}" if self.unsupported else ""))
 
-    def step(self, wrapper, loss=None) -> bool:
-        """One micro-step of ``wrapper`` (:meth:`~gqc_dist.core.wrapper.GQCOptimizerWrapper.after_backward`);
-        ``loss``, this rank's micro-batch loss, is read only when the algorithm needs it."""
-        return wrapper.after_backward(loss if self.needs_loss else None).stepped
-
 
 _REGISTRY: Dict[str, AlgorithmSpec] = {}
 

@@ -49,7 +49,7 @@ from gqc_dist.config import SECTION, build_controller, parse_section
 from gqc_dist.engines import TorchOptimizerGradients
 from gqc_dist.errors import GQCConfigError, GQCUsageError
 from gqc_dist.extras import require
-from gqc_dist.core.state_files import controller_state, read_state, restore_state, write_state
+from gqc_dist.core.session import GQCSession
 
 require("accelerate", "hf", "gqc_dist.frontends.accelerate")
 
@@ -217,40 +217,38 @@ class GQCStep:
     """What :func:`prepare` returns last: ``gqc.step()`` after every ``accelerator.backward(loss)``.
 
     Attributes:
+        session: the :class:`~gqc_dist.core.session.GQCSession` (controller, value schedule, last
+            decision, per-rank state) every front end drives.
         controller: the GQC wrapper (``statistics()``, ``num_steps``, ``last_window`` ...).
-        schedule: the section's value schedule (stepped here on every optimizer step), or ``None``.
+        schedule: the section's value schedule (stepped on every optimizer step), or ``None``.
         decision: the last :class:`~gqc_dist.core.window.Decision`.
     """
 
-    def __init__(self, controller, schedule, section: Dict[str, Any], engine_wrapper: Optional[GQCEngineWrapper]):
-        self.controller = controller
-        self.schedule = schedule
-        self.decision = None
-        self._needs_loss = algorithm_spec(section["algorithm"]).needs_loss
+    def __init__(self, session: GQCSession, engine_wrapper: Optional[GQCEngineWrapper]):
+        self.session = session
         self._engine_wrapper = engine_wrapper
+
+    controller = property(lambda self: self.session.controller)
+    schedule = property(lambda self: self.session.schedule)
+    decision = property(lambda self: self.session.decision)
 
     def step(self, loss=None) -> bool:
         """The GQC decision on the micro-batch just backpropagated; True when the optimizer stepped
         (then step your lr scheduler). ``loss``: this rank's micro-batch loss, read by algorithms
-        that need it (MHT; under DeepSpeed the engine's backward keeps it)."""
+        that need it (MHT; under DeepSpeed the engine's backward keeps it and decides there)."""
         if self._engine_wrapper is not None:
-            decision = self._engine_wrapper.take_decision()
-        else:
-            decision = self.controller.after_backward(loss if self._needs_loss else None)
-            if decision.stepped and self.schedule is not None:
-                self.schedule.step()
-        self.decision = decision
-        return decision.stepped
+            return self._engine_wrapper.take_decision().stepped
+        return self.session.micro_step(loss).stepped
 
     def statistics(self) -> Dict[str, Any]:
         """The controller's ``vital_statistics()``."""
         return self.controller.vital_statistics()
 
     def state_dict(self) -> Dict[str, Any]:
-        return controller_state(self.controller, self.schedule)
+        return self.session.state_dict()
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        restore_state(self.controller, self.schedule, state)
+        self.session.load_state_dict(state)
 
 
 def prepare(accelerator, *objects, gqc: Dict[str, Any] = None, clip: Optional[float] = None,
@@ -292,7 +290,7 @@ def prepare(accelerator, *objects, gqc: Dict[str, Any] = None, clip: Optional[fl
         ds_engine = accelerator.deepspeed_engine_wrapped.engine
         attach_controller(ds_engine, section, clip)
         wrapper = accelerator.deepspeed_engine_wrapped = GQCEngineWrapper(ds_engine)
-        controller, schedule = ds_engine.gqc, ds_engine.gqc_schedule
+        session = ds_engine.gqc_session
     else:
         if gqc is None:
             raise GQCConfigError(f"prepare needs gqc= (a {SECTION} section)")
@@ -307,8 +305,8 @@ def prepare(accelerator, *objects, gqc: Dict[str, Any] = None, clip: Optional[fl
         if micro_batch_size is None and loader is not None:
             micro_batch_size = getattr(loader, "total_batch_size", None)
         per_rank = None if micro_batch_size is None else micro_batch_size // accelerator.num_processes
-        controller, schedule = torch_controller(section, optimizers[0], accelerator.scaler, clip, micro_batch_size,
-                                                per_rank)
+        session = GQCSession(*torch_controller(section, optimizers[0], accelerator.scaler, clip, micro_batch_size,
+                                               per_rank))
     prepared = prepared if isinstance(prepared, tuple) else (prepared,)
     refuse_leftovers(accelerator, prepared)
     for obj in prepared:
@@ -317,10 +315,9 @@ def prepare(accelerator, *objects, gqc: Dict[str, Any] = None, clip: Optional[fl
         # the engine, its wrapper's step is a no-op)
         if isinstance(obj, AcceleratedScheduler) and not isinstance(obj, DeepSpeedSchedulerWrapper):
             obj.step_with_optimizer = False
-    handle = GQCStep(controller, schedule, section, wrapper)
+    handle = GQCStep(session, wrapper)
     if engine != "deepspeed":  # DeepSpeed: the engine's save/load_checkpoint carry it
-        accelerator.register_save_state_pre_hook(
-            lambda models, weights, output_dir: write_state(output_dir, controller, schedule))
-        accelerator.register_load_state_pre_hook(
-            lambda models, input_dir: restore_state(controller, schedule, read_state(input_dir)))
+        accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: session.write(output_dir))
+        accelerator.register_load_state_pre_hook(lambda models, input_dir: session.load_state_dict(
+            session.read(input_dir)))
     return (*prepared, handle)

@@ -17,7 +17,8 @@ What the returned engine adds:
   last result, ``engine.gqc_decision`` the last :class:`~gqc_dist.core.window.Decision`).
   DeepSpeed's ``global_steps`` counts optimizer steps, ``global_samples`` the samples that went
   into them; the lr scheduler steps once per optimizer step, and so does the
-  threshold schedule of the section (``engine.gqc_schedule``).
+  threshold schedule of the section (``engine.gqc_session.schedule``; ``engine.gqc_session`` is
+  the :class:`~gqc_dist.core.session.GQCSession` every front end drives).
 * ``engine.gqc_after_part(fraction)``: a micro-batch in two parts (CBC's split probes,
   ``engine.gqc.split_next``): ``backward`` of the first part (its loss times ``fraction``),
   ``gqc_after_part``, ``backward`` of the rest (times ``1 - fraction``), ``step()``. See
@@ -52,7 +53,8 @@ import torch
 
 from gqc_dist.algorithms.spec import get as algorithm_spec
 from gqc_dist.config import SECTION, build_controller, parse_section
-from gqc_dist.engines.deepspeed_checkpoint import agreed, gqc_state, latest_tag, read_gqc_state, restore_gqc_state, write_gqc_state
+from gqc_dist.core.session import GQCSession
+from gqc_dist.engines.deepspeed_checkpoint import agreed, engine_state, latest_tag, read_gqc_state
 from gqc_dist.engines.deepspeed_zero import DeepSpeedGradients
 from gqc_dist.errors import GQCConfigError, GQCUsageError
 from gqc_dist.extras import require
@@ -223,6 +225,7 @@ def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> Non
     controller, schedule = build_controller(section, _basic_optimizer(engine), physical_batch_size=micro_batch,
                                             micro_batch_size=micro_batch * getattr(engine, "dp_world_size", 1),
                                             gradients=adapter)
+    session = GQCSession(controller, schedule)
     spec = algorithm_spec(section["algorithm"])
     last_loss = {}
     backwards = {"since_step": 0}
@@ -251,9 +254,7 @@ def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> Non
         lr_kwargs.clear()
         if lr_kwargs_ is not None:
             lr_kwargs["lr_kwargs"] = lr_kwargs_
-        decision = controller.after_backward(last_loss.get("value"))
-        if decision.stepped and engine.gqc_schedule is not None:
-            engine.gqc_schedule.step()  # looked up here: a caller may re-key it (gqc-train's token budget)
+        decision = session.micro_step(last_loss.get("value"))
         engine.gqc_decision = decision
         engine.gqc_stepped = decision.stepped
         return decision.stepped
@@ -267,7 +268,7 @@ def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> Non
         if not save_dir:  # DeepSpeed's own refusal, before GQC writes anything
             return original_save(save_dir, tag, client_state, save_latest, **kwargs)
         tag = str(f"global_step{engine.global_steps}" if tag is None else tag)
-        write_gqc_state(os.path.join(save_dir, tag), gqc_state(engine, controller))
+        session.write(os.path.join(save_dir, tag), engine_state(engine))
         return original_save(save_dir, tag, client_state, save_latest, **kwargs)
 
     def load_checkpoint(load_dir, tag=None, load_module_strict=True, load_optimizer_states=True,
@@ -281,11 +282,14 @@ def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> Non
             # DeepSpeed's own answer (it warns and returns (None, None))
             return original_load(load_dir, tag, **ds_args)
         path = os.path.join(load_dir, str(resolved))
-        state = agreed(lambda: read_gqc_state(path, engine, controller, adapter))
+        state = agreed(lambda: read_gqc_state(path, session, adapter))
         result = original_load(load_dir, tag, **ds_args)
         if result[0] is None:
             return result
-        restore_gqc_state(engine, controller, state)
+        # after DeepSpeed's own load: a torch scheduler's load_state_dict does not write its values
+        # back, and DeepSpeed may not restore them (load_optimizer_states False): the session does
+        session.load_state_dict(state, f"DeepSpeed checkpoint {path}")
+        engine.gqc_stepped = bool(state["engine"].get("stepped", False))
         backwards["since_step"] = 0
         last_loss.clear()
         return result
@@ -298,6 +302,6 @@ def attach_controller(engine, section: Dict[str, Any], clip: float = 0.0) -> Non
     engine.load_checkpoint = load_checkpoint
     engine.gqc_after_part = after_part
     engine.gqc = controller
-    engine.gqc_schedule = schedule
+    engine.gqc_session = session
     engine.gqc_stepped = False
     engine.gqc_decision = None

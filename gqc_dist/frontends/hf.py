@@ -54,12 +54,11 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from gqc_dist.algorithms.spec import get as algorithm_spec
 from gqc_dist.config import SECTION, parse_section
 from gqc_dist.errors import CheckpointError, GQCConfigError
 from gqc_dist.extras import require
 from gqc_dist.frontends import accelerate as gqc_accelerate
-from gqc_dist.core import state_files
+from gqc_dist.core import session as gqc_session
 
 require("transformers", "hf", "gqc_dist.frontends.hf")
 
@@ -82,8 +81,12 @@ class GQCTrainer(Trainer):
 
     Attributes:
         gqc: the GQC wrapper after ``train()`` started (``statistics()``, ``num_steps`` ...).
+        gqc_session: its :class:`~gqc_dist.core.session.GQCSession` (the contract every front end
+            drives: controller, value schedule, per-rank state).
         gqc_schedule: the section's value schedule, or ``None``.
     """
+
+    gqc_schedule = property(lambda self: None if self.gqc_session is None else self.gqc_session.schedule)
 
     def __init__(self, *args, gqc: Optional[Dict[str, Any]] = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -113,8 +116,7 @@ class GQCTrainer(Trainer):
         gqc_accelerate.check_section(section, self._gqc_engine)
         self.gqc_section = section
         self.gqc = None
-        self.gqc_schedule = None
-        self._gqc_needs_loss = algorithm_spec(section["algorithm"]).needs_loss
+        self.gqc_session = None
         self._gqc_resume_state = None  # this rank's GQC state in the checkpoint resumed from
         self._gqc_pending = None  # GQC state read at resume, restored when the first epoch starts
         self._gqc_window_loss = None  # sum of the open window's micro-batch losses
@@ -149,20 +151,14 @@ class GQCTrainer(Trainer):
         """This rank's GQC state in a Trainer checkpoint (under DeepSpeed: in the engine's tag
         directory, checked against the engine once it exists, in ``_prepare_for_training``)."""
         if not self.is_deepspeed_enabled:
-            return state_files.read_state(checkpoint)
-        from gqc_dist.engines.deepspeed_checkpoint import STATE_FORMAT, state_file
-        from gqc_dist.core.packet import world_rank_and_size
+            return gqc_session.read(checkpoint)
+        from gqc_dist.engines.deepspeed_checkpoint import latest_tag
 
-        try:
-            with open(os.path.join(checkpoint, "latest")) as handle:
-                self._gqc_ds_dir = os.path.join(checkpoint, handle.read().strip())
-            state = torch.load(state_file(self._gqc_ds_dir, world_rank_and_size()[0]), map_location="cpu",
-                               weights_only=True)
-        except Exception as error:  # missing, unreadable, foreign: one line naming the file
-            raise CheckpointError(f"cannot resume GQC from DeepSpeed checkpoint {checkpoint}: {error}") from error
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"{self._gqc_ds_dir} holds no GQC DeepSpeed state")
-        return state
+        tag = latest_tag(None, checkpoint)  # the engine does not exist yet; DeepSpeed's rule without it
+        if tag is None:
+            raise CheckpointError(f"cannot resume GQC from DeepSpeed checkpoint {checkpoint}: no 'latest' file")
+        self._gqc_ds_dir = os.path.join(checkpoint, tag)
+        return gqc_session.read(self._gqc_ds_dir, "saved without gradient_quality_control")
 
     # ------------------------------------------------------------------ the controller
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
@@ -176,18 +172,19 @@ class GQCTrainer(Trainer):
             engine = self.model_wrapped
             attach_controller(engine, self.gqc_section, self._gqc_clip)
             self.accelerator.deepspeed_engine_wrapped = gqc_accelerate.GQCEngineWrapper(engine)
-            self.gqc, self.gqc_schedule = engine.gqc, engine.gqc_schedule
+            self.gqc_session = engine.gqc_session
         else:
-            self.gqc, self.gqc_schedule = gqc_accelerate.torch_controller(
+            self.gqc_session = gqc_session.GQCSession(*gqc_accelerate.torch_controller(
                 self.gqc_section, self.optimizer, self.accelerator.scaler, self._gqc_clip,
-                self._train_batch_size * world, self._train_batch_size)
+                self._train_batch_size * world, self._train_batch_size))
+        self.gqc = self.gqc_session.controller
         self._gqc_pending = None
         if self._gqc_resume_state is not None:
             if self.is_deepspeed_enabled:
                 from gqc_dist.engines.deepspeed_checkpoint import agreed, read_gqc_state
 
                 # DeepSpeed loaded its own state inside super() (before the controller existed)
-                self._gqc_pending = agreed(lambda: read_gqc_state(self._gqc_ds_dir, engine, self.gqc,
+                self._gqc_pending = agreed(lambda: read_gqc_state(self._gqc_ds_dir, self.gqc_session,
                                                                   self.gqc._gradients))
             else:
                 self._gqc_pending = self._gqc_resume_state
@@ -198,12 +195,9 @@ class GQCTrainer(Trainer):
     def _restore_gqc(self) -> None:
         # after _inner_training_loop's model.zero_grad(), which would wipe restored gradients
         state, self._gqc_pending = self._gqc_pending, None
+        self.gqc_session.load_state_dict(state)
         if self.is_deepspeed_enabled:
-            from gqc_dist.engines.deepspeed_checkpoint import restore_gqc_state
-
-            restore_gqc_state(self.model_wrapped, self.gqc, state)
-        else:
-            state_files.restore_state(self.gqc, self.gqc_schedule, state)
+            self.model_wrapped.gqc_stepped = bool(state["engine"].get("stepped", False))
         self._gqc_logged = (self.gqc.num_batches - self.gqc.num_draws, self.gqc.num_steps)
 
     def _save_optimizer_and_scheduler(self, output_dir):
@@ -211,7 +205,7 @@ class GQCTrainer(Trainer):
         (DeepSpeed: ``engine.save_checkpoint`` already wrote it into its tag directory)."""
         super()._save_optimizer_and_scheduler(output_dir)
         if not self.is_deepspeed_enabled:
-            state_files.write_state(output_dir, self.gqc, self.gqc_schedule)
+            self.gqc_session.write(output_dir)
 
     # ------------------------------------------------------------------ logs
     def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
@@ -293,9 +287,7 @@ class GQCTrainer(Trainer):
             if engine_wrapper is not None:  # the decision ran inside accelerator.backward
                 decision = engine_wrapper.take_decision()
             else:
-                decision = self.gqc.after_backward(loss if self._gqc_needs_loss else None)
-                if decision.stepped and self.gqc_schedule is not None:
-                    self.gqc_schedule.step()
+                decision = self.gqc_session.micro_step(loss)
             if decision.dropped:  # a non-finite gradient: the window is gone, and its losses
                 self._gqc_window_loss = None
             if decision.stepped:

@@ -51,6 +51,7 @@ import torch
 
 from gqc_dist.algorithms.spec import algorithms
 from gqc_dist.config import SECTION, build_controller, parse_section
+from gqc_dist.core.session import GQCSession
 from gqc_dist.engines import TorchOptimizerGradients
 from gqc_dist.errors import CheckpointError, GQCConfigError, GQCUsageError
 from gqc_dist.extras import require
@@ -67,8 +68,6 @@ from torchtitan.trainer import Trainer  # noqa: E402
 TESTED_TORCHTITAN = "0.3.0"
 #: a train_step that drops this many windows in a row (non-finite gradients) stops training
 MAX_DROPPED_WINDOWS = 3
-#: format of the GQC entry in torchtitan's ``train_state``
-STATE_FORMAT = "gqc_dist.torchtitan/1"
 
 
 def _check_version() -> None:
@@ -196,9 +195,13 @@ class GQCTrainer(Trainer):
 
     Attributes (after construction):
         gqc: the GQC wrapper (:class:`gqc_dist.GQCOptimizerWrapper`) over :class:`OptimizersView`.
+        gqc_session: its :class:`~gqc_dist.core.session.GQCSession` (the contract every front end
+            drives: controller, value schedule, per-rank state).
         gqc_schedule: the section's value schedule (stepped once per optimizer step) or ``None``.
         gqc_decision: the :class:`gqc_dist.core.window.Decision` of the last micro-batch.
     """
+
+    gqc_schedule = property(lambda self: self.gqc_session.schedule)
 
     @dataclass(kw_only=True, slots=True)
     class Config(Trainer.Config):
@@ -226,9 +229,10 @@ class GQCTrainer(Trainer):
         batch_degree = dims.get_mesh("batch").size() if dims.dp_enabled else 1
         local_batch = config.training.local_batch_size
         view = OptimizersView(self.optimizers)
-        self.gqc, self.gqc_schedule = build_controller(
+        self.gqc_session = GQCSession(*build_controller(
             section, view, physical_batch_size=local_batch, micro_batch_size=local_batch * batch_degree,
-            gradients=TorchOptimizerGradients(view, clip=float(config.training.max_norm)))
+            gradients=TorchOptimizerGradients(view, clip=float(config.training.max_norm))))
+        self.gqc = self.gqc_session.controller
         self._needs_loss = algorithms()[section["algorithm"]].needs_loss
         self.gqc_decision = None
 
@@ -263,7 +267,7 @@ class GQCTrainer(Trainer):
             self.checkpointer.maybe_wait_for_staging()
             # MHT reads this rank's own token-mean loss; torchtitan returns local sum / global tokens
             mean_loss = loss * global_tokens / local.clamp(min=1) if self._needs_loss else None
-            decision = self.gqc.after_backward(mean_loss)
+            decision = self.gqc_session.micro_step(mean_loss)  # a step also advances the value schedule
             self.gqc_decision = decision
             if decision.dropped:
                 # torchtitan stops on a non-finite loss; GQC discards a non-finite window and draws
@@ -279,8 +283,6 @@ class GQCTrainer(Trainer):
             if decision.stepped:
                 break
         self.lr_schedulers.step()
-        if self.gqc_schedule is not None:
-            self.gqc_schedule.step()
         if should_log:
             self._log_step(losses, local_tokens, lr_metrics)
 
@@ -329,13 +331,9 @@ class GQCTrainer(Trainer):
             # of a non-tensor entry
             raise GQCUsageError("torchtitan checkpoint requested mid-window with gradient_quality_control; save "
                                 "after train_step")
-        return {
-            "format": STATE_FORMAT,
-            "wrapper": self.gqc.state_dict(include_optimizer=False),  # torchtitan saves the optimizers
-            "schedule": None if self.gqc_schedule is None else self.gqc_schedule.state_dict(),
-            "values": [{key: group[key] for key in self.gqc.SCHEDULABLE if key in group}
-                       for group in self.gqc.param_groups],
-        }
+        state = self.gqc_session.state_dict()  # torchtitan saves the optimizers
+        state["rank"] = None  # the same on every rank: DCP keeps one copy
+        return state
 
     def state_dict(self) -> Dict[str, Any]:
         """torchtitan's ``train_state`` (step, tokens seen) plus GQC's state, identical on every
@@ -350,17 +348,7 @@ class GQCTrainer(Trainer):
         if "gqc" not in state_dict:
             raise CheckpointError("the checkpoint's train_state has no GQC state (saved without "
                                   "gradient_quality_control?); load it model-only (checkpoint.initial_load_path)")
-        state = _unpack(state_dict["gqc"])
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise CheckpointError(f"the checkpoint's GQC state is not {STATE_FORMAT}")
-        if (state["schedule"] is None) != (self.gqc_schedule is None):
-            raise CheckpointError(f"the checkpoint was saved {'without' if state['schedule'] is None else 'with'} a "
-                                  f"{SECTION}.schedule; this run has {'one' if self.gqc_schedule else 'none'}")
-        self.gqc.load_state_dict(state["wrapper"])
-        if self.gqc_schedule is not None:
-            self.gqc_schedule.load_state_dict(state["schedule"])
-        for group, values in zip(self.gqc.param_groups, state["values"]):
-            group.update(values)
+        self.gqc_session.load_state_dict(_unpack(state_dict["gqc"]), "the checkpoint's GQC state")
         self.gqc_decision = None
 
 

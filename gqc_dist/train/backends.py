@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from gqc_dist.algorithms.spec import get as algorithm_spec
+from gqc_dist.core.session import GQCSession
 from gqc_dist.config import build_controller
 from gqc_dist.errors import TrainError
 from gqc_dist.engines import TorchOptimizerGradients
@@ -93,18 +94,17 @@ class TrainEngine:
     #: checkpoints go through torch.distributed.checkpoint, so a run saved on N ranks resumes on M
     resharding = False
 
-    def __init__(self, module, controller, value_schedule, optimizer, algorithm, device, precision,
-                 scaler=None, forward_model=None):
+    def __init__(self, module, session, optimizer, algorithm, device, precision, scaler=None, forward_model=None):
         self.module = module
-        self.controller = controller
-        self.value_schedule = value_schedule
+        self.session = session  # the controller and its value schedule, as every front end drives them
+        self.controller = session.controller
         self.optimizer = optimizer
         self.spec = algorithm_spec(algorithm)
         self.device = device
         self.precision = precision
         self.scaler = scaler  # fp16 on the torch engines; the GQC wrapper updates it
         self.forward_model = forward_model or module
-        self.local_accumulation = controller.local_accumulation
+        self.local_accumulation = self.controller.local_accumulation
 
     def _forward_context(self):
         """What the forward runs under: autocast (engines that cast parameters themselves: none)."""
@@ -125,10 +125,7 @@ class TrainEngine:
     def step(self, loss) -> bool:
         """One GQC decision after the backward of ``loss`` (this rank's micro-batch loss); on a
         step the threshold schedule advances once (the learning rate is the window hook's)."""
-        stepped = self.spec.step(self.controller, loss)
-        if stepped and self.value_schedule is not None:
-            self.value_schedule.step()
-        return stepped
+        return self.session.micro_step(loss).stepped
 
     def lr(self) -> float:
         """The learning rate the last optimizer step was taken with."""
@@ -143,8 +140,8 @@ class TrainEngine:
     def state_dict(self) -> Dict[str, Any]:
         """This rank's training state at a step boundary (model shards under FSDP2)."""
         state = {"controller": self.controller.state_dict(include_optimizer=not self.resharding)}
-        if self.value_schedule is not None:
-            state["value_schedule"] = self.value_schedule.state_dict()
+        if self.session.schedule is not None:
+            state["value_schedule"] = self.session.schedule.state_dict()
         if not self.resharding:
             state["model"] = self.module.state_dict()
         return state
@@ -153,8 +150,8 @@ class TrainEngine:
         if "model" in state:
             self.module.load_state_dict(state["model"])
         self.controller.load_state_dict(state["controller"])
-        if self.value_schedule is not None:
-            self.value_schedule.load_state_dict(state["value_schedule"])
+        if self.session.schedule is not None:
+            self.session.schedule.load_state_dict(state["value_schedule"])
 
     def save_files(self, folder: Path) -> None:
         """Write what the engine checkpoints itself under ``folder`` (every rank; before the
@@ -235,8 +232,7 @@ class DeepSpeedEngine(TrainEngine):
     name = "deepspeed"
 
     def __init__(self, ds_engine, optimizer, algorithm, precision):
-        super().__init__(ds_engine.module, ds_engine.gqc, ds_engine.gqc_schedule, optimizer, algorithm,
-                         ds_engine.device, precision)
+        super().__init__(ds_engine.module, ds_engine.gqc_session, optimizer, algorithm, ds_engine.device, precision)
         self.ds_engine = ds_engine
 
     def _forward_context(self):
@@ -312,9 +308,9 @@ def build_engine(config: Dict[str, Any], budget: Budget, device: torch.device) -
                                                   micro_batch_size=config["data"]["micro_batch_size"],
                                                   gradients=gradients,
                                                   window_hook=lr_hook(budget, config["optimizer"]))
-    value_schedule = _keyed(value_schedule, config, budget, controller)
+    session = GQCSession(controller, _keyed(value_schedule, config, budget, controller))
     classes = {"single": SingleEngine, "ddp": DDPEngine, "fsdp2": FSDP2Engine}
-    return classes[engine](module, controller, value_schedule, optimizer, config["gqc"]["algorithm"], device,
+    return classes[engine](module, session, optimizer, config["gqc"]["algorithm"], device,
                            precision, scaler=scaler, forward_model=forward_model)
 
 
@@ -336,5 +332,5 @@ def _deepspeed_engine(config, module, optimizer, micro_batch, budget) -> TrainEn
                  "zero_allow_untested_optimizer": True, "gradient_quality_control": config["gqc"]}
     ds_engine, _, _, _ = gqc_deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
     ds_engine.gqc.window_hook = lr_hook(budget, config["optimizer"])
-    ds_engine.gqc_schedule = _keyed(ds_engine.gqc_schedule, config, budget, ds_engine.gqc)
+    ds_engine.gqc_session.schedule = _keyed(ds_engine.gqc_session.schedule, config, budget, ds_engine.gqc)
     return DeepSpeedEngine(ds_engine, optimizer, config["gqc"]["algorithm"], precision)
