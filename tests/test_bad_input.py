@@ -30,7 +30,11 @@ def _snapshot(root: Path) -> dict:
 
 
 def _copy_run(run: Path, dest: Path) -> Path:
+    """The run as if stopped before its end (no summary.json): --resume then reads its checkpoint
+    (a finished run's --resume stops before, saying there is nothing to resume)."""
     for path in run.rglob("*"):
+        if path.name == "summary.json":
+            continue
         target = dest / path.relative_to(run)
         if path.is_dir():
             target.mkdir(parents=True, exist_ok=True)

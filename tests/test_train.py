@@ -177,6 +177,7 @@ def test_fsdp2_checkpoint_resumes_on_another_world_size(tmp_path, quick_run):
     gqc_train(*args, nproc=2)
     assert (out / "checkpoints" / "step_000006" / "state.pt").is_file()
     (out / "checkpoints" / "latest").write_text("step_000006\n")  # as if the run had stopped there
+    (out / "summary.json").unlink()  # (a finished run's --resume has nothing to do)
     gqc_train(*args, "--resume", nproc=1)
     assert summary(out)["world_size"] == 1
     assert_same_run(quick_run[0], out)

@@ -52,7 +52,7 @@ import torch_schedule_anything as tsa
 from gqc_dist.errors import GQCConfigError
 from gqc_dist.core.packet import world_rank_and_size
 from gqc_dist.schedules import synchronous
-from gqc_dist.validation import check_number, check_schedule_args
+from gqc_dist.validation import check_number, check_schedule_args, choice
 from gqc_dist.core.wrapper import GQCOptimizerWrapper, MicroStepStats
 from gqc_dist.algorithms.spec import REQUIRED, AlgorithmSpec
 
@@ -239,7 +239,7 @@ def make_cbc_with_cosine_annealing_schedule(
 
 #: the options CBC and the rules built on its bounds (goodput) take
 WINDOW_OPTIONS = {"max_draws": ("int+", 64), "min_draws": ("int+", 1), "probe_interval": ("int+", 24),
-                  "growth": ("num1", 2.0), "probe": ("probe", "extra")}
+                  "growth": ("num1", 2.0), "probe": (choice(PROBES), "extra")}
 
 
 def builder(cls, *extra):
@@ -255,7 +255,7 @@ def builder(cls, *extra):
 SPEC = AlgorithmSpec(
     name="cbc",
     build=builder(OptimizerWrapperCBC, "rounding"),
-    options={**WINDOW_OPTIONS, "rounding": ("rounding", "ceil")},
+    options={**WINDOW_OPTIONS, "rounding": (choice(ROUNDINGS), "ceil")},
     values={"kappa": ("num+", "critical_batch_fraction")},
     schedule={"initial_kappa": ("num+", REQUIRED), "final_kappa": ("num+", REQUIRED)},
     make_schedules=lambda wrapper, s: [_kappa_schedule(wrapper, s["initial_kappa"], s["final_kappa"],

@@ -6,8 +6,10 @@ their kinds, how the wrapper is built, which param-group key holds its threshold
 how a schedule drives that value, whether its ``step()`` needs the loss, and which engines it
 runs on. Adding an algorithm is its own module plus one :func:`register` call.
 
-Key kinds (checked by ``gqc_dist.config``): ``int+`` (integer >= 1), ``int0`` (integer >= 0),
-``num+`` (> 0), ``num0`` (>= 0), ``num1`` (>= 1), ``prob`` (in (0, 1]), ``bool``.
+Key kinds (``gqc_dist.validation``, the one validator): by name ``int+`` (integer >= 1),
+``int0`` (integer >= 0), ``num+`` (> 0), ``num0`` (>= 0), ``num1`` (>= 1), ``prob`` (in (0, 1]),
+``beta`` (in [0, 1)), ``bool``; or a :class:`~gqc_dist.validation.Kind` such as
+``choice(("ceil", "dither"))``, so an algorithm declares its own choices.
 """
 
 import importlib

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from gqc_dist.errors import GQCConfigError, GQCError
 from gqc_dist.extras import require
-from gqc_dist.train.settings import DEFAULT_CONFIG, apply_override, load_config, merge, validate
+from gqc_dist.train.settings import DEFAULT_CONFIG, ENGINES, apply_override, load_config, merge, validate
 
 
 def _accumulation(text: str):
@@ -36,7 +36,7 @@ def _parser():
     parser = argparse.ArgumentParser(prog="gqc-train", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--config", help="JSON config (missing keys take the embedded defaults)")
-    parser.add_argument("--engine", choices=["single", "ddp", "fsdp2", "deepspeed"])
+    parser.add_argument("--engine", choices=ENGINES)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
                         help="auto (default): each rank on its LOCAL_RANK GPU when CUDA is present, else CPU")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default fp32")

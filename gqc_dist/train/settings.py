@@ -20,13 +20,14 @@ import json
 from pathlib import Path
 from typing import Any, Dict
 
-from gqc_dist.algorithms.spec import get as algorithm_spec
+from gqc_dist.algorithms.spec import ENGINE_NAMES, get as algorithm_spec
 from gqc_dist.config import parse_section
 from gqc_dist.errors import GQCConfigError
 from gqc_dist.core.window import RULES, SEESAW
 from gqc_dist.train.device import DEVICES, PRECISIONS
+from gqc_dist.validation import Kind, choice, integer, number, optional
 
-ENGINES = ("single", "ddp", "fsdp2", "deepspeed")
+ENGINES = tuple(ENGINE_NAMES)  # the algorithms' engine list is the one list
 
 DEFAULT_CONFIG: Dict[str, Any] = {
     "engine": "single",
@@ -54,32 +55,30 @@ DEFAULT_CONFIG: Dict[str, Any] = {
     "deepspeed": {"zero_optimization": {"stage": 2}},
 }
 
-# leaf: (python types, check, description of the check)
-_INT_POS = ((int,), lambda v: v >= 1, ">= 1")
-_INT_NONNEG = ((int,), lambda v: v >= 0, ">= 0")
-_NUM_POS = ((int, float), lambda v: v > 0, "> 0")
-_NUM_NONNEG = ((int, float), lambda v: v >= 0, ">= 0")
-_BETA = ((int, float), lambda v: 0 <= v < 1, "in [0, 1)")
-_TOKENS = ((int, type(None)), lambda v: v is None or v >= 1, "an integer >= 1 or null")
+# leaves are gqc_dist.validation kinds: the words a bad value gets are the wrappers' and the
+# ds_config section's
+_INT_POS, _INT_NONNEG = integer(1), integer(0)
+_NUM_POS, _NUM_NONNEG = number(0, low_open=True), number(0)
+_BETA = number(0, 1, high_open=True)
 
 SCHEMA = {
-    "engine": ((str,), lambda v: v in ENGINES, f"one of {', '.join(ENGINES)}"),
-    "device": ((str,), lambda v: v in DEVICES, f"one of {', '.join(DEVICES)}"),
-    "precision": ((str,), lambda v: v in PRECISIONS, f"one of {', '.join(PRECISIONS)}"),
-    "out_dir": ((str,), lambda v: bool(v), "a non-empty path"),
+    "engine": choice(ENGINES),
+    "device": choice(DEVICES),
+    "precision": choice(PRECISIONS),
+    "out_dir": Kind("a non-empty path", lambda v: isinstance(v, str) and bool(v)),
     "seed": _INT_NONNEG,
     "model": {"seq_len": _INT_POS, "dim": _INT_POS, "layers": _INT_POS, "heads": _INT_POS,
               "mlp_ratio": _INT_POS, "num_experts": _INT_NONNEG, "ep_size": _INT_POS},
-    "data": {"path": ((str, type(None)), lambda v: True, "a path or null"),
+    "data": {"path": Kind("a path or null", lambda v: v is None or isinstance(v, str)),
              "max_bytes": _INT_POS, "micro_batch_size": _INT_POS},
     "optimizer": {"lr": _NUM_POS, "weight_decay": _NUM_NONNEG, "beta1": _BETA, "beta2": _BETA,
                   "warmup_steps": _INT_NONNEG, "warmup_fraction": _BETA, "grad_clip": _NUM_NONNEG,
-                  "lr_coupling": ((str,), lambda v: v in RULES, f"one of {', '.join(RULES)}"),
-                  "seesaw": ((bool, str), lambda v: v in SEESAW, 'true, false or "noise"')},
+                  "lr_coupling": choice(RULES),
+                  "seesaw": Kind('true, false or "noise"', lambda v: isinstance(v, (bool, str)) and v in SEESAW)},
     "gqc": None,  # checked by gqc_dist.config.parse_section
-    "train": {"tokens": _TOKENS, "optimizer_steps": _INT_POS, "max_micro_steps": _INT_POS, "eval_interval": _INT_POS,
+    "train": {"tokens": optional(_INT_POS), "optimizer_steps": _INT_POS, "max_micro_steps": _INT_POS, "eval_interval": _INT_POS,
               "eval_batches": _INT_POS, "final_eval_batches": _INT_POS, "checkpoint_interval": _INT_POS, "collective_timeout_s": _NUM_POS,
-              "peak_tflops": ((int, float, type(None)), lambda v: v is None or v > 0, "> 0 or null"),
+              "peak_tflops": optional(_NUM_POS),
               "max_nonfinite_windows": _INT_POS},
     "deepspeed": "any-object",  # a ds_config fragment, checked by gqc_dist.frontends.deepspeed
 }
@@ -101,10 +100,7 @@ def _validate(value, schema, path):
             raise GQCConfigError(f"unknown key {where}{unknown[0]}; allowed: {', '.join(schema)}")
         return {key: _validate(value[key], sub, f"{path}.{key}" if path else key)
                 for key, sub in schema.items() if key in value}
-    types, check, wanted = schema
-    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types) or not check(value):
-        raise GQCConfigError(f"{path} must be {wanted}, got {value!r}")
-    return value
+    return schema.check(path, value)
 
 
 def merge(base: Dict[str, Any], override: Dict[str, Any], replaced=("gqc", "deepspeed")) -> Dict[str, Any]:
