@@ -573,8 +573,9 @@ def test_max_nonfinite_windows_is_validated():
     from gqc_dist.train.settings import validate
 
     assert validate({})["train"]["max_nonfinite_windows"] == 25
-    for bad in (0, -1, 2.5, "10", True, None):
-        with pytest.raises(GQCConfigError, match="train.max_nonfinite_windows must be >= 1"):
+    for bad, wanted in ((0, ">= 1"), (-1, ">= 1"), (2.5, "an integer"), ("10", "an integer"), (True, "an integer"),
+                        (None, "an integer")):
+        with pytest.raises(GQCConfigError, match=f"^train.max_nonfinite_windows must be {wanted}, got {bad!r}$"):
             validate({"train": {"max_nonfinite_windows": bad}})
     assert validate({"train": {"max_nonfinite_windows": 3}})["train"]["max_nonfinite_windows"] == 3
 

@@ -184,7 +184,7 @@ def test_fsdp2_checkpoint_resumes_on_another_world_size(tmp_path, quick_run):
 
 
 def test_the_progress_line_tells_an_unmeasured_noise_scale_from_a_value():
-    from gqc_dist.train.run import _noise_text
+    from gqc_dist.train.reports import noise_text as _noise_text
 
     assert _noise_text(None, " micro-batches") == "not measured yet"  # no informative window so far
     assert _noise_text(0.0, " micro-batches") == "not resolved yet (<= 0)"  # the estimate is clamped at 0
