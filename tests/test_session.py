@@ -127,13 +127,14 @@ def test_another_algorithm_or_a_missing_schedule_is_refused_before_anything_chan
     assert fresh.controller.num_batches == 0  # nothing changed
 
 
-def test_a_step_advances_the_schedule_once_then_tells_the_listeners():
+def test_each_step_advances_the_schedule_once_and_the_decision_says_so():
     model, _, session = build()
-    heard = []
-    session.on_step.append(lambda decision: heard.append(
-        (decision.window.num_draws, session.schedule.state_dict()["gradient_norm_threshold"]["last_epoch"])))
-    decisions = train(model, session, BATCHES[:8])
-    steps = [i for i, stepped in enumerate(decisions) if stepped]
-    assert len(heard) == len(steps) > 1
-    assert [epoch for _, epoch in heard] == list(range(1, len(steps) + 1))  # moved before the listeners ran
-    assert session.decision.stepped == decisions[-1]
+    epochs = []
+    for batch in BATCHES[:8]:
+        loss_of(model, batch).backward()
+        decision = session.micro_step()
+        epochs.append((decision.stepped, session.schedule.state_dict()["gradient_norm_threshold"]["last_epoch"]))
+    steps = sum(stepped for stepped, _ in epochs)
+    assert steps > 1 and epochs[-1][1] == steps  # one schedule step per optimizer step
+    assert all(epoch == sum(s for s, _ in epochs[:i + 1]) for i, (_, epoch) in enumerate(epochs))
+    assert session.decision is decision

@@ -69,8 +69,8 @@ class GQCSession:
     """A controller (a :class:`~gqc_dist.core.wrapper.GQCOptimizerWrapper`) and its value
     schedule (or ``None``), as every front end drives them.
 
-    ``micro_step(loss)`` after each micro-batch's backward, on every rank; ``on_step`` callables
-    run after each optimizer step, once the value schedule has moved. ``state_dict()`` /
+    ``micro_step(loss)`` after each micro-batch's backward, on every rank; its decision tells
+    the front end whether the optimizer stepped (the value schedule has then moved). ``state_dict()`` /
     ``load_state_dict()`` are this rank's envelope; ``write`` / ``read`` keep it in a folder.
     """
 
@@ -80,19 +80,14 @@ class GQCSession:
         self.schedule = schedule
         #: the last :class:`~gqc_dist.core.window.Decision`, ``None`` before the first
         self.decision: Optional[Decision] = None
-        self.on_step: list = []  # callables(decision) after each optimizer step
 
     def micro_step(self, loss=None) -> Decision:
         """The GQC decision on the micro-batch just backpropagated (every rank, same result).
         ``loss`` is this rank's micro-batch loss; the controller reads it only when its rule does
-        (MHT), so passing it costs nothing otherwise. On a step the value schedule advances once,
-        then each ``on_step`` callable runs."""
+        (MHT), so passing it costs nothing otherwise. On a step the value schedule advances once."""
         decision = self.controller.after_backward(loss)
-        if decision.stepped:
-            if self.schedule is not None:
-                self.schedule.step()
-            for callback in self.on_step:
-                callback(decision)
+        if decision.stepped and self.schedule is not None:
+            self.schedule.step()
         self.decision = decision
         return decision
 
