@@ -281,7 +281,7 @@ def _fsdp2_state_round_trip(rank, world_size, save_dir):
     local_shapes = [tuple(g.shape) for g in state["wrapper"]["accumulated_grads"][0]]
     full = run(model, session, batches[2:])
     model, session = build()
-    session.load_state_dict(session.read(save_dir))
+    session.load_state_dict(gqc_session.read(save_dir))
     resumed = run(model, session, batches[2:])
     return {"full": full, "resumed": resumed, "local_shapes": local_shapes,
             "full_shapes": [tuple(p.shape) for p in make_mlp().parameters()], "steps": session.controller.num_steps}

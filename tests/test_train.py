@@ -76,11 +76,11 @@ def test_compare_labels_runs_by_arm_and_warns_where_more_than_the_arm_differs(tm
     assert shown[-1] == [f"{quick_run[0].name}: cbc, lr {lr}", f"other: fixed k=2, lr {lr}"]
     assert "warning" not in capsys.readouterr().err  # only the arm differs
 
-    config["seed"], config["model"]["dim"] = 1, 48
+    config["seed"], config["model"]["dim"], config["optimizer"]["lr_coupling"] = 1, 48, "none"
     (other / "config.json").write_text(json.dumps(config))
     assert main(["compare", str(quick_run[0]), str(other)]) == 0
     assert capsys.readouterr().err.strip() == ("gqc-train compare: warning: the runs differ in more than the controller: "
-                                               "model.dim 32 / 48; seed 0 / 1")
+                                               "model.dim 32 / 48; optimizer.lr_coupling 'sqrt' / 'none'; seed 0 / 1")
 
 
 @pytest.mark.parametrize("args, message", [

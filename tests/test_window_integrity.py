@@ -28,6 +28,25 @@ def fixed(model, k=4, **kwargs):
     return gqc_dist.OptimizerWrapperFixed(adamw(model.parameters()), k, **kwargs)
 
 
+def one_micro_batch_in():
+    """A fixed window of 4 holding one micro-batch: the model, its wrapper and the batches."""
+    model = make_mlp()
+    wrapper = fixed(model)
+    data = batches()
+    loss_of(model, data[0]).backward()
+    assert wrapper.step() is False
+    return model, wrapper, data
+
+
+def refused_at_step(wrapper, needle: str) -> str:
+    """The one-line error ``wrapper.step()`` raises, which counts nothing."""
+    with pytest.raises(GQCUsageError, match=re.escape(needle)) as error:
+        wrapper.step()
+    assert "\n" not in str(error.value) and "(1 micro-batch)" in str(error.value)
+    assert (wrapper.num_batches, wrapper.num_draws, wrapper.num_steps) == (1, 1, 0)
+    return str(error.value)
+
+
 def batches(count=8, seed=0):
     generator = torch.Generator().manual_seed(seed)
     return [(torch.randn(8, 8, generator=generator), torch.randn(8, 1, generator=generator)) for _ in range(count)]
@@ -37,11 +56,7 @@ def batches(count=8, seed=0):
 def test_a_window_cleared_from_outside_is_refused_and_nothing_is_counted(leftover):
     """The old loop's ``step(); zero_grad()`` (then the next backward starts the gradient afresh),
     or a ``zero_grad()`` between backward and step()."""
-    model = make_mlp()
-    wrapper = fixed(model)
-    data = batches()
-    loss_of(model, data[0]).backward()
-    assert wrapper.step() is False
+    model, wrapper, data = one_micro_batch_in()
     if leftover == "model.zero_grad()":
         model.zero_grad()
         loss_of(model, data[1]).backward()
@@ -51,10 +66,7 @@ def test_a_window_cleared_from_outside_is_refused_and_nothing_is_counted(leftove
     else:
         loss_of(model, data[1]).backward()
         model.zero_grad()
-    with pytest.raises(GQCUsageError, match=re.escape(CLEARED)) as error:
-        wrapper.step()
-    assert "\n" not in str(error.value) and "(1 micro-batch)" in str(error.value)
-    assert (wrapper.num_batches, wrapper.num_draws, wrapper.num_steps) == (1, 1, 0)
+    refused_at_step(wrapper, CLEARED)
 
 
 @pytest.mark.parametrize("leftover", ["optimizer.zero_grad(set_to_none=False)", "model.zero_grad(set_to_none=False)",
@@ -63,11 +75,7 @@ def test_a_window_changed_in_place_from_outside_is_refused(leftover):
     """Zeroing in place keeps the gradient tensors (their identity says nothing): the old loop's
     ``step(); zero_grad(set_to_none=False)``, the same before the next backward, a clip of the
     running sum after step(), or a zeroing followed by step() with no backward."""
-    model = make_mlp()
-    wrapper = fixed(model)
-    data = batches()
-    loss_of(model, data[0]).backward()
-    assert wrapper.step() is False
+    model, wrapper, data = one_micro_batch_in()
     if leftover == "optimizer.zero_grad(set_to_none=False)":
         wrapper._optimizer.zero_grad(set_to_none=False)
     elif leftover == "model.zero_grad(set_to_none=False)":
@@ -81,11 +89,8 @@ def test_a_window_changed_in_place_from_outside_is_refused(leftover):
         assert (wrapper.num_batches, wrapper.num_draws) == (1, 1)
         return
     loss_of(model, data[1]).backward()
-    with pytest.raises(GQCUsageError, match=re.escape(EDITED)) as error:
-        wrapper.step()
-    assert "\n" not in str(error.value) and "(1 micro-batch)" in str(error.value)
-    assert "zero_grad(set_to_none=False)" in str(error.value) and "clip=" in str(error.value)
-    assert (wrapper.num_batches, wrapper.num_draws, wrapper.num_steps) == (1, 1, 0)
+    message = refused_at_step(wrapper, EDITED)
+    assert "zero_grad(set_to_none=False)" in message and "clip=" in message
 
 
 def test_step_twice_without_backward_mid_window_is_refused():

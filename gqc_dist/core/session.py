@@ -71,7 +71,8 @@ class GQCSession:
 
     ``micro_step(loss)`` after each micro-batch's backward, on every rank; its decision tells
     the front end whether the optimizer stepped (the value schedule has then moved). ``state_dict()`` /
-    ``load_state_dict()`` are this rank's envelope; ``write`` / ``read`` keep it in a folder.
+    ``load_state_dict()`` are this rank's envelope; ``write`` keeps it in a folder, :func:`read`
+    reads it back.
     """
 
     def __init__(self, controller, schedule=None):
@@ -174,10 +175,6 @@ class GQCSession:
         path = state_path(directory, state["rank"])
         replace_atomically(path, lambda handle: torch.save(state, handle))
         return path
-
-    def read(self, directory: str, check_accumulated: Optional[Callable] = None) -> Dict[str, Any]:
-        """This rank's envelope in ``directory`` (:func:`read`), checked against this session."""
-        return self.check(read(directory), state_path(directory, world_rank_and_size()[0]), check_accumulated)
 
 
 def read(directory: str, missing: str = "saved without gradient_quality_control, or by another number of ranks"):

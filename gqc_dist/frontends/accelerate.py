@@ -49,6 +49,7 @@ from gqc_dist.config import SECTION, build_controller, parse_section
 from gqc_dist.engines import TorchOptimizerGradients
 from gqc_dist.errors import GQCConfigError, GQCUsageError
 from gqc_dist.extras import require
+from gqc_dist.core import session as gqc_session
 from gqc_dist.core.session import GQCSession
 
 require("accelerate", "hf", "gqc_dist.frontends.accelerate")
@@ -319,5 +320,5 @@ def prepare(accelerator, *objects, gqc: Dict[str, Any] = None, clip: Optional[fl
     if engine != "deepspeed":  # DeepSpeed: the engine's save/load_checkpoint carry it
         accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: session.write(output_dir))
         accelerator.register_load_state_pre_hook(lambda models, input_dir: session.load_state_dict(
-            session.read(input_dir)))
+            gqc_session.read(input_dir)))
     return (*prepared, handle)

@@ -107,16 +107,14 @@ def build_config(args) -> dict:
     return _overrides(args, merge(QUICK, base) if args.quick else base)
 
 
-def _check_unchanged(saved: dict, config: dict, path: str = "") -> None:
-    for key in (FIXED_ON_RESUME if not path else sorted(set(saved) | set(config))):
-        name = f"{path}.{key}" if path else key
-        old, new = saved.get(key), config.get(key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            _check_unchanged(old, new, name)
-        elif old != new and name not in CHANGEABLE_ON_RESUME:
-            raise GQCConfigError(f"--resume would change {name} from {old!r} to {new!r}: a resumed run keeps "
-                                 "the model, data, optimizer (but optimizer.lr), algorithm, engine and seed of its "
-                                 "config.json; start a new run with another --out-dir to change them")
+def _check_unchanged(saved: dict, config: dict) -> None:
+    changed = [(key, values) for key, values in _differences([saved, config])
+               if key.split(".")[0] in FIXED_ON_RESUME and key not in CHANGEABLE_ON_RESUME]
+    if changed:
+        name, (old, new) = min(changed, key=lambda item: FIXED_ON_RESUME.index(item[0].split(".")[0]))
+        raise GQCConfigError(f"--resume would change {name} from {old!r} to {new!r}: a resumed run keeps "
+                             "the model, data, optimizer (but optimizer.lr), algorithm, engine and seed of its "
+                             "config.json; start a new run with another --out-dir to change them")
 
 
 def _overrides(args, config: dict) -> dict:
@@ -158,7 +156,7 @@ def compare_main(argv) -> int:
     configs = [_run_config(Path(run)) for run in args.runs]
     runs = [(f"{Path(run).name}: {_arm(config)}" if config else Path(run).name, Path(run) / "metrics.jsonl")
             for run, config in zip(args.runs, configs)]
-    differ = _differences([c for c in configs if c])
+    differ = _differences([c for c in configs if c], ignored=("gqc", "optimizer.lr", "out_dir"))
     if differ:  # a comparison of controllers should hold everything else equal
         print("gqc-train compare: warning: the runs differ in more than the controller: "
               + "; ".join(f"{key} {' / '.join(map(repr, values))}" for key, values in differ), file=sys.stderr)
@@ -199,14 +197,14 @@ def _flat(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def _differences(configs) -> list:
-    """``(key, values)`` for every setting but the controller, the lr and the folder on which the
-    runs' configs differ."""
+def _differences(configs, ignored=()) -> list:
+    """``(dotted key, values)`` for every setting on which the configs differ (objects compared key
+    by key), in key order; a key in ``ignored``, or under one, is left out."""
     flat = [_flat(config) for config in configs]
     keys = sorted(set().union(*flat)) if flat else []
-    arm = ("gqc.", "optimizer.lr", "out_dir")
-    return [(key, [f.get(key) for f in flat]) for key in keys
-            if not key.startswith(arm) and len({json.dumps(f.get(key)) for f in flat}) > 1]
+    return [(key, values) for key in keys
+            if not any(key == skip or key.startswith(skip + ".") for skip in ignored)
+            for values in ([f.get(key) for f in flat],) if any(value != values[0] for value in values[1:])]
 
 
 def _nccl_refused(error: RuntimeError) -> bool:

@@ -52,8 +52,12 @@ class Budget:
 
     def exhausted(self) -> bool:
         """No further micro-step: the step cap, the micro-step cap or the token budget is reached."""
-        return (self.steps_done >= self.optimizer_steps or self.micro_steps_done >= self.max_micro_steps
-                or (self.tokens is not None and self.micro_steps_done * self.tokens_per_micro_step >= self.tokens))
+        return self.spent(self.steps_done, self.micro_steps_done)
+
+    def spent(self, steps: int, micro_steps: int) -> bool:
+        """Whether ``steps`` optimizer steps and ``micro_steps`` micro-steps reach this budget."""
+        return (steps >= self.optimizer_steps or micro_steps >= self.max_micro_steps
+                or (self.tokens is not None and micro_steps * self.tokens_per_micro_step >= self.tokens))
 
 
 class LRSchedule:

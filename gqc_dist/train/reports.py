@@ -66,10 +66,7 @@ def finished_summary(out_dir: Path, budget: Budget):
         return None
     if not isinstance(summary, dict) or summary.get("status") != "finished":
         return None
-    budget.steps_done, budget.micro_steps_done = summary["optimizer_steps"], summary["micro_steps"]
-    spent = budget.exhausted()
-    budget.steps_done = budget.micro_steps_done = 0
-    return summary if spent else None
+    return summary if budget.spent(summary["optimizer_steps"], summary["micro_steps"]) else None
 
 
 def warn_if_mostly_forced(engine, steps: int) -> None:

@@ -195,6 +195,7 @@ class TrainingRun:
         self.stop_flag = torch.zeros(2, dtype=torch.float64, device=self.engine.device)
         self.flagged = False
         self.shown = IntervalMean()  # windows since the progress line last showed them
+        self.pin = self.engine.device.type == "cuda"  # micro-batches go to the GPU from pinned memory
         engine, model_cfg = self.engine, self.model_cfg
         # the whole model's parameters: a DTensor's numel is global, ZeRO-3 keeps the full count in ds_numel
         num_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
@@ -225,9 +226,9 @@ class TrainingRun:
     def loop(self) -> None:
         """Micro-batches until the budget is spent, every rank saw a stop signal, or divergence."""
         while not self.budget.exhausted():
-            stepped, signals = self.micro_batch()
+            stepped, signals, loss_sum = self.micro_batch()
             if not stepped:
-                if self.after_no_step(signals):
+                if self.after_no_step(signals, loss_sum):
                     break
                 continue
             if self.after_step(signals):
@@ -237,10 +238,10 @@ class TrainingRun:
 
     def micro_batch(self):
         """Draw, backward (in two parts where the controller asks), decide. Returns whether the
-        optimizer stepped and the stop signal every rank agreed on (0: none)."""
+        optimizer stepped, the stop signal every rank agreed on (0: none) and the micro-batch's
+        loss summed over the ranks."""
         engine, counters = self.engine, self.counters
-        pin = engine.device.type == "cuda"
-        x, y = (t.pin_memory().to(engine.device, non_blocking=True) if pin else t.to(engine.device)
+        x, y = (t.pin_memory().to(engine.device, non_blocking=True) if self.pin else t.to(engine.device)
                 for t in self.batches.next())
         if engine.controller.split_next and x.shape[0] > 1:
             loss = _backward_in_parts(engine, x, y, self.rank, self.world)
@@ -262,14 +263,13 @@ class TrainingRun:
         loss_sum, stopping, signal_sum = engine.controller.carried
         self.window_loss += loss_sum / self.world
         self.window_draws += 1
-        self.last_loss_sum = loss_sum
-        return stepped, signal_sum / stopping if stopping else 0  # the signal, if every rank asked got the same
+        return stepped, signal_sum / stopping if stopping else 0, loss_sum  # the signal, if every rank asked got the same
 
-    def after_no_step(self, signals) -> bool:
+    def after_no_step(self, signals, loss_sum) -> bool:
         """A micro-batch that did not step: a dropped (non-finite) window, or a stop signal
         mid-window (a checkpoint between steps). True to stop."""
         if self.engine.controller.num_draws == 0:  # a dropped (non-finite) window
-            self.watch.window(True, self.last_loss_sum / self.world, self.counters["step"], self.counters["micro_step"])
+            self.watch.window(True, loss_sum / self.world, self.counters["step"], self.counters["micro_step"])
             self.window_loss, self.window_draws = 0.0, 0
             if self.watch.verdict():
                 return True
